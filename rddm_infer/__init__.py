@@ -1,0 +1,25 @@
+"""rddm-infer: fast few-step restoration with Residual Denoising Diffusion Models.
+
+The runtime needs numpy, opencv and an inference engine (ONNX Runtime, TensorRT);
+``import rddm_infer`` never imports torch. The torch model lives in
+:mod:`rddm_infer.model` (``pip install rddm-infer[torch]``).
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+from .errors import RDDMError, CheckpointError, ImageError, BackendUnavailable  # noqa: E402
+from .schedule import DiffusionConfig, Schedule, SamplingPlan, time_grid  # noqa: E402
+
+_LAZY = {}  # name -> module, filled in by the runtime modules as they land
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'rddm_infer' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "RDDMError", "CheckpointError", "ImageError", "BackendUnavailable", "DiffusionConfig",
+           "Schedule", "SamplingPlan", "time_grid", *_LAZY]

@@ -1,0 +1,17 @@
+"""User-facing errors: the CLI prints these as one line (no traceback)."""
+
+
+class RDDMError(Exception):
+    """Base class for errors caused by the user's input, not by a bug."""
+
+
+class CheckpointError(RDDMError):
+    """A checkpoint or artifact that cannot be loaded (missing, corrupt, unsafe, mismatched)."""
+
+
+class ImageError(RDDMError):
+    """An input image that cannot be read, or an output that cannot be written."""
+
+
+class BackendUnavailable(RDDMError):
+    """A backend whose package or hardware is absent on this machine."""

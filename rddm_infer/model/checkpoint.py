@@ -1,0 +1,204 @@
+"""Loading and saving RDDM checkpoints: ours (safetensors) and the reference's ``model-N.pt``.
+
+Reference checkpoints are read with ``torch.load(weights_only=True)``: a file that
+needs arbitrary pickle code is refused, never executed. The architecture is inferred
+from tensor names and shapes; diffusion settings the file does not hold come from
+options (the reference's restoration defaults otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from ..schedule import DiffusionConfig
+from .unet import UNetConfig, UnetRes
+
+FORMAT = "rddm-infer/1"
+META_KEY = "rddm"
+_BUFFERS = ("alphas", "alphas_cumsum", "one_minus_alphas_cumsum", "betas2", "betas", "betas2_cumsum",
+            "betas_cumsum", "posterior_mean_coef1", "posterior_mean_coef2", "posterior_mean_coef3",
+            "posterior_variance", "posterior_log_variance_clipped")
+
+
+@dataclass
+class LoadedModel:
+    """A network ready for inference plus everything needed to sample from it."""
+
+    net: UnetRes
+    unet: UNetConfig
+    diffusion: DiffusionConfig
+    source: str
+    info: dict = field(default_factory=dict)  # e.g. {"weights": "ema", "step": 80000}
+
+    def metadata(self) -> dict:
+        return {"format": FORMAT, "unet": self.unet.to_dict(), "diffusion": self.diffusion.to_dict(), **self.info}
+
+
+def infer_unet_config(sd: dict[str, torch.Tensor]) -> UNetConfig:
+    """Recover the reference ``UnetRes`` hyper-parameters from a state_dict's names and shapes."""
+    if "unet1.init_conv.weight" in sd:
+        share, p = 0, "unet0."
+    elif "unet0.init_conv.weight" in sd:
+        share, p = -1, "unet0."
+    elif "init_conv.weight" in sd and "ups_no_skip.0.0.mlp.1.weight" in sd:
+        share, p = 1, ""
+    else:
+        raise CheckpointError("no RDDM UNet found (expected keys like 'unet0.init_conv.weight')")
+    try:
+        init_w = sd[p + "init_conv.weight"]
+        dim = sd[p + "time_mlp.1.weight"].shape[1]
+        out_w = sd[p + ("final_conv_1.weight" if share == 1 else "final_conv.weight")]
+        levels = sorted({int(m.group(1)) for k in sd if (m := re.match(re.escape(p) + r"downs\.(\d+)\.", k))})
+        mults = tuple(sd[f"{p}downs.{i}.3.weight"].shape[0] // dim for i in levels)
+        hidden = sd[f"{p}mid_attn.fn.fn.to_qkv.weight"].shape[0] // 3
+    except KeyError as e:
+        raise CheckpointError(f"incomplete RDDM UNet: missing tensor {e.args[0]!r}") from None
+    channels = out_w.shape[0]
+    ratio = init_w.shape[1] // channels
+    if ratio not in (1, 2, 3) or init_w.shape[1] % channels:
+        raise CheckpointError(f"unsupported input channels {init_w.shape[1]} for {channels} output channels")
+    return UNetConfig(dim=dim, dim_mults=mults, channels=channels, share_encoder=share, condition=ratio >= 2,
+                      input_condition=ratio == 3, init_dim=None if init_w.shape[0] == dim else init_w.shape[0],
+                      heads=max(hidden // 32, 1), dim_head=hidden // max(hidden // 32, 1))
+
+
+def _strip(sd: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _unwrap_reference(obj, use_ema: bool) -> tuple[dict, dict]:
+    """Reference trainer dict / EMA dict / plain state_dict -> (network state_dict, info)."""
+    info: dict = {}
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"expected a dict of tensors, found {type(obj).__name__}")
+    if "model" in obj or "ema" in obj:
+        info["step"] = int(obj["step"]) if isinstance(obj.get("step"), (int, torch.Tensor)) else None
+        if use_ema and isinstance(obj.get("ema"), dict):
+            sd, info["weights"] = _strip(obj["ema"], "ema_model."), "ema"
+        elif isinstance(obj.get("model"), dict):
+            sd, info["weights"] = obj["model"], "online"
+        else:
+            raise CheckpointError("checkpoint has neither usable 'ema' nor 'model' weights")
+    elif any(k.startswith("ema_model.") for k in obj):
+        sd, info["weights"] = _strip(obj, "ema_model." if use_ema else "online_model."), "ema" if use_ema else "online"
+    else:
+        sd, info["weights"] = obj, "state_dict"
+    sd = {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    if any(k.startswith("model.") for k in sd):  # ResidualDiffusion wraps the UNet as .model
+        buffers = {k: v for k, v in sd.items() if k in _BUFFERS}
+        sd = {**_strip(sd, "model."), **buffers}
+    return sd, info
+
+
+def _diffusion_from_buffers(sd: dict, given: dict) -> DiffusionConfig:
+    implied = {}
+    if "alphas" in sd:
+        implied["timesteps"] = int(sd["alphas"].numel())
+    if "betas2" in sd:
+        implied["sum_scale"] = float(f"{float(sd['betas2'].double().sum()):.6g}")
+    for k, v in implied.items():
+        if given.get(k) is not None and abs(float(given[k]) - v) > 1e-6 * max(1.0, abs(v)):
+            raise CheckpointError(f"--{k.replace('_', '-')} {given[k]} contradicts the checkpoint's schedule ({v})")
+    defaults = DiffusionConfig()
+    merged = {k: (given.get(k) if given.get(k) is not None else implied.get(k, getattr(defaults, k)))
+              for k in ("timesteps", "sum_scale", "objective")}
+    return DiffusionConfig(**merged)
+
+
+def _check_objective(unet: UNetConfig, diffusion: DiffusionConfig, path) -> None:
+    needs = 1 if diffusion.objective in ("pred_res", "pred_noise") else 2
+    if needs != unet.num_outputs:
+        raise CheckpointError(f"{path}: objective {diffusion.objective} needs {needs} network output(s), "
+                              f"the checkpoint has {unet.num_outputs}; pass --objective")
+
+
+def load_checkpoint(path: str | os.PathLike, *, objective: str | None = None, sum_scale: float | None = None,
+                    timesteps: int | None = None, use_ema: bool = True, device: str = "cpu") -> LoadedModel:
+    """Load our ``.safetensors`` or a reference ``model-N.pt`` into a ready (eval-mode) network."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    given = {"objective": objective, "sum_scale": sum_scale, "timesteps": timesteps}
+    if path.suffix == ".safetensors":
+        sd, meta = _read_safetensors(path)
+        unet = UNetConfig.from_dict(meta["unet"])
+        dmeta = {**meta["diffusion"], **{k: v for k, v in given.items() if v is not None}}
+        diffusion = DiffusionConfig.from_dict(dmeta)
+        info = {k: meta[k] for k in ("weights", "step") if k in meta}
+    else:
+        obj = _torch_load(path)
+        sd, info = _unwrap_reference(obj, use_ema)
+        unet = infer_unet_config(sd)
+        diffusion = _diffusion_from_buffers(sd, given)
+        diffusion = DiffusionConfig(**{**diffusion.to_dict(), "condition": unet.condition})
+        sd = {k: v for k, v in sd.items() if k not in _BUFFERS}
+    _check_objective(unet, diffusion, path)
+    net = UnetRes(unet)
+    try:
+        net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"{path}: weights do not fit the inferred architecture ({first[0][:200]})") from None
+    return LoadedModel(net.eval().to(device), unet, diffusion, str(path), {k: v for k, v in info.items() if v is not None})
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for unsafe pickles, RuntimeError/EOFError for corrupt files
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(f"{path}: refused, the file needs arbitrary code to unpickle "
+                                  f"(only plain tensors are loaded): {msg[:160]}") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({msg[:160]})") from None
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:160]})") from None
+    if raw is None:
+        side = path.with_suffix(".json")
+        if not side.is_file():
+            raise CheckpointError(f"{path}: no RDDM settings (neither '{META_KEY}' metadata nor {side.name})")
+        raw = side.read_text()
+    try:
+        meta = json.loads(raw)
+        meta["unet"], meta["diffusion"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{path}: RDDM settings are not valid JSON with 'unet' and 'diffusion'") from None
+    return sd, meta
+
+
+def save_checkpoint(path: str | os.PathLike, net: torch.nn.Module, unet: UNetConfig, diffusion: DiffusionConfig,
+                    **info) -> Path:
+    """Write weights + settings as one self-describing safetensors file (atomically), and a JSON beside it."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "unet": unet.to_dict(), "diffusion": diffusion.to_dict(), **info}
+    sd = {k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file(sd, str(tmp), metadata={META_KEY: json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    side = path.with_suffix(".json")
+    tmp_side = side.with_name(f".{side.name}.tmp{os.getpid()}")
+    tmp_side.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp_side, side)
+    return path

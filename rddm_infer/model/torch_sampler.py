@@ -1,0 +1,64 @@
+"""The PyTorch reference sampler: the shared RDDM step around a torch ``UnetRes``.
+
+Noise comes from numpy (seeded) or from the caller, so every backend fed the same
+seed starts from bit-identical noise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..sampler import initial_state, sample
+from ..schedule import DiffusionConfig, SamplingPlan
+from .unet import UnetRes
+
+
+class TorchRDDM:
+    """restore(x_input in [0, 1]) / generate(shape) with the few-step residual/noise sampler."""
+
+    def __init__(self, net: UnetRes, diffusion: DiffusionConfig, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        self.net = net.eval().to(device)
+        self.diffusion = diffusion
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    def model_fn(self, x_t: torch.Tensor, x_input: torch.Tensor, t: int):
+        """(x_t, x_input, t) -> network outputs, the interface every backend implements."""
+        x = torch.cat((x_t, x_input), dim=1) if self.diffusion.condition else x_t
+        time = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            outs = self.net(x, time)
+        return tuple(o.float() for o in outs)
+
+    @torch.no_grad()
+    def sample_model_space(self, x_input: np.ndarray, plan: SamplingPlan, *, seed: int | None = None,
+                           noise: np.ndarray | None = None, step_noises: list[np.ndarray] | None = None) -> np.ndarray:
+        """The whole loop on [-1, 1] arrays (NCHW float32); returns the final sample."""
+        rng = np.random.default_rng(seed)
+        x_t = initial_state(plan, x_input, rng, noise)
+        dev = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(self.device)  # noqa: E731
+
+        def step_noise(i):
+            z = step_noises[i] if step_noises is not None else rng.standard_normal(x_input.shape, dtype=np.float32)
+            return dev(z)
+
+        out = sample(self.model_fn, plan, dev(x_input), dev(x_t), step_noise)
+        return out.float().cpu().numpy()
+
+    def restore(self, x_input: np.ndarray, steps: int = 5, eta: float = 0.0, *, seed: int | None = 0,
+                noise: np.ndarray | None = None) -> np.ndarray:
+        """Restore NCHW images in [0, 1]; returns [0, 1] (the last step is already clamped)."""
+        plan = SamplingPlan.create(self.diffusion, steps, eta)
+        x = np.asarray(x_input, dtype=np.float32) * 2 - 1
+        return (self.sample_model_space(x, plan, seed=seed, noise=noise) + 1) * 0.5
+
+    def generate(self, shape: tuple[int, int, int, int], steps: int = 5, eta: float = 0.0, *, seed: int | None = 0,
+                 noise: np.ndarray | None = None) -> np.ndarray:
+        """Unconditional sampling (I_in = 0) for generation models; returns [0, 1]."""
+        if self.diffusion.condition:
+            raise ValueError("generate() needs a generation model (condition=False)")
+        plan = SamplingPlan.create(self.diffusion, steps, eta)
+        zeros = np.zeros(shape, dtype=np.float32)
+        return (self.sample_model_space(zeros, plan, seed=seed, noise=noise) + 1) * 0.5

@@ -1,0 +1,161 @@
+"""RDDM coefficient schedules and the few-step sampling plan (numpy only).
+
+This is the single place where the diffusion coefficients are derived. The torch
+sampler, the exported ``step``/``fused`` graphs and every runtime backend read
+their numbers from a :class:`SamplingPlan`; nobody re-derives them.
+
+Conventions follow the reference implementation (nachifur/RDDM):
+
+* ``alphas`` (ᾱ increments) use the *decreased* linear schedule summing to 1;
+* ``betas2`` (β̄² increments) use the *increased* schedule summing to ``sum_scale``;
+* cumulative sums are clipped to [0, 1]; everything is computed in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, asdict
+
+import numpy as np
+
+SCHEDULES = ("increased", "decreased", "average")
+OBJECTIVES = ("pred_res_noise", "pred_res", "pred_noise", "pred_x0_noise")
+
+
+def coefficients(timesteps: int, schedule: str = "increased", sum_scale: float = 1.0) -> np.ndarray:
+    """Per-step increments of a schedule, summing to ``sum_scale`` (float64)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+    if schedule == "average":
+        c = np.full(timesteps, 1.0 / timesteps, dtype=np.float64)
+    else:
+        c = np.linspace(1, timesteps, timesteps, dtype=np.float64) / (0.5 * timesteps * (timesteps + 1))
+        if schedule == "decreased":
+            c = c[::-1].copy()
+    return c * sum_scale
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Diffusion settings a model was trained with (recorded in every artifact)."""
+
+    timesteps: int = 1000
+    sum_scale: float = 0.01
+    objective: str = "pred_res_noise"
+    alpha_schedule: str = "decreased"
+    beta_schedule: str = "increased"
+    condition: bool = True  # restoration (True) or generation from noise (False)
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; expected one of {OBJECTIVES}")
+        if self.timesteps < 1:
+            raise ValueError("timesteps must be >= 1")
+        if not self.sum_scale > 0:
+            raise ValueError("sum_scale must be > 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DiffusionConfig":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Full-length (T) coefficient tables, float64."""
+
+    config: DiffusionConfig
+    alphas: np.ndarray = field(repr=False)
+    alphas_cumsum: np.ndarray = field(repr=False)
+    betas2: np.ndarray = field(repr=False)
+    betas2_cumsum: np.ndarray = field(repr=False)
+    betas_cumsum: np.ndarray = field(repr=False)
+    one_minus_alphas_cumsum: np.ndarray = field(repr=False)
+
+    @classmethod
+    def from_config(cls, config: DiffusionConfig) -> "Schedule":
+        T = config.timesteps
+        alphas = coefficients(T, config.alpha_schedule)
+        alphas_cumsum = np.clip(np.cumsum(alphas), 0, 1)
+        betas2 = coefficients(T, config.beta_schedule, config.sum_scale)
+        betas2_cumsum = np.clip(np.cumsum(betas2), 0, 1)
+        one_minus = 1.0 - alphas_cumsum
+        one_minus[-1] = 1e-6  # the reference's guard: pred_noise divides by it
+        return cls(config, alphas, alphas_cumsum, betas2, betas2_cumsum, np.sqrt(betas2_cumsum), one_minus)
+
+    def q_sample(self, x0, x_res, t: int, noise):
+        """Forward process I_t = I_0 + ᾱ_t·I_res + β̄_t·ε (works on numpy and torch)."""
+        return x0 + float(self.alphas_cumsum[t]) * x_res + float(self.betas_cumsum[t]) * noise
+
+
+def time_grid(timesteps: int, steps: int) -> list[int]:
+    """The reference's grid: float32 ``linspace(-1, T-1, K+1)`` truncated to int, reversed.
+
+    For T=1000, K=5: [999, 799, 599, 399, 199, -1].
+    """
+    if not 1 <= steps <= timesteps:
+        raise ValueError(f"steps must be in [1, {timesteps}], got {steps}")
+    grid = np.linspace(-1, timesteps - 1, steps + 1, dtype=np.float32)
+    # torch's .int() truncates toward zero, as does astype on float -> int.
+    return [int(v) for v in grid.astype(np.int32)[::-1]]
+
+
+# Layout of one step's coefficient vector, shared by the torch sampler, the exported
+# ``step`` graph (as an input) and the ``fused`` graph (as constants).
+COEF_NAMES = (
+    "t",  # integer time index fed to the network
+    "alpha_bar",  # ᾱ_t
+    "beta_bar",  # β̄_t
+    "one_minus_alpha_bar",  # 1 - ᾱ_t (guarded at t = T-1)
+    "c_res",  # α   = ᾱ_t - ᾱ_next          (update: x -= c_res·res)
+    "c_eps",  # β̄_t - sqrt(β̄²_next - σ²)      (update: x -= c_eps·ε)
+    "sigma",  # σ   = sqrt(η·β²·β̄²_next/β̄²_t)  (update: x += σ·z)
+    "last",  # 1.0 on the final step: return the x₀ estimate
+)
+NUM_COEFS = len(COEF_NAMES)
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """Few-step reverse plan: one float64 coefficient row per step (see COEF_NAMES)."""
+
+    config: DiffusionConfig
+    steps: int
+    eta: float
+    times: tuple[int, ...]
+    coefs: np.ndarray = field(repr=False)  # (steps, NUM_COEFS) float64
+
+    @classmethod
+    def create(cls, config: DiffusionConfig, steps: int = 5, eta: float = 0.0) -> "SamplingPlan":
+        if eta < 0:
+            raise ValueError("eta must be >= 0")
+        if config.condition:
+            eta = 0.0  # the reference forces a deterministic sampler for restoration
+        s = Schedule.from_config(config)
+        grid = time_grid(config.timesteps, steps)
+        rows = []
+        for t, t_next in zip(grid[:-1], grid[1:]):
+            row = dict(t=t, alpha_bar=s.alphas_cumsum[t], beta_bar=s.betas_cumsum[t],
+                       one_minus_alpha_bar=s.one_minus_alphas_cumsum[t],
+                       c_res=0.0, c_eps=0.0, sigma=0.0, last=1.0)
+            if t_next >= 0:
+                b2, b2n = s.betas2_cumsum[t], s.betas2_cumsum[t_next]
+                sigma2 = eta * (b2 - b2n) * b2n / b2
+                row.update(c_res=s.alphas_cumsum[t] - s.alphas_cumsum[t_next],
+                           c_eps=s.betas_cumsum[t] - np.sqrt(b2n - sigma2),
+                           sigma=np.sqrt(sigma2), last=0.0)
+            rows.append([row[n] for n in COEF_NAMES])
+        return cls(config, steps, float(eta), tuple(grid[:-1]), np.asarray(rows, dtype=np.float64))
+
+    @property
+    def stochastic(self) -> bool:
+        return bool(np.any(self.coefs[:, COEF_NAMES.index("sigma")] > 0))
+
+    def row(self, i: int) -> dict[str, float]:
+        return dict(zip(COEF_NAMES, (float(v) for v in self.coefs[i])))
+
+    def init_scale(self) -> float:
+        """Std of the starting noise: √sum_scale around I_in (restoration) or 1 (generation)."""
+        return float(np.sqrt(self.config.sum_scale)) if self.config.condition else 1.0
