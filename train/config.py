@@ -1,0 +1,263 @@
+"""Training configuration: a dataclass tree read from TOML, with ``key=value`` overrides.
+
+One resolved config describes a run completely; it is written beside every checkpoint
+(``config.toml``) so a run can be understood, reproduced or resumed from its folder alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from rddm_infer.errors import RDDMError
+from rddm_infer.schedule import OBJECTIVES, SCHEDULES
+
+
+class ConfigError(RDDMError):
+    """A training config (file, override or flag) that cannot be used."""
+
+
+@dataclass
+class ModelSection:
+    """Architecture (rddm_infer.model.UNetConfig fields)."""
+
+    dim: int = 32
+    dim_mults: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    share_encoder: int = 1
+    channels: int = 3
+    resnet_block_groups: int = 8
+    heads: int = 4
+    dim_head: int = 32
+
+
+@dataclass
+class DiffusionSection:
+    """Diffusion settings (rddm_infer.schedule.DiffusionConfig fields)."""
+
+    timesteps: int = 1000
+    sum_scale: float = 0.01
+    objective: str = "pred_res_noise"
+    alpha_schedule: str = "decreased"
+    beta_schedule: str = "increased"
+
+
+@dataclass
+class DataSection:
+    """Where training pairs come from and how they are cut."""
+
+    clean: str = ""  # folder (or .flist) of clean images, degraded on the fly
+    input: str = ""  # paired mode: degraded inputs (folder or .flist) ...
+    gt: str = ""  # ... and their ground truths, matched by file name (or line order for .flist)
+    crop: int = 128
+    flip: bool = True
+    num_workers: int = 2
+    # [[data.degradations]] tables: {name = "gaussian", p = 1.0, sigma = [0, 50]} (see degradations.REGISTRY)
+    degradations: list[dict] = field(default_factory=lambda: [{"name": "gaussian", "p": 1.0, "sigma": [0, 50]}])
+
+
+@dataclass
+class ValSection:
+    """A fixed validation set: centre crops degraded with fixed seeds, restored with the few-step sampler."""
+
+    clean: str = ""  # clean images degraded with the training degradations (fixed seeds) ...
+    input: str = ""  # ... or a paired set
+    gt: str = ""
+    count: int = 8
+    crop: int = 128
+    every: int = 1000
+    steps: int = 5
+    seed: int = 1234
+
+
+@dataclass
+class OptimSection:
+    """Optimisation as the reference trains (Adam, EMA, accumulation, clipping)."""
+
+    lr: float = 8e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    grad_accum: int = 1
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    ema_decay: float = 0.995
+    ema_every: int = 10
+    ema_start: int = 100  # EMA copies the online weights until this step, then warms up
+
+
+@dataclass
+class RunSection:
+    """How and where the run executes."""
+
+    out: str = "runs/default"
+    steps: int = 10000
+    batch_size: int = 16
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    threads: int = 0  # torch CPU threads; 0 = torch's default (1 is fastest on a busy shared machine)
+    bf16: bool = False
+    compile: bool = False
+    channels_last: bool = False
+    checkpoint_every: int = 1000
+    log_every: int = 10
+    max_minutes: float = 0.0  # wall-clock budget; 0 = none. A final checkpoint is written when it runs out.
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    diffusion: DiffusionSection = field(default_factory=DiffusionSection)
+    data: DataSection = field(default_factory=DataSection)
+    val: ValSection = field(default_factory=ValSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def unet_config(self):
+        from rddm_infer.model import UNetConfig
+
+        return UNetConfig(**self.to_dict()["model"], condition=True)
+
+    def diffusion_config(self):
+        from rddm_infer.schedule import DiffusionConfig
+
+        return DiffusionConfig(**self.to_dict()["diffusion"], condition=True)
+
+    def validate(self, source: str = "config") -> "TrainConfig":
+        d, m, r, o = self.diffusion, self.model, self.run, self.optim
+        checks = [
+            (d.objective in OBJECTIVES, f"diffusion.objective must be one of {OBJECTIVES}"),
+            (d.alpha_schedule in SCHEDULES and d.beta_schedule in SCHEDULES, f"schedules must be one of {SCHEDULES}"),
+            (d.timesteps >= 1 and d.sum_scale > 0, "diffusion.timesteps >= 1 and diffusion.sum_scale > 0"),
+            (m.share_encoder in (-1, 0, 1), "model.share_encoder must be -1, 0 or 1"),
+            ((m.share_encoder == -1) == (d.objective in ("pred_res", "pred_noise")),
+             f"objective {d.objective} needs {'1 output (share_encoder = -1)' if d.objective in ('pred_res', 'pred_noise') else '2 outputs (share_encoder 0 or 1)'}"),
+            (m.dim > 0 and m.dim % m.resnet_block_groups == 0, "model.dim must be a positive multiple of resnet_block_groups"),
+            (len(m.dim_mults) >= 1, "model.dim_mults must not be empty"),
+            (r.steps >= 0 and r.batch_size >= 1 and o.grad_accum >= 1, "run.steps >= 0, run.batch_size >= 1, optim.grad_accum >= 1"),
+            (r.checkpoint_every >= 1 and r.log_every >= 1 and self.val.every >= 1, "every-N settings must be >= 1"),
+            (o.lr > 0 and 0 <= o.ema_decay < 1 and o.ema_every >= 1, "optim.lr > 0, 0 <= optim.ema_decay < 1, optim.ema_every >= 1"),
+        ]
+        mult = 2 ** (len(m.dim_mults) - 1)
+        checks += [(self.data.crop % mult == 0 and self.val.crop % mult == 0,
+                    f"data.crop and val.crop must be multiples of {mult} (the UNet's size multiple)")]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"{source}: {msg}")
+        return self
+
+
+SECTIONS = {"model": ModelSection, "diffusion": DiffusionSection, "data": DataSection, "val": ValSection,
+            "optim": OptimSection, "run": RunSection}
+
+
+def _coerce(value, default, where: str):
+    """Match a TOML value to the field's type (ints where floats are expected are fine)."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, (int, float, str, list)) and not isinstance(value, type(default)):
+        raise ConfigError(f"{where}: expected {type(default).__name__}, got {value!r}")
+    return value
+
+
+def from_dict(raw: dict, source: str = "config") -> TrainConfig:
+    """Build a config from nested dicts, refusing unknown sections and keys (typos are errors)."""
+    cfg = TrainConfig()
+    for section, values in raw.items():
+        if section not in SECTIONS or not isinstance(values, dict):
+            raise ConfigError(f"{source}: unknown section [{section}] (known: {', '.join(SECTIONS)})")
+        fields = {f.name for f in dataclasses.fields(SECTIONS[section])}
+        target = getattr(cfg, section)
+        for key, value in values.items():
+            if key not in fields:
+                raise ConfigError(f"{source}: unknown key {section}.{key} (known: {', '.join(fields)})")
+            setattr(target, key, _coerce(value, getattr(target, key), f"{source}: {section}.{key}"))
+    return cfg
+
+
+def packaged_configs() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("rddm_train").joinpath("configs").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def read_file(path: str | os.PathLike) -> dict:
+    """A TOML (or JSON) file, or the name of a packaged config such as ``default_denoiser``."""
+    p = Path(path)
+    if not p.is_file() and str(path) in packaged_configs():
+        p = Path(str(resources.files("rddm_train").joinpath("configs", f"{path}.toml")))
+    if not p.is_file():
+        raise ConfigError(f"{path}: no such config file (packaged configs: {', '.join(packaged_configs())})")
+    text = p.read_text()
+    try:
+        return json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, ValueError) as e:
+        raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'TOML'} ({e})") from None
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """``section.key=value`` with a TOML value; bare words are taken as strings."""
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. optim.lr=1e-4")
+    key, text = item.split("=", 1)
+    section, name = key.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return section, name, value
+
+
+def load(path: str | os.PathLike | None = None, overrides: list[str] = (), **flags) -> TrainConfig:
+    """Config file (optional) + ``--set`` overrides + first-class flags (``section.key`` -> value, None = unset)."""
+    raw: dict = read_file(path) if path else {}
+    merged = {s: dict(v) if isinstance(v, dict) else v for s, v in raw.items()}
+    updates = [parse_override(o) for o in overrides]
+    updates += [(*k.split(".", 1), v) for k, v in flags.items() if v is not None]
+    for section, name, value in updates:
+        if not isinstance(merged.setdefault(section, {}), dict):
+            raise ConfigError(f"override {section}.{name}: [{section}] is not a section")
+        merged[section][name] = value
+    return from_dict(merged, str(path) if path else "config").validate(str(path) if path else "config")
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def save(cfg: TrainConfig, path: str | os.PathLike) -> Path:
+    """Write the resolved config atomically (TOML that :func:`load` reads back to an equal config)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(to_toml(cfg))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,209 @@
+"""Training data: images decoded once into RAM, crops / flips / degradations drawn per sample index.
+
+Sample ``i`` is a pure function of ``(seed, i)``: its own ``numpy`` generator picks the
+image, the crop, the flip and the degradation. The data stream is therefore the same
+with 0 or 16 workers, and a resumed run simply starts at the index where it stopped.
+Images live in one packed uint8 buffer that forked DataLoader workers share for free.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from rddm_infer.errors import ImageError, RDDMError
+
+from .degradations import Pipeline
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+class DataError(RDDMError):
+    """Training or validation data that cannot be used (missing, unpaired, unreadable, too small)."""
+
+
+def list_images(src: str | os.PathLike) -> list[Path]:
+    """A folder's images (sorted by name) or the paths listed in a reference-style ``.flist``."""
+    src = Path(src)
+    if src.is_file() and src.suffix == ".flist":
+        lines = [ln.strip() for ln in src.read_text().splitlines() if ln.strip()]
+        files = [Path(ln) if Path(ln).is_absolute() else src.parent / ln for ln in lines]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise DataError(f"{src}: {len(missing)} listed file(s) do not exist, e.g. {missing[0]}")
+    elif src.is_dir():
+        files = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    else:
+        raise DataError(f"{src}: no such folder or .flist file")
+    if not files:
+        raise DataError(f"{src}: no images found")
+    return files
+
+
+def pair_files(inputs: str | os.PathLike, gts: str | os.PathLike) -> list[tuple[Path, Path]]:
+    """Degraded/clean pairs: folders matched by file name (or stem), ``.flist`` files by line order."""
+    a, b = list_images(inputs), list_images(gts)
+    if Path(inputs).suffix == ".flist" or Path(gts).suffix == ".flist":
+        if len(a) != len(b):
+            raise DataError(f"{inputs} lists {len(a)} images but {gts} lists {len(b)}")
+        return list(zip(a, b))
+    by_name = {p.name: p for p in b}
+    by_stem = {p.stem: p for p in b}
+    pairs, unmatched = [], []
+    for p in a:
+        q = by_name.get(p.name) or by_stem.get(p.stem)
+        (pairs.append((p, q)) if q is not None else unmatched.append(p))
+    if unmatched:
+        raise DataError(f"{inputs}: {len(unmatched)} input image(s) have no ground truth of the same name in {gts}, "
+                        f"e.g. {unmatched[0].name}")
+    return pairs
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """uint8 HWC RGB (grey and 16-bit files converted); a one-line error names an unreadable file."""
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ImageError(f"{path}: cannot be read as an image")
+    return np.ascontiguousarray(img[..., ::-1])
+
+
+class ImageBank:
+    """Many uint8 RGB images packed in one buffer (cheap to share with worker processes)."""
+
+    def __init__(self, images: list[np.ndarray], names: list[str]):
+        self.shapes = np.array([im.shape for im in images], dtype=np.int64)
+        sizes = self.shapes.prod(axis=1)
+        self.offsets = np.concatenate(([0], np.cumsum(sizes)))
+        self.buffer = np.empty(int(self.offsets[-1]), dtype=np.uint8)
+        for im, o, s in zip(images, self.offsets, sizes):
+            self.buffer[o:o + s] = im.reshape(-1)
+        self.names = names
+
+    @classmethod
+    def load(cls, files: list[Path], threads: int | None = None) -> "ImageBank":
+        with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:  # cv2 decodes without the GIL
+            images = list(pool.map(read_rgb, files))
+        return cls(images, [str(f) for f in files])
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        o = self.offsets[k]
+        return self.buffer[o:o + self.shapes[k].prod()].reshape(self.shapes[k])
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.nbytes
+
+
+def _fit(img: np.ndarray, size: int) -> np.ndarray:
+    """Reflect-pad an image smaller than the crop (rare: tiny photos)."""
+    h, w = img.shape[:2]
+    if h >= size and w >= size:
+        return img
+    return cv2.copyMakeBorder(img, 0, max(size - h, 0), 0, max(size - w, 0), cv2.BORDER_REFLECT_101)
+
+
+def to_chw(img: np.ndarray) -> torch.Tensor:
+    """HWC float [0, 1] or uint8 -> CHW float32 tensor in [0, 1]."""
+    a = img.astype(np.float32) / 255.0 if img.dtype == np.uint8 else img.astype(np.float32, copy=False)
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+
+
+class TrainSet(Dataset):
+    """Sample i -> (degraded input, ground truth), CHW float32 in [0, 1], determined by (seed, i).
+
+    With ``inputs`` (paired mode) the same crop/flip is cut from both banks and no
+    degradation is applied; otherwise ``pipeline`` degrades the clean crop.
+    """
+
+    def __init__(self, gt: ImageBank, crop: int, seed: int, pipeline: Pipeline | None = None,
+                 inputs: ImageBank | None = None, flip: bool = True):
+        if inputs is None and pipeline is None:
+            raise DataError("training data needs either paired inputs or a degradation pipeline")
+        if inputs is not None:
+            for k in range(len(gt)):
+                if tuple(inputs.shapes[k][:2]) != tuple(gt.shapes[k][:2]):
+                    raise DataError(f"{inputs.names[k]}: size {tuple(inputs.shapes[k][:2])} differs from its "
+                                    f"ground truth {gt.names[k]} {tuple(gt.shapes[k][:2])}")
+        self.gt, self.inputs, self.pipeline = gt, inputs, pipeline
+        self.crop, self.seed, self.flip = crop, seed, flip
+
+    def __len__(self) -> int:  # nominal; indices run as far as training goes
+        return 2 ** 62
+
+    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, i])
+        k = int(rng.integers(len(self.gt)))
+        gt = _fit(self.gt[k], self.crop)
+        h, w = gt.shape[:2]
+        y, x = int(rng.integers(h - self.crop + 1)), int(rng.integers(w - self.crop + 1))
+        flip = self.flip and rng.random() < 0.5
+        cut = lambda im: (im[y:y + self.crop, x:x + self.crop])[:, ::-1 if flip else 1]  # noqa: E731
+        gt_crop = cut(gt).astype(np.float32) / 255.0
+        if self.inputs is not None:
+            inp = cut(_fit(self.inputs[k], self.crop)).astype(np.float32) / 255.0
+        else:
+            inp = self.pipeline(gt_crop, rng)
+        return inp, gt_crop
+
+    def __getitem__(self, i: int):
+        inp, gt = self.sample(int(i))
+        return to_chw(inp), to_chw(gt)
+
+
+class IndexBatches(Sampler):
+    """Consecutive index batches starting at batch ``start``: the stream resumes where it stopped."""
+
+    def __init__(self, batch_size: int, start: int = 0, count: int | None = None):
+        self.batch_size, self.start, self.count = batch_size, start, count
+
+    def __iter__(self):
+        b = self.start
+        while self.count is None or b < self.start + self.count:
+            yield list(range(b * self.batch_size, (b + 1) * self.batch_size))
+            b += 1
+
+    def __len__(self):
+        return self.count if self.count is not None else 2 ** 62
+
+
+def make_loader(dataset: TrainSet, batch_size: int, start_batch: int, num_workers: int,
+                pin_memory: bool = False) -> DataLoader:
+    """An endless loader of batches from ``start_batch`` on; workers prefetch so the device never waits."""
+    kw = dict(persistent_workers=True, prefetch_factor=4) if num_workers > 0 else {}
+    return DataLoader(dataset, batch_sampler=IndexBatches(batch_size, start_batch), num_workers=num_workers,
+                      pin_memory=pin_memory, **kw)
+
+
+def center_crop(img: np.ndarray, size: int) -> np.ndarray:
+    img = _fit(img, size)
+    h, w = img.shape[:2]
+    y, x = (h - size) // 2, (w - size) // 2
+    return img[y:y + size, x:x + size]
+
+
+def validation_set(crop: int, count: int, seed: int, clean: str = "", inputs: str = "", gt: str = "",
+                   pipeline: Pipeline | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Fixed (input, gt) NCHW float32 [0, 1] batches: centre crops, degraded with seeds (seed, i)."""
+    if inputs or gt:
+        if not (inputs and gt):
+            raise DataError("a paired validation set needs both val.input and val.gt")
+        pairs = pair_files(inputs, gt)[:count]
+        ins = [center_crop(read_rgb(a), crop).astype(np.float32) / 255 for a, _ in pairs]
+        gts = [center_crop(read_rgb(b), crop).astype(np.float32) / 255 for _, b in pairs]
+        names = [b.name for _, b in pairs]
+    else:
+        files = list_images(clean)[:count]
+        gts = [center_crop(read_rgb(f), crop).astype(np.float32) / 255 for f in files]
+        ins = [pipeline(g, np.random.default_rng([seed, i])) for i, g in enumerate(gts)]
+        names = [f.name for f in files]
+    stack = lambda xs: np.stack([x.transpose(2, 0, 1) for x in xs]).astype(np.float32)  # noqa: E731
+    return stack(ins), stack(gts), names
