@@ -1,0 +1,163 @@
+"""`rddm-infer`: restore images from the command line, inspect artifacts.
+
+User errors (bad model, bad option values, unreadable images) are one red line each,
+never a traceback. Exit status: 0 all restored (or skipped), 1 some images failed,
+2 usage or model errors. Heavy modules are imported inside the commands so
+``--version`` and ``--help`` stay instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from . import __version__
+from .errors import RDDMError
+from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fast image restoration with Residual Denoising Diffusion Models.")
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+
+
+def _version(value: bool):
+    if value:
+        print(f"rddm-infer {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    """Fast image restoration with Residual Denoising Diffusion Models."""
+
+
+def _error(msg: str) -> None:
+    err.print(f"[red]error:[/red] {escape(msg)}")
+
+
+@app.command()
+def restore(
+    inputs: List[str] = typer.Argument(..., help="Image files, folders (sorted) or glob patterns."),
+    output: Path = typer.Option(Path("restored"), "-o", "--output", help="Output folder."),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="ONNX model, TensorRT engine or checkpoint (default: built-in)."),
+    backend: str = typer.Option("auto", help="auto | tensorrt | onnxruntime | torch"),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the model's)."),
+    eta: Optional[float] = typer.Option(None, help="DDIM η (default: the model's)."),
+    seed: int = typer.Option(0, help="Noise seed (same seed, same result on every backend)."),
+    tile: int = typer.Option(DEFAULT_TILE, help="Tile size for large images."),
+    tile_overlap: int = typer.Option(DEFAULT_OVERLAP, help="Overlap between tiles, in pixels."),
+    batch: int = typer.Option(1, help="Tiles / same-size images per engine call."),
+    gt: Optional[Path] = typer.Option(None, help="Ground-truth folder: PSNR/SSIM per image, saved as CSV."),
+    suffix: str = typer.Option("", help="Appended to output file names."),
+    ext: Optional[str] = typer.Option(None, help="Output format, e.g. png (default: the input's)."),
+    skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip inputs whose output exists."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into subfolders."),
+    threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),
+    providers: Optional[str] = typer.Option(None, help="onnxruntime providers, e.g. cuda,cpu (default: fastest)."),
+    compile: bool = typer.Option(False, "--compile", help="torch backend: torch.compile the network."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors."),
+    json_out: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
+):
+    """Restore images; one bad file is reported and skipped, the run goes on."""
+    from .pipeline import Restorer
+
+    if gt is not None and not gt.is_dir():
+        raise RDDMError(f"{gt}: ground-truth folder not found")
+    restorer = Restorer(model, backend, steps=steps, eta=eta, seed=seed, tile=tile, overlap=tile_overlap,
+                        batch=batch, threads=threads, providers=providers, compile=compile or None)
+    with restorer:
+        if not quiet:
+            err.print(f"backend: [bold]{escape(restorer.backend)}[/bold] ({escape(restorer.choice.reason)}); "
+                      f"{restorer.meta.graph} graph, {restorer.plan.steps} steps")
+        summary = _run_with_progress(restorer, inputs, output, quiet=quiet or json_out, suffix=suffix, ext=ext,
+                                     skip_existing=skip_existing, recursive=recursive, gt_dir=gt)
+    if json_out:
+        print(json.dumps(summary.to_dict(), indent=2))
+    elif not quiet or summary.count("failed"):
+        means = summary.mean_metrics()
+        if means:
+            out.print(f"mean PSNR {means['psnr']:.2f} dB, mean SSIM {means['ssim']:.4f} "
+                      f"(per image: {escape(str(output / 'metrics.csv'))})")
+        out.print(f"{summary.line()} ({summary.images_per_s:.2f} images/s)")
+    raise typer.Exit(1 if summary.count("failed") else 0)
+
+
+def _run_with_progress(restorer, inputs, output, *, quiet: bool, **kw):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if quiet:
+        return restorer.restore_paths(inputs, output, on_result=_report_failure, **kw)
+    t0 = time.perf_counter()
+    speed = TextColumn("{task.fields[speed]}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), speed, TimeElapsedColumn(),
+                  console=err, transient=False) as bar:
+        images = bar.add_task("images", total=None, speed="")
+        tiles = bar.add_task("tiles", total=None, speed="", visible=False)
+        done = [0]
+
+        def on_start(jobs):
+            bar.update(images, total=len(jobs))
+
+        def on_tile(n, total):
+            bar.update(tiles, completed=n, total=total, visible=total > 1 and n < total)
+
+        def on_result(r):
+            _report_failure(r, bar.console)
+            done[0] += r.status == "restored"
+            rate = done[0] / max(time.perf_counter() - t0, 1e-9)
+            bar.update(images, advance=1, speed=f"{rate:.2f} images/s")
+            if r.metrics and not r.error:
+                bar.console.print(f"{escape(str(r.job.src))}: PSNR {r.metrics['psnr']:.2f} dB, "
+                                  f"SSIM {r.metrics['ssim']:.4f}")
+
+        return restorer.restore_paths(inputs, output, on_start=on_start, on_result=on_result, on_tile=on_tile, **kw)
+
+
+def _report_failure(r, console: Console = err) -> None:
+    if r.status == "failed":
+        console.print(f"[red]error:[/red] {escape(r.error)}")
+    elif r.error:  # restored, but e.g. its ground truth was missing
+        console.print(f"[yellow]warning:[/yellow] {escape(r.error)}")
+
+
+@app.command()
+def info(model: str = typer.Argument(..., help="ONNX model, TensorRT engine or checkpoint.")):
+    """Print an artifact's metadata (graph kind, steps, η, precision, architecture, diffusion)."""
+    from .backends import read_artifact_meta
+
+    path = Path(model)
+    meta = read_artifact_meta(path)
+    plan = meta.plan()
+    rows = [("file", f"{path} ({path.stat().st_size / 1e6:.2f} MB)"), ("format", meta.format),
+            ("graph", meta.graph), ("steps", meta.steps), ("eta", meta.eta), ("times", list(plan.times)),
+            ("precision", meta.precision), ("size multiple", meta.size_multiple), ("channels", meta.channels),
+            ("channel order", meta.channel_order), ("input range", list(meta.input_range)),
+            ("diffusion", json.dumps(meta.diffusion)), ("unet", json.dumps(meta.unet)), ("source", meta.source)]
+    for k, v in rows:
+        out.print(f"{k:>14}: {escape(str(v))}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console-script entry point: user errors become one red line and exit status 2."""
+    try:
+        app(args=argv, standalone_mode=True)
+    except RDDMError as e:
+        _error(str(e))
+        sys.exit(2)
+    except KeyboardInterrupt:
+        _error("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

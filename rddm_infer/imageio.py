@@ -1,0 +1,232 @@
+"""Faithful image I/O: what comes in (depth, gray, alpha, orientation) goes back out.
+
+OpenCV reads and writes the bytes (``np.fromfile`` + ``imdecode`` so non-ASCII paths
+work on every OS). ``IMREAD_UNCHANGED`` keeps 16-bit data, gray and alpha, but skips
+EXIF orientation, so we read that one tag ourselves. Writes go to a temporary file
+in the destination folder and are renamed into place, so a crash never leaves a
+half-written output.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .errors import ImageError
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+_NO_ALPHA = (".jpg", ".jpeg")  # formats that cannot store alpha or 16-bit samples
+_8BIT_ONLY = (".jpg", ".jpeg", ".bmp", ".webp")
+_MAX = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+_GRAY_W = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # RGB weights, as cv2's BGR2GRAY
+
+if hasattr(cv2, "utils") and hasattr(cv2.utils, "logging"):  # bad files are reported by us, once
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
+
+@dataclass
+class Image:
+    """Decoded pixels as stored (H×W gray, H×W×3 BGR or H×W×4 BGRA; uint8/uint16/float32)."""
+
+    pixels: np.ndarray
+    path: str = ""
+
+    @property
+    def gray(self) -> bool:
+        return self.pixels.ndim == 2
+
+    @property
+    def alpha(self) -> np.ndarray | None:
+        return self.pixels[..., 3] if self.pixels.ndim == 3 and self.pixels.shape[2] == 4 else None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.pixels.shape[:2]
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+def read_image(path: str | os.PathLike) -> Image:
+    """Read any supported file; raises ImageError naming the file and the cause."""
+    path = Path(path)
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a directory") from None
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
+    if data.size == 0:
+        raise ImageError(f"{path}: empty file (0 bytes)")
+    raw = data.tobytes()
+    _check_complete(path, raw)
+    pix = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if pix is None or pix.size == 0:
+        raise ImageError(f"{path}: not a readable image (unknown format or corrupt data)")
+    if pix.ndim == 3 and pix.shape[2] == 1:
+        pix = pix[..., 0]
+    if pix.ndim == 3 and pix.shape[2] not in (3, 4):
+        raise ImageError(f"{path}: unsupported channel count {pix.shape[2]}")
+    if pix.dtype not in (np.uint8, np.uint16, np.float32):
+        raise ImageError(f"{path}: unsupported sample type {pix.dtype}")
+    return Image(np.ascontiguousarray(apply_orientation(pix, exif_orientation(raw))), str(path))
+
+
+def _check_complete(path: Path, raw: bytes) -> None:
+    """Catch truncation that decoders would silently pad with gray (JPEG) or half-read (PNG)."""
+    if raw[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in raw[-64:]:
+        raise ImageError(f"{path}: truncated PNG (no IEND chunk)")
+    if raw[:2] == b"\xff\xd8":
+        sos = raw.rfind(b"\xff\xda")
+        if sos < 0 or raw.find(b"\xff\xd9", sos) < 0:
+            raise ImageError(f"{path}: truncated JPEG (no end-of-image marker)")
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    """Orientation tag (0x0112) of IFD0 in a TIFF/EXIF block; 1 when absent or malformed."""
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return 1
+    e = "<" if tiff[:2] == b"II" else ">"
+    try:
+        ifd = struct.unpack_from(e + "I", tiff, 4)[0]
+        (n,) = struct.unpack_from(e + "H", tiff, ifd)
+        for i in range(n):
+            tag, typ, _, value = struct.unpack_from(e + "HHI4s", tiff, ifd + 2 + 12 * i)
+            if tag == 0x0112:
+                v = struct.unpack_from(e + "H", value)[0]
+                return v if 1 <= v <= 8 else 1
+    except struct.error:
+        pass
+    return 1
+
+
+def exif_orientation(raw: bytes) -> int:
+    """EXIF orientation from a JPEG APP1, PNG eXIf, WebP EXIF chunk or a TIFF's own IFD0."""
+    if raw[:2] == b"\xff\xd8":  # JPEG: walk the marker segments up to the image data
+        i = 2
+        while i + 4 <= len(raw) and raw[i] == 0xFF:
+            marker, seg_len = raw[i + 1], struct.unpack_from(">H", raw, i + 2)[0]
+            if marker == 0xE1 and raw[i + 4:i + 10] == b"Exif\0\0":
+                return _tiff_orientation(raw[i + 10:i + 2 + seg_len])
+            if marker == 0xDA:
+                break
+            i += 2 + seg_len
+        return 1
+    if raw[:8] == b"\x89PNG\r\n\x1a\n":
+        i = 8
+        while i + 8 <= len(raw):
+            n, kind = struct.unpack_from(">I4s", raw, i)
+            if kind == b"eXIf":
+                return _tiff_orientation(raw[i + 8:i + 8 + n])
+            if kind in (b"IDAT", b"IEND"):
+                break
+            i += 12 + n
+        return 1
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        i = 12
+        while i + 8 <= len(raw):
+            kind, n = struct.unpack_from("<4sI", raw, i)
+            if kind == b"EXIF":
+                block = raw[i + 8:i + 8 + n]
+                return _tiff_orientation(block[6:] if block.startswith(b"Exif\0\0") else block)
+            i += 8 + n + (n & 1)
+        return 1
+    if raw[:4] in (b"II*\0", b"MM\0*"):
+        return _tiff_orientation(raw)
+    return 1
+
+
+def apply_orientation(pix: np.ndarray, orientation: int) -> np.ndarray:
+    """Rotate/flip stored pixels so they display upright (EXIF orientations 1-8)."""
+    ops = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+           5: lambda a: a.swapaxes(0, 1), 6: lambda a: a.swapaxes(0, 1)[:, ::-1],
+           7: lambda a: a.swapaxes(0, 1)[::-1, ::-1], 8: lambda a: a.swapaxes(0, 1)[::-1]}
+    return ops[orientation](pix) if orientation in ops else pix
+
+
+# ------------------------------------------------------------------------------------ model space
+
+def to_model(img: Image, channels: int = 3) -> np.ndarray:
+    """Stored pixels -> (C, H, W) float32 RGB in [-1, 1] (alpha is carried separately)."""
+    pix = img.pixels
+    scale = _MAX.get(pix.dtype)
+    x = pix.astype(np.float32) / scale if scale else np.clip(pix.astype(np.float32), 0.0, 1.0)
+    if x.ndim == 2:
+        x = np.repeat(x[None], channels, axis=0)
+    else:
+        x = x[..., 2::-1].transpose(2, 0, 1)  # BGR(A) -> RGB, CHW
+        if channels == 1:
+            x = np.tensordot(_GRAY_W, x, axes=1)[None]
+    return np.ascontiguousarray(x * 2.0 - 1.0, dtype=np.float32)
+
+
+def from_model(x: np.ndarray, like: Image, ext: str | None = None) -> np.ndarray:
+    """(C, H, W) model output -> pixels with the input's depth, gray-ness and alpha (bit-identical).
+
+    ``ext`` (the output format) drops what the format cannot hold: alpha and 16-bit in JPEG.
+    """
+    ext = (ext or Path(like.path).suffix).lower()
+    y = np.clip((np.asarray(x, dtype=np.float32) + 1.0) * 0.5, 0.0, 1.0)
+    if like.gray:
+        y = y[0] if y.shape[0] == 1 else np.tensordot(_GRAY_W, y, axes=1)
+    else:
+        y = np.repeat(y, 3, axis=0) if y.shape[0] == 1 else y
+        y = y[::-1].transpose(1, 2, 0)  # RGB -> BGR, HWC
+    dtype = like.pixels.dtype
+    if ext in _8BIT_ONLY and dtype != np.uint8:
+        dtype = np.dtype(np.uint8)
+    scale = _MAX.get(np.dtype(dtype))
+    out = np.round(y * scale).astype(dtype) if scale else y.astype(dtype)
+    alpha = like.alpha
+    if alpha is not None and ext not in _NO_ALPHA:
+        if alpha.dtype != out.dtype:  # depth reduced for the format: scale alpha the same way
+            alpha = np.round(alpha.astype(np.float32) / (_MAX.get(alpha.dtype) or 1.0) * scale).astype(out.dtype)
+        out = np.dstack([out, alpha])
+    return np.ascontiguousarray(out)
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+def encode_image(pixels: np.ndarray, ext: str) -> bytes:
+    ext = ext if ext.startswith(".") else "." + ext
+    try:
+        ok, buf = cv2.imencode(ext.lower(), pixels)
+    except cv2.error as e:
+        raise ImageError(f"cannot encode {pixels.dtype} {pixels.shape} as {ext} ({str(e).strip().splitlines()[-1]})") \
+            from None
+    if not ok:
+        raise ImageError(f"cannot encode {pixels.dtype} {pixels.shape} as {ext}")
+    return buf.tobytes()
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write bytes to a temp file beside ``path`` and rename it into place (all or nothing)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ImageError(f"{path}: cannot write ({e.strerror or e})") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_image(path: str | os.PathLike, pixels: np.ndarray) -> Path:
+    """Encode by the file's extension and write atomically."""
+    path = Path(path)
+    try:
+        data = encode_image(pixels, path.suffix or ".png")
+    except ImageError as e:
+        raise ImageError(f"{path}: {e}") from None
+    return write_atomic(path, data)

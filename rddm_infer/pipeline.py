@@ -1,0 +1,386 @@
+"""The Python API: load a model once, restore numpy images, files and folders.
+
+>>> r = Restorer("model.onnx")                       # or Restorer() for the built-in model
+>>> out = r.restore_array(cv2.imread("in.png"))      # same shape, dtype, channels as the input
+>>> summary = r.restore_paths(["photos/"], "restored/")
+
+Each image is reflect-padded to the model's size multiple and cropped back; images larger
+than ``tile`` are cut into overlapping tiles blended without seams. Noise is drawn per
+image over its padded size (seeded), so results do not depend on batching or tiling.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .backends import Choice, EngineSampler, Noise, Runner, load_runner
+from .errors import CheckpointError, ImageError, RDDMError
+from .imageio import IMAGE_EXTS, Image, from_model, read_image, to_model, write_atomic, encode_image
+from .metrics import psnr, ssim
+from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE, Tile, pad_to_multiple, run_tiled
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "default.onnx"
+
+
+def resolve_model(model: str | os.PathLike | None) -> Path:
+    """The given model path, or the built-in default (a clear error when none is installed)."""
+    if model is not None:
+        path = Path(model)
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such model file")
+        return path
+    if not DEFAULT_MODEL.is_file():
+        raise CheckpointError(f"no built-in model is installed ({DEFAULT_MODEL} is missing); "
+                              f"pass --model PATH (an .onnx model, a TensorRT .engine or a checkpoint)")
+    return DEFAULT_MODEL
+
+
+# ------------------------------------------------------------------------------------------- jobs
+
+@dataclass
+class Job:
+    src: Path
+    dst: Path | None = None
+    rel: Path | None = None  # path relative to the input folder (mirrored under the output folder)
+    error: str = ""  # set when the job cannot even start (missing input, name clash)
+
+
+@dataclass
+class Result:
+    job: Job
+    status: str  # restored | failed | skipped
+    error: str = ""
+    seconds: float = 0.0
+    metrics: dict | None = None
+
+
+@dataclass
+class Summary:
+    results: list[Result] = field(default_factory=list)
+    seconds: float = 0.0
+    backend: str = ""
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def images_per_s(self) -> float:
+        n = self.count("restored")
+        return n / self.seconds if self.seconds > 0 else 0.0
+
+    def mean_metrics(self) -> dict[str, float]:
+        rows = [r.metrics for r in self.results if r.metrics]
+        return {k: float(np.mean([m[k] for m in rows])) for k in ("psnr", "ssim")} if rows else {}
+
+    def line(self) -> str:
+        return (f"restored {self.count('restored')}, failed {self.count('failed')}, "
+                f"skipped {self.count('skipped')}")
+
+    def to_dict(self) -> dict:
+        return {"restored": self.count("restored"), "failed": self.count("failed"),
+                "skipped": self.count("skipped"), "seconds": round(self.seconds, 3),
+                "images_per_s": round(self.images_per_s, 3), "backend": self.backend,
+                "errors": [{"file": str(r.job.src), "error": r.error} for r in self.results if r.status == "failed"],
+                "outputs": [str(r.job.dst) for r in self.results if r.status == "restored"],
+                **({"metrics": {"mean": self.mean_metrics(),
+                                "images": {str(r.job.src): r.metrics for r in self.results if r.metrics}}}
+                   if any(r.metrics for r in self.results) else {})}
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+
+
+def collect_inputs(inputs: Sequence[str | os.PathLike], recursive: bool = False) -> list[Job]:
+    """Files, folders (sorted; image extensions only) and globs -> jobs, in order, without repeats."""
+    jobs: list[Job] = []
+    seen: set[Path] = set()
+
+    def add(p: Path, rel: Path | None = None, error: str = ""):
+        key = p.resolve() if not error else p
+        if key not in seen:
+            seen.add(key)
+            jobs.append(Job(p, rel=rel, error=error))
+
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files = p.rglob("*") if recursive else p.iterdir()
+            for f in sorted((f for f in files if _is_image(f)), key=lambda f: f.relative_to(p).as_posix()):
+                add(f, f.relative_to(p))
+        elif p.exists():
+            add(p)
+        elif glob.has_magic(str(item)):
+            matches = sorted(Path(m) for m in glob.glob(str(item), recursive=recursive))
+            files = [m for m in matches if m.is_file()]
+            if not files:
+                add(p, error=f"{item}: no files match this pattern")
+            for f in files:
+                add(f)
+        else:
+            add(p, error=f"{p}: no such file or folder")
+    return jobs
+
+
+def plan_outputs(jobs: list[Job], out_dir: str | os.PathLike, suffix: str = "", ext: str | None = None) -> None:
+    """Destination of each job: ``out_dir/[subfolders/]stem+suffix.ext``; never an input, never shared."""
+    out_dir = Path(out_dir)
+    inputs = {j.src.resolve() for j in jobs if not j.error}
+    taken: dict[Path, Path] = {}
+    for j in jobs:
+        if j.error:
+            continue
+        e = (ext if ext.startswith(".") else "." + ext).lower() if ext else j.src.suffix.lower()
+        if e not in IMAGE_EXTS:
+            j.error = f"{j.src}: unsupported output format {e!r} (choose one of {', '.join(IMAGE_EXTS)})"
+            continue
+        parent = out_dir / j.rel.parent if j.rel is not None else out_dir
+        j.dst = parent / f"{j.src.stem}{suffix}{e}"
+        key = j.dst.resolve()
+        if key in inputs:
+            j.error = f"{j.src}: output {j.dst} would overwrite an input; choose another -o or a --suffix"
+        elif key in taken:
+            j.error = f"{j.src}: output {j.dst} is also the output of {taken[key]}; use --suffix or --ext"
+        else:
+            taken[key] = j.src
+
+
+def find_gt(gt_dir: Path, job: Job) -> Path | None:
+    """Ground truth with the same relative name (any image extension)."""
+    rel = job.rel if job.rel is not None else Path(job.src.name)
+    for cand in [gt_dir / rel, *(gt_dir / rel.with_suffix(e) for e in IMAGE_EXTS)]:
+        if cand.is_file():
+            return cand
+    return None
+
+
+def image_metrics(restored: np.ndarray, gt_path: Path) -> dict[str, float]:
+    a = (to_model(Image(restored)) + 1) * 0.5
+    b = (to_model(read_image(gt_path)) + 1) * 0.5
+    if a.shape != b.shape:
+        raise ImageError(f"{gt_path}: ground truth is {b.shape[2]}×{b.shape[1]}, the output {a.shape[2]}×{a.shape[1]}")
+    return {"psnr": psnr(a, b), "ssim": ssim(a, b)}
+
+
+# --------------------------------------------------------------------------------------- restorer
+
+class Restorer:
+    """One model on one backend, with the sampling and tiling settings used for every image."""
+
+    def __init__(self, model: str | os.PathLike | Runner | None = None, backend: str = "auto", *,
+                 steps: int | None = None, eta: float | None = None, seed: int | None = 0, tile: int = DEFAULT_TILE,
+                 overlap: int = DEFAULT_OVERLAP, batch: int = 1, **backend_options):
+        if isinstance(model, Runner):
+            self.runner, self.choice = model, Choice(model.name, Path(getattr(model, "path", "")), reason="given")
+        else:
+            self.runner, self.choice = load_runner(resolve_model(model), backend, **backend_options)
+        self.sampler = EngineSampler(self.runner)
+        self.plan = self.sampler.plan(steps, eta)
+        self.seed = seed
+        self.multiple = max(int(self.meta.size_multiple), 1)
+        if tile < self.multiple:
+            raise RDDMError(f"--tile {tile} is smaller than the model's size multiple {self.multiple}")
+        if overlap < 0 or batch < 1:
+            raise RDDMError("--tile-overlap must be >= 0 and --batch >= 1")
+        self.tile, self.overlap, self.batch = tile, overlap, batch
+
+    @property
+    def meta(self):
+        return self.runner.meta
+
+    @property
+    def backend(self) -> str:
+        return self.runner.description
+
+    def close(self) -> None:
+        self.runner.deactivate()
+
+    def __enter__(self) -> "Restorer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- model space
+    def _prepare(self, img: Image) -> tuple[np.ndarray, Noise]:
+        x = pad_to_multiple(to_model(img, self.meta.channels), self.multiple)
+        return x, Noise.draw(self.plan, x.shape, self.seed)
+
+    def _padded(self, img: Image) -> tuple[int, int]:
+        return tuple(-(-s // self.multiple) * self.multiple for s in img.size)
+
+    def _fits(self, x: np.ndarray) -> bool:
+        return max(x.shape[-2:]) <= self.tile
+
+    def _run(self, xb: np.ndarray, noises: list[Noise]) -> np.ndarray:
+        return self.sampler.run(xb, self.plan, Noise.stack(noises))
+
+    def _restore_tiled(self, x: np.ndarray, noise: Noise, on_tile=None) -> np.ndarray:
+        def fn(xb: np.ndarray, tiles: list[Tile]) -> np.ndarray:
+            return self._run(xb, [noise.crop((slice(None), *t.slices)) for t in tiles])
+
+        return run_tiled(fn, x, tile=self.tile, overlap=self.overlap, multiple=self.multiple, batch=self.batch,
+                         on_tile=on_tile)
+
+    def _finish(self, y: np.ndarray, img: Image, ext: str | None) -> np.ndarray:
+        h, w = img.size
+        return from_model(y[:, :h, :w], img, ext)
+
+    def restore_images(self, images: Sequence[Image], ext: str | None = None,
+                       on_tile: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+        """Restore several decoded images; same-size small ones run as one batch, large ones tiled."""
+        prepared = [self._prepare(img) for img in images]
+        out: list[np.ndarray | None] = [None] * len(images)
+        groups: dict[tuple, list[int]] = {}
+        for i, (x, noise) in enumerate(prepared):
+            if self._fits(x):
+                groups.setdefault(x.shape, []).append(i)
+            else:
+                out[i] = self._finish(self._restore_tiled(x, noise, on_tile), images[i], ext)
+        for idx in groups.values():
+            for k in range(0, len(idx), self.batch):
+                part = idx[k:k + self.batch]
+                ys = self._run(np.stack([prepared[i][0] for i in part]), [prepared[i][1] for i in part])
+                for i, y in zip(part, ys):
+                    out[i] = self._finish(y, images[i], ext)
+        return out
+
+    def restore_array(self, pixels: np.ndarray, on_tile: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """H×W gray, H×W×3 BGR or H×W×4 BGRA (uint8/uint16/float32 in [0, 1], as cv2 reads them)
+        -> the restored image in the same layout and dtype (alpha untouched)."""
+        pixels = np.asarray(pixels)
+        if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] not in (1, 3, 4)):
+            raise ImageError(f"expected an H×W, H×W×3 or H×W×4 image, got shape {pixels.shape}")
+        if pixels.dtype not in (np.uint8, np.uint16, np.float32):
+            raise ImageError(f"unsupported dtype {pixels.dtype} (uint8, uint16 or float32 in [0, 1])")
+        img = Image(pixels[..., 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels)
+        out = self.restore_images([img], ext=".png" if pixels.dtype != np.float32 else ".tif", on_tile=on_tile)[0]
+        return out[..., None] if pixels.ndim == 3 and pixels.shape[2] == 1 else out
+
+    def restore_file(self, src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+        img = read_image(src)
+        dst = Path(dst)
+        y = self.restore_images([img], ext=dst.suffix)[0]
+        return write_atomic(dst, encode_image(y, dst.suffix))
+
+    # -- folders
+    def restore_paths(self, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, suffix: str = "",
+                      ext: str | None = None, skip_existing: bool = False, recursive: bool = False,
+                      gt_dir: str | os.PathLike | None = None,
+                      on_start: Callable[[list[Job]], None] | None = None,
+                      on_result: Callable[[Result], None] | None = None,
+                      on_tile: Callable[[int, int], None] | None = None) -> Summary:
+        """Restore files/folders/globs into ``out_dir``; one bad file never stops the run."""
+        jobs = collect_inputs(inputs, recursive)
+        plan_outputs(jobs, out_dir, suffix, ext)
+        if on_start:
+            on_start(jobs)
+        summary = Summary(backend=self.backend)
+        t0 = time.perf_counter()
+        for result in self._run_jobs(jobs, skip_existing, Path(gt_dir) if gt_dir else None, on_tile):
+            summary.results.append(result)
+            if on_result:
+                on_result(result)
+        summary.seconds = time.perf_counter() - t0
+        if gt_dir is not None and any(r.metrics for r in summary.results):
+            write_metrics_csv(Path(out_dir) / "metrics.csv", summary)
+        return summary
+
+    def _run_jobs(self, jobs: list[Job], skip_existing: bool, gt_dir: Path | None, on_tile) -> Iterator[Result]:
+        pending: list[tuple[Job, Image, float]] = []  # consecutive same-size small images, batched
+        pending_key: list = [None]
+
+        def flush() -> Iterator[Result]:
+            if not pending:
+                return
+            batch = list(pending)
+            pending.clear()
+            t = time.perf_counter()
+            try:
+                ys = self.restore_images([img for _, img, _ in batch], ext=batch[0][0].dst.suffix, on_tile=on_tile)
+            except RDDMError as e:
+                for job, _, _ in batch:
+                    yield Result(job, "failed", str(e))
+                return
+            share = (time.perf_counter() - t) / len(batch)
+            for (job, _, t_read), y in zip(batch, ys):
+                yield self._save(job, y, gt_dir, t_read + share)
+
+        for job in jobs:
+            if job.error:
+                yield from flush()
+                yield Result(job, "failed", job.error)
+                continue
+            if skip_existing and job.dst.exists():
+                yield Result(job, "skipped")
+                continue
+            t = time.perf_counter()
+            try:
+                img = read_image(job.src)
+            except RDDMError as e:
+                yield from flush()
+                yield Result(job, "failed", str(e))
+                continue
+            key = (self._padded(img), job.dst.suffix)
+            small = max(key[0]) <= self.tile
+            if pending and (not small or key != pending_key[0]):
+                yield from flush()
+            pending.append((job, img, time.perf_counter() - t))
+            pending_key[0] = key
+            if not small or len(pending) >= self.batch:
+                yield from flush()
+        yield from flush()
+
+    def _save(self, job: Job, y: np.ndarray, gt_dir: Path | None, seconds: float) -> Result:
+        t = time.perf_counter()
+        try:
+            write_atomic(job.dst, encode_image(y, job.dst.suffix))
+        except ImageError as e:
+            return Result(job, "failed", f"{job.dst}: {e}" if str(job.dst) not in str(e) else str(e))
+        metrics, err = None, ""
+        if gt_dir is not None:
+            gt = find_gt(gt_dir, job)
+            try:
+                if gt is None:
+                    raise ImageError(f"{job.src}: no ground truth named {job.src.stem}.* in {gt_dir}")
+                metrics = image_metrics(y, gt)
+            except (RDDMError, ValueError) as e:
+                err = str(e)
+        return Result(job, "restored", err, seconds + time.perf_counter() - t, metrics)
+
+
+def write_metrics_csv(path: Path, summary: Summary) -> Path:
+    """file, psnr, ssim per image, then the means (written atomically)."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["file", "psnr", "ssim"])
+    for r in summary.results:
+        if r.metrics:
+            w.writerow([str(r.job.src), f"{r.metrics['psnr']:.4f}", f"{r.metrics['ssim']:.6f}"])
+    mean = summary.mean_metrics()
+    w.writerow(["mean", f"{mean['psnr']:.4f}", f"{mean['ssim']:.6f}"])
+    return write_atomic(path, buf.getvalue().encode())
+
+
+def load_model(model: str | os.PathLike | None = None, backend: str = "auto", **options) -> Restorer:
+    """Load a model (default: the built-in one) for restoring arrays, files and folders."""
+    return Restorer(model, backend, **options)
+
+
+def restore_folder(inputs: str | os.PathLike | Iterable[str | os.PathLike], out_dir: str | os.PathLike,
+                   model: str | os.PathLike | None = None, **options) -> Summary:
+    """One-call folder restore with the given (or built-in) model."""
+    keys = ("suffix", "ext", "skip_existing", "recursive", "gt_dir")
+    run_opts = {k: options.pop(k) for k in keys if k in options}
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    with Restorer(model, **options) as r:
+        return r.restore_paths(items, out_dir, **run_opts)
