@@ -1,0 +1,19 @@
+"""rddm-export: trained RDDM checkpoint -> validated ONNX graphs (unet / step / fused, fp32 / fp16) -> TensorRT.
+
+Needs the ``export`` extra (torch, onnx, onnxslim). The command line is ``rddm-export``.
+"""
+
+from importlib import import_module
+
+_LAZY = {"export_onnx": ".onnx_export", "read_metadata": ".onnx_export", "artifact_meta": ".onnx_export",
+         "validate_onnx": ".validate", "ValidationError": ".validate", "export_all": ".pipeline",
+         "build_engine": ".tensorrt_build", "EngineProfile": ".tensorrt_build"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'rddm_export' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)
