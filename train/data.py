@@ -179,8 +179,10 @@ def make_loader(dataset: TrainSet, batch_size: int, start_batch: int, num_worker
                 pin_memory: bool = False) -> DataLoader:
     """An endless loader of batches from ``start_batch`` on; workers prefetch so the device never waits."""
     kw = dict(persistent_workers=True, prefetch_factor=4) if num_workers > 0 else {}
+    # Its own generator: creating the loader then leaves the global torch RNG (saved in checkpoints) untouched.
+    gen = torch.Generator().manual_seed(dataset.seed)
     return DataLoader(dataset, batch_sampler=IndexBatches(batch_size, start_batch), num_workers=num_workers,
-                      pin_memory=pin_memory, **kw)
+                      pin_memory=pin_memory, generator=gen, **kw)
 
 
 def center_crop(img: np.ndarray, size: int) -> np.ndarray:

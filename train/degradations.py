@@ -32,12 +32,12 @@ def draw(rng: np.random.Generator, value: Range, integer: bool = False) -> float
     return int(value) if integer else float(value)
 
 
-def _check_range(name: str, key: str, value: Range, lo: float, hi: float = np.inf) -> None:
+def _check_range(where: str, value: Range, lo: float, hi: float = np.inf) -> None:
     vals = list(value) if isinstance(value, (list, tuple)) else [value]
-    if len(vals) not in (1, 2) or not all(isinstance(v, (int, float)) for v in vals):
-        raise DegradationError(f"{name}.{key}: expected a number or [lo, hi], got {value!r}")
+    if len(vals) not in (1, 2) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+        raise DegradationError(f"{where}: expected a number or [lo, hi], got {value!r}")
     if not all(lo <= v <= hi for v in vals) or (len(vals) == 2 and vals[0] > vals[1]):
-        raise DegradationError(f"{name}.{key}: {value!r} must lie in [{lo}, {hi}] with lo <= hi")
+        raise DegradationError(f"{where}: {value!r} must lie in [{lo}, {hi}] with lo <= hi")
 
 
 def gaussian_noise(img: np.ndarray, rng: np.random.Generator, sigma: Range = (0, 50)) -> np.ndarray:
@@ -152,7 +152,7 @@ class Pipeline:
                 if key not in bounds:
                     raise DegradationError(f"{source}[{i}] {name}: unknown parameter {key!r} "
                                            f"(known: {', '.join(bounds)})")
-                _check_range(name, key, value, *bounds[key])
+                _check_range(f"{source}[{i}] {name}.{key}", value, *bounds[key])
             steps.append(Degradation(name, float(p), spec))
         return cls(steps)
 

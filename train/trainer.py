@@ -195,6 +195,8 @@ class Trainer:
 
     def save(self) -> None:
         """Weights (EMA, online) as safetensors, config, then state.pt last: state.pt is the resume point."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.net.parameters()):
+            self._diverged("the weights became non-finite")
         self.out.mkdir(parents=True, exist_ok=True)
         info = dict(step=self.step, trainer="rddm-train")
         save_checkpoint(self.out / "ema.safetensors", self.ema.model, self.unet_cfg, self.diffusion,
@@ -239,6 +241,8 @@ class Trainer:
             self.net.load_state_dict(s["model"])
             self.ema.model.load_state_dict(s["ema"])
             self.opt.load_state_dict(s["optimizer"])
+            for group in self.opt.param_groups:  # the config's hyper-parameters win (e.g. a lower lr to fine-tune)
+                group["lr"], group["betas"] = self.cfg.optim.lr, tuple(self.cfg.optim.betas)
             _set_rng_state(self.gen, s["rng"])
             self.step = int(s["step"])
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
@@ -296,11 +300,14 @@ class Trainer:
             return None
         mean = float(torch.stack(losses).mean())
         if not math.isfinite(mean):
-            kept = (f"the last good checkpoint (step {self.last_saved}) is kept in {self.out}"
-                    if self.last_saved is not None else "no checkpoint had been written")
-            raise TrainingDiverged(f"loss became {mean} by step {self.step}; training stopped and {kept}. "
-                                   f"Lower optim.lr, enable optim.grad_clip or check the data")
+            self._diverged(f"loss became {mean}")
         return mean
+
+    def _diverged(self, what: str):
+        kept = (f"the last good checkpoint (step {self.last_saved}) is kept in {self.out}"
+                if self.last_saved is not None else "no checkpoint had been written")
+        raise TrainingDiverged(f"{what} by step {self.step}; training stopped and {kept}. "
+                               f"Lower optim.lr, enable optim.grad_clip or check the data")
 
     def fit(self, resume: bool = False, log=print) -> dict:
         """Train to ``run.steps`` (or the wall-clock budget); checkpoints every N steps and at the end."""

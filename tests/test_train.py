@@ -1,0 +1,138 @@
+"""The trainer: learns, resumes bit-exactly, refuses bad checkpoints, stops on a diverging loss."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from helpers_train import tiny_config, write_photos
+from rddm_infer.errors import CheckpointError, RDDMError
+from rddm_infer.model import TorchRDDM, load_checkpoint
+from rddm_train.trainer import Trainer, TrainingDiverged
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    write_photos(folder, n=6)
+    return folder
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_a_few_dozen_steps_lower_the_loss_and_the_ema_checkpoint_loads(tmp_path, photos):
+    cfg = tiny_config(tmp_path / "run", photos, "optim.lr=2e-3", "run.steps=40", "run.checkpoint_every=20",
+                      "data.degradations=[{name = 'gaussian', sigma = [10, 40]}]")
+    tr = Trainer(cfg)
+    result = tr.fit()
+    assert result["end_step"] == 40 and result["stopped"] == "done"
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 40 and all(np.isfinite(losses))
+    first, last = np.mean(losses[:8]), np.mean(losses[-8:])
+    # ε is unpredictable early (its L1 floor is ~0.8), so the fall comes from the residual term.
+    assert last < 0.9 * first and last < losses[0] - 0.2, f"loss did not fall: {first:.3f} -> {last:.3f}"
+
+    # The EMA file is what the exporter takes: load_checkpoint reads it as is, and it samples like the trainer's EMA.
+    loaded = load_checkpoint(tmp_path / "run" / "ema.safetensors")
+    assert loaded.unet == cfg.unet_config() and loaded.diffusion == cfg.diffusion_config()
+    assert loaded.info == {"weights": "ema", "step": 40}
+    for k, v in tr.ema.model.state_dict().items():
+        assert torch.equal(loaded.net.state_dict()[k], v), k
+    x = np.random.default_rng(0).uniform(0, 1, (1, 3, 16, 16)).astype(np.float32)
+    a = TorchRDDM(loaded.net, loaded.diffusion).restore(x, 5, seed=3)
+    b = TorchRDDM(tr.ema.model, tr.diffusion).restore(x, 5, seed=3)
+    assert np.array_equal(a, b)
+    online = load_checkpoint(tmp_path / "run" / "model.safetensors")
+    assert online.info["weights"] == "online"
+    assert any(not torch.equal(online.net.state_dict()[k], v) for k, v in tr.ema.model.state_dict().items())
+
+
+def _state(out):
+    return torch.load(out / "state.pt", weights_only=True)
+
+
+def _assert_same_tensors(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same_tensors(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_interrupted_run_resumed_matches_an_uninterrupted_one_bit_for_bit(tmp_path, photos):
+    extra = ["optim.grad_accum=2", "run.checkpoint_every=3", "optim.lr=1e-3"]
+    whole = Trainer(tiny_config(tmp_path / "whole", photos, *extra, "run.steps=8"))
+    whole.fit()
+    first = Trainer(tiny_config(tmp_path / "split", photos, *extra, "run.steps=5"))
+    first.fit()  # checkpoints at 3 and at the end (5)
+    assert _state(tmp_path / "split")["step"] == 5
+    second = Trainer(tiny_config(tmp_path / "split", photos, *extra, "run.steps=8"))
+    result = second.fit(resume=True)
+    assert result["start_step"] == 5 and result["end_step"] == 8
+    a, b = _state(tmp_path / "whole"), _state(tmp_path / "split")
+    for key in ("step", "model", "ema", "optimizer", "rng"):
+        _assert_same_tensors(a[key], b[key], key)
+    assert _losses(tmp_path / "whole") == _losses(tmp_path / "split")
+
+
+def test_wall_clock_budget_saves_a_checkpoint_and_resume_picks_it_up(tmp_path, photos):
+    out = tmp_path / "run"
+    result = Trainer(tiny_config(out, photos, "run.steps=50", "run.max_minutes=1e-9")).fit()
+    assert result["stopped"] == "time budget" and result["end_step"] == 1
+    assert _state(out)["step"] == 1 and load_checkpoint(out / "ema.safetensors").info["step"] == 1
+    result = Trainer(tiny_config(out, photos, "run.steps=3")).fit(resume=True)
+    assert (result["start_step"], result["end_step"]) == (1, 3)
+
+
+def test_corrupt_or_mismatched_checkpoints_are_refused_clearly(tmp_path, photos):
+    out = tmp_path / "run"
+    Trainer(tiny_config(out, photos, "run.steps=1")).fit()
+    good = (out / "state.pt").read_bytes()
+
+    with pytest.raises(RDDMError, match="already holds a run"):
+        Trainer(tiny_config(out, photos, "run.steps=2")).fit()
+    with pytest.raises(CheckpointError, match=r"does not match the config \(unet.dim: checkpoint 8, config 16"):
+        Trainer(tiny_config(out, photos, "model.dim=16", "run.steps=2")).fit(resume=True)
+    with pytest.raises(CheckpointError, match="does not match the config.*objective"):
+        Trainer(tiny_config(out, photos, "diffusion.objective='pred_x0_noise'", "run.steps=2")).fit(resume=True)
+
+    (out / "state.pt").write_bytes(good[: len(good) // 2])
+    with pytest.raises(CheckpointError, match=r"state.pt: not a readable training state"):
+        Trainer(tiny_config(out, photos, "run.steps=2")).fit(resume=True)
+    (out / "state.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match=r"state.pt: not a readable training state"):
+        Trainer(tiny_config(out, photos, "run.steps=2")).fit(resume=True)
+    torch.save({"format": "something-else/1", "step": 3}, out / "state.pt")
+    with pytest.raises(CheckpointError, match="not an rddm-train state"):
+        Trainer(tiny_config(out, photos, "run.steps=2")).fit(resume=True)
+    (out / "state.pt").unlink()
+    with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
+        Trainer(tiny_config(out, photos, "run.steps=2")).fit(resume=True)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, photos):
+    out = tmp_path / "run"
+    Trainer(tiny_config(out, photos, "run.steps=2")).fit()
+    good = (out / "state.pt").read_bytes()
+    ema = (out / "ema.safetensors").read_bytes()
+    wild = tiny_config(out, photos, "run.steps=20", "run.checkpoint_every=5", "optim.lr=1e10", "optim.grad_clip=0.0")
+    with pytest.raises(TrainingDiverged, match=r"loss became nan by step [34]; .*last good checkpoint \(step 2\)"):
+        Trainer(wild).fit(resume=True)
+    assert (out / "state.pt").read_bytes() == good and (out / "ema.safetensors").read_bytes() == ema
+    # Checkpointing every step: the step whose update blew the weights up is caught before it is written.
+    with pytest.raises(TrainingDiverged, match=r"by step [34]; training stopped and the last good checkpoint"):
+        Trainer(tiny_config(out, photos, "run.steps=20", "run.checkpoint_every=1", "optim.lr=1e30",
+                            "optim.grad_clip=0.0")).fit(resume=True)
+    assert all(torch.isfinite(v).all() for v in _state(out)["model"].values())
