@@ -127,6 +127,8 @@ class EngineSampler:
         self.meta = runner.meta
 
     def plan(self, steps: int | None = None, eta: float | None = None) -> SamplingPlan:
+        if steps is not None and steps < 1:
+            raise RDDMError(f"steps must be >= 1, got {steps}")
         if self.meta.graph == "fused":
             if (steps is not None and steps != self.meta.steps) or (eta is not None and eta != self.meta.eta):
                 raise RDDMError(f"this fused model has steps={self.meta.steps} and eta={self.meta.eta} built in; "

@@ -1,0 +1,141 @@
+"""The Python API (Restorer): any size and layout in, same layout out; tiling, batching, metrics."""
+
+import numpy as np
+import pytest
+
+import _runtime_models as models
+from rddm_infer import pipeline
+from rddm_infer.errors import CheckpointError, ImageError, RDDMError
+from rddm_infer.imageio import Image
+from rddm_infer.metrics import psnr, ssim
+from rddm_infer.pipeline import Restorer, collect_inputs, plan_outputs
+
+RNG = np.random.default_rng(0)
+
+
+def _img(shape, dtype=np.uint8):
+    hi = 255 if dtype == np.uint8 else 65535
+    return RNG.integers(0, hi + 1, size=shape, dtype=np.int64).astype(dtype)
+
+
+@pytest.fixture(scope="module")
+def restorer():
+    return Restorer(models.onnx_model("step"), providers="cpu")
+
+
+@pytest.mark.parametrize("shape,dtype", [((13, 21), np.uint8), ((13, 21, 1), np.uint8), ((9, 14, 3), np.uint16),
+                                         ((11, 7, 4), np.uint8), ((11, 7, 4), np.uint16), ((8, 8, 3), np.float32)])
+def test_restore_array_keeps_layout_depth_and_alpha(restorer, shape, dtype):
+    pix = _img(shape, dtype) if dtype != np.float32 else RNG.uniform(0, 1, shape).astype(np.float32)
+    out = restorer.restore_array(pix)
+    assert out.shape == pix.shape and out.dtype == pix.dtype
+    if shape[-1] == 4 and len(shape) == 3:
+        np.testing.assert_array_equal(out[..., 3], pix[..., 3])
+    assert not np.array_equal(out, pix)  # it did run the model
+
+
+def test_restore_array_rejects_bad_layouts(restorer):
+    with pytest.raises(ImageError, match="shape"):
+        restorer.restore_array(np.zeros((4, 4, 2), np.uint8))
+    with pytest.raises(ImageError, match="dtype"):
+        restorer.restore_array(np.zeros((4, 4, 3), np.int32))
+
+
+def test_tiled_equals_untiled_on_a_per_pixel_model():
+    """Pointwise network: any tiling error (placement, blending, per-tile noise) would show."""
+    pix = _img((40, 44, 3))
+    whole = Restorer(models.pointwise_onnx(), tile=64).restore_array(pix)
+    ticks = []
+    tiled = Restorer(models.pointwise_onnx(), tile=16, overlap=4, batch=3).restore_array(
+        pix, on_tile=lambda n, t: ticks.append((n, t)))
+    assert ticks and ticks[-1][0] == ticks[-1][1] > 4
+    assert np.abs(whole.astype(int) - tiled.astype(int)).max() <= 1
+    assert np.abs(whole.astype(int) - pix.astype(int)).max() > 10  # and the model does change the image
+
+
+def test_tiled_close_to_untiled_on_a_real_network(restorer):
+    """Random UNet (GroupNorm and attention see the whole tile, so tiles differ somewhat): seams stay small."""
+    import cv2
+
+    pix = cv2.GaussianBlur(_img((48, 48, 3)), (7, 7), 2)
+    whole = restorer.restore_array(pix).astype(float)
+    tiled = Restorer(models.onnx_model("step"), tile=32, overlap=16).restore_array(pix).astype(float)
+    other_seed = Restorer(models.onnx_model("step"), tile=64, seed=1).restore_array(pix).astype(float)
+    assert np.abs(whole - tiled).mean() < 0.5 * np.abs(whole - other_seed).mean()
+
+
+def test_batching_and_seed(restorer):
+    imgs = [Image(_img((10, 12, 3))) for _ in range(3)]
+    one = [restorer.restore_images([im])[0] for im in imgs]
+    batched = Restorer(models.onnx_model("step"), batch=3).restore_images(imgs)
+    for a, b in zip(one, batched):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    again = restorer.restore_images(imgs[:1])[0]
+    np.testing.assert_array_equal(again, one[0])
+
+
+def test_default_model_missing_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(pipeline, "DEFAULT_MODEL", tmp_path / "weights" / "default.onnx")
+    with pytest.raises(CheckpointError, match="no built-in model is installed.*--model"):
+        Restorer()
+
+
+def test_bad_settings(tmp_path):
+    with pytest.raises(RDDMError, match="size multiple"):
+        Restorer(models.onnx_model("step"), tile=1)
+    with pytest.raises(RDDMError, match="steps must be"):
+        Restorer(models.onnx_model("step"), steps=0)
+
+
+def test_inputs_and_output_names(tmp_path):
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    for name in ("b.png", "a.jpg", "sub/c.png", "notes.txt", ".hidden.png"):
+        (d / name).write_bytes(b"x")
+    jobs = collect_inputs([d], recursive=False)
+    assert [j.src.name for j in jobs] == ["a.jpg", "b.png"]
+    jobs = collect_inputs([d, str(d / "*.png"), tmp_path / "missing.png"], recursive=True)
+    assert [j.src.name for j in jobs] == ["a.jpg", "b.png", "c.png", "missing.png"]
+    assert "no such file" in jobs[-1].error
+    assert "no files match" in collect_inputs([str(d / "*.tif")])[0].error
+    plan_outputs(jobs, tmp_path / "out", suffix="_r", ext="png")
+    assert [str(j.dst.relative_to(tmp_path / "out")) for j in jobs[:3]] == ["a_r.png", "b_r.png", "sub/c_r.png"]
+    clash = collect_inputs([d / "a.jpg", d / "b.png"])
+    (d / "a.png").write_bytes(b"x")
+    clash = collect_inputs([d / "a.jpg", d / "a.png"])
+    plan_outputs(clash, tmp_path / "o2", ext="png")
+    assert not clash[0].error and "also the output of" in clash[1].error
+    same = collect_inputs([d / "b.png"])
+    plan_outputs(same, d)
+    assert "would overwrite an input" in same[0].error
+
+
+def test_psnr_and_ssim_values():
+    a = RNG.uniform(0, 1, (3, 32, 32))
+    assert psnr(a, a) == float("inf") and ssim(a, a) == pytest.approx(1.0)
+    b = a + 0.1
+    assert psnr(a, b) == pytest.approx(20.0)
+    # SSIM of two constant images: luminance term only, (2μxμy + C1) / (μx² + μy² + C1)
+    x, y = np.full((16, 16), 0.2), np.full((16, 16), 0.6)
+    c1 = 0.01 ** 2
+    assert ssim(x, y) == pytest.approx((2 * 0.2 * 0.6 + c1) / (0.04 + 0.36 + c1), rel=1e-6)
+    noisy = np.clip(a + RNG.normal(0, 0.2, a.shape), 0, 1)
+    assert 0 < ssim(a, noisy) < ssim(a, np.clip(a + RNG.normal(0, 0.05, a.shape), 0, 1)) < 1
+
+
+def test_ssim_matches_a_direct_windowed_computation():
+    import cv2
+
+    a, b = RNG.uniform(0, 1, (14, 15)), RNG.uniform(0, 1, (14, 15))
+    g = cv2.getGaussianKernel(11, 1.5)
+    w = g @ g.T
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    vals = []
+    for i in range(a.shape[0] - 10):
+        for j in range(a.shape[1] - 10):
+            pa, pb = a[i:i + 11, j:j + 11], b[i:i + 11, j:j + 11]
+            ma, mb = (w * pa).sum(), (w * pb).sum()
+            va, vb = (w * pa * pa).sum() - ma ** 2, (w * pb * pb).sum() - mb ** 2
+            cov = (w * pa * pb).sum() - ma * mb
+            vals.append((2 * ma * mb + c1) * (2 * cov + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2)))
+    assert ssim(a, b) == pytest.approx(np.mean(vals), abs=1e-9)
