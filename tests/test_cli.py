@@ -1,0 +1,195 @@
+"""`rddm-infer` as users run it: real subprocesses, real files, real exported models."""
+
+import csv
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import _runtime_models as models
+
+RNG = np.random.default_rng(0)
+SCRIPT = Path(sys.executable).parent / "rddm-infer"
+
+
+def cli(*args, cwd=None):
+    cmd = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "rddm_infer.cli"]
+    env = {**os.environ, "COLUMNS": "200", "PYTHONIOENCODING": "utf-8"}
+    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+
+
+def _px(shape, dtype=np.uint8):
+    hi = 255 if dtype == np.uint8 else 65535
+    return RNG.integers(0, hi + 1, size=shape, dtype=np.int64).astype(dtype)
+
+
+def _exif_jpeg(pix, orientation):
+    jpg = cv2.imencode(".jpg", pix)[1].tobytes()
+    tiff = b"II*\0" + struct.pack("<IH", 8, 1) + struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0) + b"\0" * 4
+    payload = b"Exif\0\0" + tiff
+    return jpg[:2] + b"\xff\xe1" + struct.pack(">H", 2 + len(payload)) + payload + jpg[2:]
+
+
+GOOD = {  # name -> (pixels, expected output shape, dtype)
+    "rgb8.png": (_px((20, 30, 3)), (20, 30, 3), np.uint8),
+    "rgb16.png": (_px((18, 26, 3), np.uint16), (18, 26, 3), np.uint16),
+    "gray.png": (_px((17, 23)), (17, 23), np.uint8),
+    "rgba.png": (_px((21, 19, 4)), (21, 19, 4), np.uint8),
+    "rgba16.tif": (_px((12, 16, 4), np.uint16), (12, 16, 4), np.uint16),
+    "ñandú 雨.png": (_px((16, 16, 3)), (16, 16, 3), np.uint8),
+}
+BROKEN = {"empty.png": "empty file", "text.png": "not a readable image", "cut.png": "truncated PNG",
+          "cut.jpg": "truncated JPEG"}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return models.onnx_model("step")
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    for name, (pix, _, _) in GOOD.items():
+        assert cv2.imencode(Path(name).suffix, pix)[0]
+        (d / name).write_bytes(cv2.imencode(Path(name).suffix, pix)[1].tobytes())
+    (d / "rot.jpg").write_bytes(_exif_jpeg(_px((10, 24, 3)), 6))  # displayed as 24×10
+    (d / "empty.png").write_bytes(b"")
+    (d / "text.png").write_text("definitely not pixels")
+    png = cv2.imencode(".png", _px((32, 32, 3)))[1].tobytes()
+    (d / "cut.png").write_bytes(png[: len(png) // 2])
+    jpg = cv2.imencode(".jpg", _px((32, 32, 3)))[1].tobytes()
+    (d / "cut.jpg").write_bytes(jpg[: len(jpg) // 2])
+    (d / "notes.txt").write_text("not an image extension: ignored in folders")
+    return d
+
+
+def _snapshot(d: Path) -> dict:
+    return {p.name: p.read_bytes() for p in d.iterdir()}
+
+
+def test_folder_with_good_and_broken_files(folder, model, tmp_path):
+    before = _snapshot(folder)
+    out = tmp_path / "out"
+    r = cli("restore", folder, "-o", out, "--model", model, "--tile", 16, "--tile-overlap", 4, "--batch", 2)
+    assert r.returncode == 1, r.stderr
+    assert "restored 7, failed 4, skipped 0" in r.stdout
+    assert "Traceback" not in r.stderr + r.stdout
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 4
+    for name, reason in BROKEN.items():
+        assert any(name in e and reason in e for e in errors), (name, errors)
+    assert "backend: onnxruntime (CPUExecutionProvider)" in r.stderr
+    for name, (pix, shape, dtype) in GOOD.items():
+        got = cv2.imdecode(np.fromfile(str(out / name), np.uint8), cv2.IMREAD_UNCHANGED)
+        assert got.shape == shape and got.dtype == dtype, name
+        if shape[-1] == 4 and len(shape) == 3:
+            np.testing.assert_array_equal(got[..., 3], pix[..., 3])  # alpha bit for bit
+    rot = cv2.imread(str(out / "rot.jpg"), cv2.IMREAD_UNCHANGED)
+    assert rot.shape == (24, 10, 3)  # EXIF orientation applied, then written upright
+    assert sorted(p.name for p in out.iterdir()) == sorted([*GOOD, "rot.jpg"])  # no temp files, no broken outputs
+    assert _snapshot(folder) == before  # inputs untouched
+
+    # resume: everything already there is skipped, nothing rewritten
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    (out / "gray.png").unlink()
+    r2 = cli("restore", folder, "-o", out, "--model", model, "--skip-existing", "--quiet")
+    assert r2.returncode == 1
+    assert "restored 1, failed 4, skipped 6" in r2.stdout
+    assert (out / "gray.png").is_file()
+    assert all(p.stat().st_mtime_ns == stamps[p.name] for p in out.iterdir() if p.name != "gray.png")
+
+
+def test_json_summary_metrics_and_output_naming(tmp_path, model):
+    inp, gt = tmp_path / "in", tmp_path / "gt"
+    inp.mkdir()
+    gt.mkdir()
+    for i in range(3):
+        clean = cv2.GaussianBlur(_px((24, 24, 3)), (5, 5), 1.5)
+        cv2.imwrite(str(gt / f"im{i}.png"), clean)
+        noisy = np.clip(clean.astype(int) + RNG.integers(-20, 21, clean.shape), 0, 255).astype(np.uint8)
+        cv2.imwrite(str(inp / f"im{i}.png"), noisy)
+    out = tmp_path / "out"
+    r = cli("restore", inp / "im*.png", "-o", out, "--model", model, "--gt", gt, "--suffix", "_r", "--ext", "jpg",
+            "--steps", 3, "--json", "--batch", 3)
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert (s["restored"], s["failed"], s["skipped"]) == (3, 0, 0)
+    assert s["images_per_s"] > 0 and s["backend"].startswith("onnxruntime")
+    assert sorted(Path(p).name for p in s["outputs"]) == ["im0_r.jpg", "im1_r.jpg", "im2_r.jpg"]
+    means = s["metrics"]["mean"]
+    rows = list(csv.reader((out / "metrics.csv").open()))
+    assert rows[0] == ["file", "psnr", "ssim"] and len(rows) == 5 and rows[-1][0] == "mean"
+    assert float(rows[-1][1]) == pytest.approx(means["psnr"], abs=1e-3)
+    per = [float(row[1]) for row in rows[1:4]]
+    assert np.mean(per) == pytest.approx(means["psnr"], abs=1e-3) and 0 < means["ssim"] <= 1
+    assert cv2.imread(str(out / "im0_r.jpg")).shape == (24, 24, 3)
+
+
+def test_never_overwrites_inputs(tmp_path, model):
+    d = tmp_path / "d"
+    d.mkdir()
+    cv2.imwrite(str(d / "a.png"), _px((8, 8, 3)))
+    before = (d / "a.png").read_bytes()
+    r = cli("restore", d / "a.png", "-o", d, "--model", model)
+    assert r.returncode == 1 and "would overwrite an input" in r.stderr
+    assert (d / "a.png").read_bytes() == before
+    r = cli("restore", d / "a.png", "-o", d, "--model", model, "--suffix", "_x", "-q")
+    assert r.returncode == 0 and (d / "a_x.png").is_file() and r.stdout == ""
+
+
+def test_model_and_usage_errors_are_one_line(tmp_path, monkeypatch):
+    img = tmp_path / "a.png"
+    cv2.imwrite(str(img), _px((8, 8, 3)))
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"nope")
+    r = cli("restore", img, "--model", junk)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "junk.onnx" in r.stderr
+    r = cli("restore", img, "--model", tmp_path / "missing.onnx")
+    assert r.returncode == 2 and "no such model file" in r.stderr
+    r = cli("restore", img, "--model", models.onnx_model("step"), "--backend", "openvino")
+    assert r.returncode == 2 and "unknown backend" in r.stderr
+    r = cli("restore", img, "--bogus-option")
+    assert r.returncode == 2
+
+
+def test_default_model_message_when_none_is_installed(tmp_path):
+    from rddm_infer.pipeline import DEFAULT_MODEL
+
+    if DEFAULT_MODEL.exists():
+        pytest.skip(f"a built-in model is installed at {DEFAULT_MODEL}")
+    img = tmp_path / "a.png"
+    cv2.imwrite(str(img), _px((8, 8, 3)))
+    r = cli("restore", img, "-o", tmp_path / "o")
+    assert r.returncode == 2 and "no built-in model is installed" in r.stderr and "--model" in r.stderr
+
+
+def test_info_and_version(model):
+    r = cli("info", model)
+    assert r.returncode == 0, r.stderr
+    assert "graph: step" in r.stdout and "steps: 5" in r.stdout and "size multiple: 2" in r.stdout
+    assert "pred_res_noise" in r.stdout and "[999, 799, 599, 399, 199]" in r.stdout
+    from rddm_infer import __version__
+
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"rddm-infer {__version__}"
+
+
+def test_torch_backend_from_the_cli_matches_onnxruntime(tmp_path, model):
+    img = tmp_path / "a.png"
+    cv2.imwrite(str(img), _px((16, 16, 3)))
+    r1 = cli("restore", img, "-o", tmp_path / "ort", "--model", model, "-q")
+    r2 = cli("restore", img, "-o", tmp_path / "pt", "--model", models.checkpoint(), "--backend", "torch", "-q")
+    assert r1.returncode == r2.returncode == 0, r1.stderr + r2.stderr
+    a = cv2.imread(str(tmp_path / "ort" / "a.png")).astype(int)
+    b = cv2.imread(str(tmp_path / "pt" / "a.png")).astype(int)
+    assert np.abs(a - b).max() <= 1
