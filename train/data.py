@@ -130,9 +130,10 @@ class TrainSet(Dataset):
             raise DataError("training data needs either paired inputs or a degradation pipeline")
         if inputs is not None:
             for k in range(len(gt)):
-                if tuple(inputs.shapes[k][:2]) != tuple(gt.shapes[k][:2]):
-                    raise DataError(f"{inputs.names[k]}: size {tuple(inputs.shapes[k][:2])} differs from its "
-                                    f"ground truth {gt.names[k]} {tuple(gt.shapes[k][:2])}")
+                (hi, wi), (hg, wg) = inputs.shapes[k][:2].tolist(), gt.shapes[k][:2].tolist()
+                if (hi, wi) != (hg, wg):
+                    raise DataError(f"{inputs.names[k]}: size {wi}x{hi} differs from its ground truth "
+                                    f"{gt.names[k]} ({wg}x{hg})")
         self.gt, self.inputs, self.pipeline = gt, inputs, pipeline
         self.crop, self.seed, self.flip = crop, seed, flip
 

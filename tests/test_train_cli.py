@@ -1,0 +1,99 @@
+"""`rddm-train` as a user runs it: real subprocesses, real files, a real kill -9 and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import pytest
+import torch
+
+from helpers_train import TINY_TRAIN, write_photos
+from rddm_infer.model import load_checkpoint
+from rddm_train import config
+
+EXE = Path(sys.executable).with_name("rddm-train")
+TINY_ARGS = [a for item in TINY_TRAIN for a in ("--set", item)]
+
+
+def rddm_train(*args, timeout=180):
+    return subprocess.run([str(EXE), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    write_photos(folder, n=4)
+    return folder
+
+
+def test_train_validate_checkpoint_and_resume_from_the_saved_config(tmp_path, photos):
+    out = tmp_path / "run"
+    r = rddm_train(*TINY_ARGS, "--data", photos, "--val", photos, "--out", out, "--steps", 6, "--checkpoint-every", 3,
+                   "--val-every", 3, "--workers", 1, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "step 6/6 (done), val PSNR" in r.stdout
+    assert load_checkpoint(out / "ema.safetensors").info == {"weights": "ema", "step": 6}
+    saved = config.load(out / "config.toml")
+    assert saved.run.steps == 6 and saved.data.num_workers == 1 and saved.model.dim == 8
+    rows = (out / "val_log.csv").read_text().splitlines()
+    assert rows[0] == "step,psnr,ssim,psnr_input" and [r.split(",")[0] for r in rows[1:]] == ["3", "6"]
+    assert [json.loads(x)["step"] for x in (out / "val_log.jsonl").read_text().splitlines()] == [3, 6]
+    grid = cv2.imread(str(out / "val" / "step_0000006.png"))
+    assert grid.shape == (2 * 32 + 4, 3 * 32 + 2 * 4, 3)  # 2 images × (input | restored | gt)
+
+    r = rddm_train("--out", out, "--resume", "--steps", 9, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "step 9/9 (done)" in r.stdout
+    steps = [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 10))
+    assert torch.load(out / "state.pt", weights_only=True)["step"] == 9
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, photos):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([str(EXE), *TINY_ARGS, "--data", str(photos), "--out", str(out), "--steps", "100000",
+                             "--checkpoint-every", "2", "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "state.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # let it run on past the first checkpoint
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert (out / "state.pt").exists(), proc.stderr.read().decode()
+    saved = torch.load(out / "state.pt", weights_only=True)["step"]
+    assert saved >= 2 and saved % 2 == 0
+    r = rddm_train("--out", out, "--resume", "--steps", saved + 2, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert f"step {saved + 2}/{saved + 2} (done)" in r.stdout
+    assert load_checkpoint(out / "ema.safetensors").info["step"] == saved + 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "/no/such/folder"], "/no/such/folder: no such folder or .flist file"),
+    (["--set", "optim.lrr=1"], "unknown key optim.lrr"),
+    (["--steps", 5], "no training data: give --data DIR"),
+    (["--input", "/tmp"], "paired training data needs both --input and --gt"),
+    (["--config", "missing.toml"], "missing.toml: no such config file"),
+])
+def test_user_errors_are_one_line_without_traceback(tmp_path, args, message):
+    r = rddm_train(*TINY_ARGS, "--out", tmp_path / "run", *args)
+    assert r.returncode == 2
+    assert r.stderr.strip() == r.stderr.strip().splitlines()[0] and "Traceback" not in r.stderr
+    assert r.stderr.startswith("rddm-train: error: ") and message in r.stderr, r.stderr
+
+
+def test_print_config_and_resume_without_a_run(tmp_path):
+    r = rddm_train("--config", "default_denoiser", "--set", "optim.lr=1e-4", "--bf16", "--print-config")
+    assert r.returncode == 0
+    assert "lr = 0.0001" in r.stdout and "bf16 = true" in r.stdout and "dim_mults = [1, 2, 4, 8]" in r.stdout
+    r = rddm_train(*TINY_ARGS, "--out", tmp_path / "nothing", "--resume")
+    assert r.returncode == 2 and "state.pt: no checkpoint to resume from" in r.stderr
