@@ -12,7 +12,12 @@ __version__ = "0.1.0"
 from .errors import RDDMError, CheckpointError, ImageError, BackendUnavailable  # noqa: E402
 from .schedule import DiffusionConfig, Schedule, SamplingPlan, time_grid  # noqa: E402
 
-_LAZY = {}  # name -> module, filled in by the runtime modules as they land
+_LAZY = {  # name -> module, filled in by the runtime modules as they land
+    "Restorer": ".pipeline", "load_model": ".pipeline", "restore_folder": ".pipeline", "DEFAULT_MODEL": ".pipeline",
+    "EngineSampler": ".backends", "Runner": ".backends", "load_runner": ".backends",
+    "read_artifact_meta": ".backends", "read_image": ".imageio", "write_image": ".imageio",
+    "psnr": ".metrics", "ssim": ".metrics",
+}
 
 
 def __getattr__(name):
