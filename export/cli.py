@@ -1,0 +1,90 @@
+"""``rddm-export CHECKPOINT``: validated ONNX graphs (and TensorRT engines) plus a report."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from rddm_infer.errors import RDDMError
+
+app = typer.Typer(add_completion=False, help=__doc__)
+err = Console(stderr=True)
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="Our .safetensors checkpoint or the reference's model-N.pt."),
+    out_dir: Optional[Path] = typer.Option(None, "-o", "--out-dir", help="Output folder (default: <stem>_onnx/)."),
+    graph: List[str] = typer.Option(["step", "fused"], "--graph", "-g", help="unet | step | fused (repeatable)."),
+    fp16: bool = typer.Option(False, "--fp16", help="Also write mixed-precision fp16 graphs (for GPUs)."),
+    tensorrt: bool = typer.Option(False, "--tensorrt", help="Also build TensorRT engines (needs a GPU)."),
+    steps: int = typer.Option(5, "--steps", "-k", help="Sampling steps K (baked into fused; default for step)."),
+    eta: float = typer.Option(0.0, help="DDIM η (restoration models always use 0)."),
+    exporter: str = typer.Option("legacy", help="legacy (TorchScript) | dynamo (torch.export, opset ≥ 18)."),
+    objective: Optional[str] = typer.Option(None, help="Override the objective (reference checkpoints)."),
+    sum_scale: Optional[float] = typer.Option(None, help="Override sum_scale (reference checkpoints)."),
+    online: bool = typer.Option(False, "--online", help="Use the online weights instead of the EMA."),
+    validate: bool = typer.Option(True, "--validate/--no-validate", help="Compare every artifact with PyTorch."),
+    min_shape: str = typer.Option("1x64x64", help="TensorRT profile minimum, BxHxW."),
+    opt_shape: str = typer.Option("1x512x512", help="TensorRT profile optimum, BxHxW."),
+    max_shape: str = typer.Option("4x1024x1024", help="TensorRT profile maximum, BxHxW."),
+    opt_level: int = typer.Option(3, help="TensorRT builder optimization level (0-5)."),
+    timing_cache: Optional[Path] = typer.Option(None, help="TensorRT timing cache (default: in the output folder)."),
+    workspace_gb: Optional[float] = typer.Option(None, help="TensorRT workspace limit in GiB."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+):
+    """Export CHECKPOINT to ONNX (unet / step / fused), validate each graph, optionally build TensorRT engines."""
+    from .pipeline import export_all
+
+    for g in graph:
+        if g not in ("unet", "step", "fused"):
+            raise RDDMError(f"unknown graph kind {g!r}; expected unet, step or fused")
+    if exporter not in ("legacy", "dynamo"):
+        raise RDDMError(f"unknown exporter {exporter!r}; expected legacy or dynamo")
+    trt_opts = None
+    if tensorrt:
+        from .tensorrt_build import EngineProfile
+
+        trt_opts = dict(profile=EngineProfile.parse(min_shape, opt_shape, max_shape), opt_level=opt_level,
+                        timing_cache=timing_cache, workspace_gb=workspace_gb)
+    load = dict(objective=objective, sum_scale=sum_scale, use_ema=not online)
+    log = (lambda s: None) if json_out else (lambda s: err.print(f"[dim]{escape(s)}[/dim]"))
+    artifacts = export_all(checkpoint, out_dir, graphs=tuple(dict.fromkeys(graph)), fp16=fp16, steps=steps, eta=eta,
+                           exporter=exporter, validate=validate, tensorrt=trt_opts, load_options=load, log=log)
+    if json_out:
+        print(json.dumps([a.to_dict() for a in artifacts], indent=2))
+        return
+    folder = artifacts[0].path.parent if artifacts else out_dir
+    table = Table(title=f"rddm-export {escape(str(checkpoint))} -> {escape(str(folder))}/")
+    for col in ("artifact", "graph", "precision", "size", "build", "validation"):
+        table.add_column(col)
+    for a in artifacts:
+        v = a.validation.summary() if a.validation else "; ".join(a.notes) or "-"
+        table.add_row(escape(a.path.name), a.graph, a.precision, f"{a.size / 2**20:.1f} MiB", f"{a.build_s:.1f} s",
+                      escape(v))
+    Console().print(table)
+    for a in artifacts:
+        print(a.restore_command())
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console entry point: user errors are one red line on stderr and exit status 2 (as rddm-infer)."""
+    try:
+        app(args=argv, standalone_mode=True)
+    except RDDMError as e:
+        err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("[red]error:[/red] interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
