@@ -176,6 +176,12 @@ class IndexBatches(Sampler):
         return self.count if self.count is not None else 2 ** 62
 
 
+def _worker_init(_):
+    """One thread per worker: parallelism comes from the workers, not from oversubscribed pools."""
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
 def make_loader(dataset: TrainSet, batch_size: int, start_batch: int, num_workers: int,
                 pin_memory: bool = False) -> DataLoader:
     """An endless loader of batches from ``start_batch`` on; workers prefetch so the device never waits."""
@@ -183,7 +189,7 @@ def make_loader(dataset: TrainSet, batch_size: int, start_batch: int, num_worker
     # Its own generator: creating the loader then leaves the global torch RNG (saved in checkpoints) untouched.
     gen = torch.Generator().manual_seed(dataset.seed)
     return DataLoader(dataset, batch_sampler=IndexBatches(batch_size, start_batch), num_workers=num_workers,
-                      pin_memory=pin_memory, generator=gen, **kw)
+                      pin_memory=pin_memory, generator=gen, worker_init_fn=_worker_init, **kw)
 
 
 def center_crop(img: np.ndarray, size: int) -> np.ndarray:

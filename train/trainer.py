@@ -195,7 +195,7 @@ class Trainer:
 
     def save(self) -> None:
         """Weights (EMA, online) as safetensors, config, then state.pt last: state.pt is the resume point."""
-        if not all(bool(torch.isfinite(p).all()) for p in self.net.parameters()):
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.net.parameters()]).all()):
             self._diverged("the weights became non-finite")
         self.out.mkdir(parents=True, exist_ok=True)
         info = dict(step=self.step, trainer="rddm-train")
