@@ -139,3 +139,19 @@ def test_ssim_matches_a_direct_windowed_computation():
             cov = (w * pa * pb).sum() - ma * mb
             vals.append((2 * ma * mb + c1) * (2 * cov + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2)))
     assert ssim(a, b) == pytest.approx(np.mean(vals), abs=1e-9)
+
+
+def test_restore_folder_api_and_engine_errors_are_per_image(tmp_path):
+    import cv2
+    from rddm_infer import restore_folder
+
+    d = tmp_path / "in"
+    d.mkdir()
+    cv2.imwrite(str(d / "a.png"), _img((10, 10, 3)))
+    cv2.imwrite(str(d / "b.png"), _img((9, 13)))
+    s = restore_folder(d, tmp_path / "out", model=models.onnx_model("step"), suffix="_r", batch=2)
+    assert s.line() == "restored 2, failed 0, skipped 0"
+    assert cv2.imread(str(tmp_path / "out" / "b_r.png"), cv2.IMREAD_UNCHANGED).shape == (9, 13)
+    r = Restorer(models.onnx_model("step"))
+    with pytest.raises(RDDMError, match="inference failed"):
+        r.runner.infer({"x_t": np.zeros((1, 3, 4, 4), np.float32)})  # missing inputs: ORT error, one line

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..artifact import META_KEY, ArtifactMeta
-from ..errors import BackendUnavailable, CheckpointError
+from ..errors import BackendUnavailable, CheckpointError, RDDMError
 from .base import Runner
 
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
@@ -119,6 +119,13 @@ class OnnxRuntimeRunner(Runner):
 
     def infer(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         feeds = {k: v for k, v in feeds.items() if k in self.input_names}
+        try:
+            return self._infer(feeds)
+        except Exception as e:  # e.g. out of memory for a huge tile: that image fails, the run goes on
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise RDDMError(f"{self.path.name}: inference failed ({first[:200]})") from None
+
+    def _infer(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         if not self.on_gpu:
             outs = self.session.run(self.output_names, {k: np.ascontiguousarray(v) for k, v in feeds.items()})
             return dict(zip(self.output_names, outs))
