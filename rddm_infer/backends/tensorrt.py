@@ -30,6 +30,7 @@ def _imports():
     return trt, cudart
 
 
+_MAX_SHAPES = 8  # input shapes whose buffers (and CUDA graphs) stay allocated
 _ALIGN = 64  # floats: TensorRT wants tensor addresses aligned to 256 bytes
 
 
@@ -126,14 +127,22 @@ class TensorRTRunner(Runner):
     # -- buffers bound to shapes
     def _buffers(self, key: tuple, shapes: Mapping[str, tuple]) -> dict[str, _Buffer]:
         if key not in self._bufs:
+            if len(self._bufs) >= _MAX_SHAPES:  # many image sizes: free the oldest shape's memory and graph
+                old = next(iter(self._bufs))
+                self.cudart.cudaStreamSynchronize(self.stream)
+                for b in self._bufs.pop(old).values():
+                    b.free()
+                if old in self._graphs:
+                    self.cudart.cudaGraphExecDestroy(self._graphs.pop(old))
             self._bufs[key] = {n: _Buffer(self.cudart, s) for n, s in shapes.items()}
         return self._bufs[key]
 
+    def _set_shape(self, name: str, shape: tuple) -> None:
+        if not self.context.set_input_shape(name, shape):
+            raise RDDMError(f"{self.path}: input {name} shape {tuple(shape)} is outside the engine's optimization "
+                            f"profile; rebuild it for this size or use a smaller --tile / --batch")
+
     def _bind(self, addresses: Mapping[str, _Buffer]) -> None:
-        for name in self.inputs:
-            if not self.context.set_input_shape(name, addresses[name].shape):
-                raise RDDMError(f"{self.path}: input {name} shape {addresses[name].shape} is outside the engine's "
-                                f"optimization profile; rebuild it for larger images or use --tile")
         for name, buf in addresses.items():
             self.context.set_tensor_address(name, buf.device)
 
@@ -148,7 +157,7 @@ class TensorRTRunner(Runner):
     def infer(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         feeds = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items() if k in self.inputs}
         for name, a in feeds.items():
-            self.context.set_input_shape(name, a.shape)
+            self._set_shape(name, a.shape)
         key = ("call", *((n, feeds[n].shape) for n in self.inputs))
         bufs = self._buffers(key, {**{n: a.shape for n, a in feeds.items()}, **self._output_shapes()})
         for name, a in feeds.items():
@@ -182,29 +191,36 @@ class TensorRTRunner(Runner):
                 noise[i, :int(np.prod(shape))] = self.download(f["noise"]).ravel()
         bufs["coef"].upload(coef, self.stream)
         bufs["noise"].upload(noise, self.stream)
-        if key not in self._graphs:
-            self._enqueue_chain(bufs, k)  # first run also lets TensorRT finish lazy setup before capture
-            if self.cuda_graph:
-                _check(cudart.cudaStreamSynchronize(self.stream))
-                _check(cudart.cudaStreamBeginCapture(self.stream,
-                                                     cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
-                self._enqueue_chain(bufs, k)
-                graph = _check(cudart.cudaStreamEndCapture(self.stream))
-                self._graphs[key] = _check(cudart.cudaGraphInstantiate(graph, 0))
-                cudart.cudaGraphDestroy(graph)
-        elif self.cuda_graph:
+        if key in self._graphs:
             _check(cudart.cudaGraphLaunch(self._graphs[key], self.stream))
         else:
-            self._enqueue_chain(bufs, k)
+            self._enqueue_chain(bufs, k)  # the first run also lets TensorRT finish lazy setup before capture
+            if self.cuda_graph:
+                self._capture(key, bufs, k)
         out = bufs["x_a" if k % 2 == 0 else "x_b"]
         out.download(self.stream)
         _check(cudart.cudaStreamSynchronize(self.stream))
         return out.host.copy()
 
+    def _capture(self, key: tuple, bufs: dict[str, _Buffer], k: int) -> None:
+        """Record the K enqueues as one CUDA graph; an engine that cannot be captured runs eagerly."""
+        cudart = self.cudart
+        _check(cudart.cudaStreamSynchronize(self.stream))
+        _check(cudart.cudaStreamBeginCapture(self.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
+        try:
+            self._enqueue_chain(bufs, k)
+        finally:
+            err, graph = cudart.cudaStreamEndCapture(self.stream)
+        if int(err) != 0:
+            self.cuda_graph = False
+            return
+        self._graphs[key] = _check(cudart.cudaGraphInstantiate(graph, 0))
+        cudart.cudaGraphDestroy(graph)
+
     def _enqueue_chain(self, bufs: dict[str, _Buffer], k: int) -> None:
         ctx, shape = self.context, bufs["x_input"].shape
         for name, s in (("x_t", shape), ("x_input", shape), ("coef", (8,)), ("noise", shape)):
-            ctx.set_input_shape(name, s)
+            self._set_shape(name, s)
         ctx.set_tensor_address("x_input", bufs["x_input"].device)
         ctx.set_tensor_address("x0", bufs["x0"].device)
         ping, pong = bufs["x_a"], bufs["x_b"]
