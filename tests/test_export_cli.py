@@ -1,0 +1,77 @@
+"""The rddm-export command line, as a real subprocess: reference checkpoints, report, refusals."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+
+from helpers_export import reference_checkpoint
+from rddm_infer.model import TorchRDDM, load_checkpoint
+from rddm_infer.schedule import SamplingPlan
+from rddm_export.onnx_export import read_metadata
+
+
+def _cli(*args, cwd=None):
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "rddm_export.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=600)
+
+
+def test_reference_checkpoint_exports_validated_graphs(tmp_path):
+    ckpt = reference_checkpoint(tmp_path, name="model-3.pt")
+    r = _cli(ckpt, "--graph", "fused", "--steps", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    (report,) = json.loads(r.stdout)
+    path = tmp_path / "model-3_onnx" / "fused2_fp32.onnx"  # default: next to the checkpoint
+    assert report["path"] == str(path) and path.is_file() and report["bytes"] == path.stat().st_size
+    assert report["validated"] and {c["what"] for c in report["checks"]} == {"image"}
+    assert all(c["value"] <= c["limit"] for c in report["checks"])
+    assert report["command"] == f"rddm-infer restore INPUT -o restored --model {path} --backend onnxruntime"
+    meta = read_metadata(path)
+    assert meta.source == str(ckpt) and meta.extra["weights"] == "ema" and meta.diffusion["sum_scale"] == 0.01
+    assert [p.name for p in path.parent.iterdir()] == ["fused2_fp32.onnx"]  # no temp files left
+
+    # the file the report points at really restores like the torch sampler
+    loaded = load_checkpoint(ckpt)
+    plan = SamplingPlan.create(loaded.diffusion, 2)
+    rng = np.random.default_rng(1)
+    x_in = rng.uniform(-1, 1, (1, 3, 24, 40)).astype(np.float32)
+    noise = rng.standard_normal(x_in.shape, dtype=np.float32)
+    ref = TorchRDDM(loaded.net, loaded.diffusion).sample_model_space(x_in, plan, noise=noise)
+    got = ort.InferenceSession(str(path)).run(None, {"x_input": x_in, "noise": noise})[0]
+    assert np.abs(got - ref).max() <= 1e-3
+
+
+def test_table_report_lists_each_artifact_and_its_command(tmp_path):
+    ckpt = reference_checkpoint(tmp_path, name="model-7.pt")
+    out = tmp_path / "out"
+    r = _cli(ckpt, "-o", out, "--graph", "unet")
+    assert r.returncode == 0, r.stderr
+    assert "unet_fp32.onnx" in r.stdout and "MiB" in r.stdout and "max_abs" in r.stdout
+    assert f"rddm-infer restore INPUT -o restored --model {out / 'unet_fp32.onnx'} --backend onnxruntime" in r.stdout
+
+
+def test_corrupt_checkpoints_are_refused_in_one_line(tmp_path):
+    ckpt = reference_checkpoint(tmp_path, name="model-1.pt")
+    truncated = tmp_path / "model-2.pt"
+    truncated.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    garbage = tmp_path / "weights.safetensors"
+    garbage.write_bytes(b"\x00\x01not a safetensors file")
+    for bad in (truncated, garbage, tmp_path / "missing.pt"):
+        r = _cli(bad, "-o", tmp_path / "never")
+        assert r.returncode == 2
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {bad}:"), r.stderr
+        assert "Traceback" not in r.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_bad_options_are_refused_before_exporting(tmp_path):
+    ckpt = reference_checkpoint(tmp_path)
+    r = _cli(ckpt, "--steps", "0", "-o", tmp_path / "x")
+    assert r.returncode == 2 and "steps must be in [1, 1000], got 0" in r.stderr
+    r = _cli(ckpt, "--graph", "whole", "-o", tmp_path / "x")
+    assert r.returncode == 2 and "unknown graph kind 'whole'" in r.stderr
