@@ -147,6 +147,55 @@ def info(model: str = typer.Argument(..., help="ONNX model, TensorRT engine or c
         out.print(f"{k:>14}: {escape(str(v))}")
 
 
+@app.command()
+def bench(
+    model: str = typer.Argument(..., help="ONNX model, TensorRT engine or checkpoint."),
+    backend: str = typer.Option("auto", help="auto | tensorrt | onnxruntime | torch"),
+    size: int = typer.Option(256, help="Square input size (rounded up to the model's size multiple)."),
+    batch: int = typer.Option(1, help="Images per call."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the model's)."),
+    runs: int = typer.Option(10, help="Timed runs."),
+    warmup: int = typer.Option(2, help="Untimed runs first (engine setup, CUDA graph capture)."),
+    threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),
+    providers: Optional[str] = typer.Option(None, help="onnxruntime providers, e.g. cuda,cpu."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Time whole restores (all K steps) on random input: median latency and images/s."""
+    import numpy as np
+
+    from .backends import EngineSampler, Noise, load_runner
+
+    if runs < 1 or warmup < 0 or batch < 1 or size < 1:
+        raise RDDMError("--runs, --batch and --size must be >= 1 and --warmup >= 0")
+    from .pipeline import resolve_model
+
+    runner, choice = load_runner(resolve_model(model), backend, threads=threads, providers=providers)
+    with runner:
+        sampler = EngineSampler(runner)
+        plan = sampler.plan(steps)
+        m = max(int(runner.meta.size_multiple), 1)
+        side = -(-size // m) * m
+        shape = (batch, runner.meta.channels, side, side)
+        x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+        noise = Noise.draw(plan, shape, 0)
+        times = []
+        for i in range(warmup + runs):
+            t = time.perf_counter()
+            sampler.run(x, plan, noise)
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+    med = float(np.median(times))
+    result = {"backend": runner.description, "graph": runner.meta.graph, "steps": plan.steps, "shape": list(shape),
+              "runs": runs, "median_ms": round(med * 1e3, 3), "min_ms": round(min(times) * 1e3, 3),
+              "images_per_s": round(batch / med, 3)}
+    if json_out:
+        print(json.dumps(result, indent=2))
+    else:
+        out.print(f"{escape(result['backend'])}: {runner.meta.graph} graph, {plan.steps} steps, batch {batch} × "
+                  f"{side}²: median {result['median_ms']:.2f} ms (min {result['min_ms']:.2f}), "
+                  f"{result['images_per_s']:.2f} images/s")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console-script entry point: user errors become one red line and exit status 2."""
     try:

@@ -193,3 +193,13 @@ def test_torch_backend_from_the_cli_matches_onnxruntime(tmp_path, model):
     a = cv2.imread(str(tmp_path / "ort" / "a.png")).astype(int)
     b = cv2.imread(str(tmp_path / "pt" / "a.png")).astype(int)
     assert np.abs(a - b).max() <= 1
+
+
+def test_bench_reports_latency_and_throughput(model):
+    r = cli("bench", model, "--size", 15, "--batch", 2, "--runs", 2, "--warmup", 1, "--steps", 2, "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["shape"] == [2, 3, 16, 16] and res["steps"] == 2 and res["graph"] == "step"
+    assert res["median_ms"] > 0 and res["images_per_s"] == pytest.approx(2000 / res["median_ms"], rel=1e-2)
+    r = cli("bench", model, "--runs", 0)
+    assert r.returncode == 2 and "--runs" in r.stderr
