@@ -64,3 +64,10 @@ def pointwise_onnx() -> Path:
                 mod.bias.copy_(torch.tensor([0.3, -0.2, 0.1])[: mod.bias.numel()])
     pw = LoadedModel(net, m.unet, m.diffusion, "tiny-pointwise")
     return export_onnx(pw, ROOT / "pointwise_step.onnx", kind="step", steps=5, eta=0.0, slim=False)
+
+
+@functools.cache
+def onnx_fp16_step() -> Path:
+    from rddm_export import export_onnx
+
+    return export_onnx(loaded_model(), ROOT / "tiny_step_fp16.onnx", kind="step", steps=5, fp16=True, slim=False)

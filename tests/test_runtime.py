@@ -54,6 +54,15 @@ def test_onnxruntime_agrees_with_torch_on_the_same_noise(kind, torch_reference):
     assert np.abs(other - out).max() > 1e-3  # the seed matters: the comparison is not vacuous
 
 
+def test_fp16_graph_runs_with_float32_io_close_to_fp32():
+    runner = OnnxRuntimeRunner(models.onnx_fp16_step(), providers="cpu")
+    assert runner.meta.precision == "fp16"
+    out = EngineSampler(runner)(X, seed=3)
+    assert out.dtype == np.float32
+    ref = EngineSampler(OnnxRuntimeRunner(models.onnx_model("step"), providers="cpu"))(X, seed=3)
+    np.testing.assert_allclose(out, ref, atol=2e-2)
+
+
 def test_step_graph_takes_steps_at_run_time_fused_refuses():
     from rddm_infer.backends.torch import TorchRunner
 
