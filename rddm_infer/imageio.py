@@ -107,7 +107,7 @@ def _tiff_orientation(tiff: bytes) -> int:
 
 
 def exif_orientation(raw: bytes) -> int:
-    """EXIF orientation from a JPEG APP1, PNG eXIf, WebP EXIF chunk or a TIFF's own IFD0."""
+    """EXIF orientation still to apply after ``IMREAD_UNCHANGED`` (JPEG APP1, PNG eXIf, WebP EXIF chunk)."""
     if raw[:2] == b"\xff\xd8":  # JPEG: walk the marker segments up to the image data
         i = 2
         while i + 4 <= len(raw) and raw[i] == 0xFF:
@@ -137,9 +137,7 @@ def exif_orientation(raw: bytes) -> int:
                 return _tiff_orientation(block[6:] if block.startswith(b"Exif\0\0") else block)
             i += 8 + n + (n & 1)
         return 1
-    if raw[:4] in (b"II*\0", b"MM\0*"):
-        return _tiff_orientation(raw)
-    return 1
+    return 1  # TIFF: OpenCV's decoder applies the Orientation tag itself, even with IMREAD_UNCHANGED
 
 
 def apply_orientation(pix: np.ndarray, orientation: int) -> np.ndarray:

@@ -203,3 +203,19 @@ def test_write_replaces_existing_file_atomically(tmp_path):
     write_image(path, _pixels((3, 3), np.uint8))
     assert sorted(os.listdir(tmp_path)) == ino_dir
     assert read_image(path).pixels.shape == (3, 3)
+
+
+def test_tiff_orientation_tag_applied_once(tmp_path):
+    """OpenCV rotates TIFFs itself (even unchanged): the result must be rotated exactly once."""
+    h, w = 3, 5
+    pix = (np.arange(h * w, dtype=np.uint8) * 10).reshape(h, w)
+    tags = [(256, 3, w), (257, 3, h), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, None), (274, 3, 6),
+            (277, 3, 1), (278, 3, h), (279, 4, h * w)]
+    data_off = 8 + 2 + 12 * len(tags) + 4
+    ifd = struct.pack("<H", len(tags))
+    for tag, typ, val in tags:
+        val = data_off if val is None else val
+        ifd += struct.pack("<HHI", tag, typ, 1) + (struct.pack("<HH", val, 0) if typ == 3 else struct.pack("<I", val))
+    path = tmp_path / "o6.tif"
+    path.write_bytes(b"II*\0" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + pix.tobytes())
+    np.testing.assert_array_equal(read_image(path).pixels, np.rot90(pix, -1))
