@@ -175,7 +175,7 @@ def test_explicit_backend_mismatches_are_clear(tmp_path):
     p = tmp_path / "m.onnx"
     with pytest.raises(CheckpointError, match="torch backend loads checkpoints"):
         choose_backend(p, "torch", modules=ALL, providers=[])
-    with pytest.raises(CheckpointError, match="rddm-export trt"):
+    with pytest.raises(CheckpointError, match="rddm-export CHECKPOINT --tensorrt"):
         choose_backend(p, "tensorrt", modules=ALL, providers=[])
     with pytest.raises(CheckpointError, match="unknown model type"):
         choose_backend(tmp_path / "m.bin", modules=ALL, providers=[])
@@ -184,6 +184,18 @@ def test_explicit_backend_mismatches_are_clear(tmp_path):
     assert choose_backend(tmp_path / "m.safetensors", modules=ALL, providers=[]).backend == "torch"
     with pytest.raises(BackendUnavailable, match="onnxruntime-gpu"):
         resolve_providers("cuda", ["CPUExecutionProvider"])
+
+
+def test_engine_files_without_tensorrt(tmp_path):
+    from rddm_infer.engine_file import BuildTarget, write_engine
+
+    meta = read_artifact_meta(models.onnx_model("step"))
+    eng = write_engine(tmp_path / "m.engine", meta, b"plan-bytes", BuildTarget("10.9.0", (9, 0), "H100"))
+    got = read_artifact_meta(eng)
+    assert got.graph == "step" and got.extra["tensorrt"]["compute_capability"] == [9, 0]
+    if _trt_missing():
+        with pytest.raises(BackendUnavailable, match="tensorrt"):
+            load_runner(eng, "auto")
 
 
 def test_load_runner_torch_checkpoint():
@@ -220,15 +232,41 @@ def _trt_missing() -> str:
     return "" if int(err) == 0 and n > 0 else "no CUDA GPU visible"
 
 
+def _build_engine(onnx_path: Path, out: Path) -> Path:
+    """A step-graph engine with a dynamic-shape profile, via the TensorRT API and our header."""
+    import tensorrt as trt
+    from cuda.bindings import runtime as cudart
+    from rddm_infer.engine_file import BuildTarget, write_engine
+
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse(onnx_path.read_bytes()), [str(parser.get_error(i)) for i in range(parser.num_errors)]
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    for name in ("x_t", "x_input", "noise"):
+        profile.set_shape(name, (1, 3, 8, 8), (2, 3, 16, 24), (2, 3, 32, 32))
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    _, props = cudart.cudaGetDeviceProperties(0)
+    return write_engine(out, read_artifact_meta(onnx_path), bytes(plan),
+                        BuildTarget(trt.__version__, (props.major, props.minor)))
+
+
 @pytest.mark.skipif(bool(_trt_missing()), reason=_trt_missing() or "ok")
 def test_tensorrt_engine_with_cuda_graph_matches_torch(tmp_path, torch_reference):
-    from rddm_export.tensorrt_build import build_engine
     from rddm_infer.backends.tensorrt import TensorRTRunner
 
-    eng = build_engine(models.onnx_model("step"), tmp_path / "tiny.engine")
+    eng = _build_engine(models.onnx_model("step"), tmp_path / "tiny.engine")
     with TensorRTRunner(eng, cuda_graph=True) as r:
         sampler = EngineSampler(r)
-        first = sampler(X, seed=3)  # captures the graph
-        again = sampler(X, seed=3)  # replays it
+        first = sampler(X, seed=3)  # runs, then captures the K-step chain
+        again = sampler(X, seed=3)  # replays the CUDA graph
+        other = sampler(X, seed=4)  # same graph, new inputs
+        assert len(r._graphs) == 1
     np.testing.assert_allclose(first, torch_reference, atol=1e-3)
     np.testing.assert_array_equal(first, again)
+    assert np.abs(other - first).max() > 1e-3
+    with TensorRTRunner(eng, cuda_graph=False) as r:
+        np.testing.assert_allclose(EngineSampler(r)(X, seed=3), first, atol=1e-5)

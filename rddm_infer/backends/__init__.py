@@ -63,7 +63,7 @@ def choose_backend(model: str | os.PathLike, requested: str = "auto", *, modules
     if requested == "tensorrt" or (requested == "auto" and ext in ENGINE_EXTS):
         if engine is None:
             raise CheckpointError(f"{path}: the tensorrt backend runs TensorRT engines (.engine); "
-                                  f"build one with `rddm-export trt`")
+                                  f"build one with `rddm-export CHECKPOINT --tensorrt`")
         if not trt_ok:
             raise BackendUnavailable("the tensorrt backend needs the tensorrt and cuda-python packages "
                                      "(pip install 'rddm-infer[tensorrt]') and an NVIDIA GPU")

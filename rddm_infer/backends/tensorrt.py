@@ -83,7 +83,7 @@ class TensorRTRunner(Runner):
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: no such engine file")
-        meta, self._plan = read_engine(self.path)
+        meta, self._plan = read_engine(self.path)  # header checked before TensorRT sees the plan
         super().__init__(meta)
         self.device_id, self.cuda_graph = device_id, cuda_graph
         self._bufs: dict[tuple, dict[str, _Buffer]] = {}
@@ -94,8 +94,14 @@ class TensorRTRunner(Runner):
         return f"tensorrt ({'CUDA graphs' if self.cuda_graph else 'eager'}, {self.meta.precision})"
 
     def _activate(self) -> None:
+        from ..engine_file import BuildTarget, check_compatible
+
         trt, cudart = self.trt, self.cudart
         _check(cudart.cudaSetDevice(self.device_id))
+        props = _check(cudart.cudaGetDeviceProperties(self.device_id))
+        built = self.meta.extra.get("tensorrt")
+        if built:
+            check_compatible(self.path, BuildTarget.from_dict(built), trt.__version__, (props.major, props.minor))
         self._logger = trt.Logger(trt.Logger.ERROR)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(self._plan)
