@@ -18,6 +18,7 @@ from rddm_infer.model import LoadedModel, load_checkpoint
 from rddm_infer.schedule import SamplingPlan
 
 from .onnx_export import export_onnx
+from .tensorrt_build import EngineProfile
 from .validate import Validation, validate_onnx
 
 DEFAULT_GRAPHS = ("step", "fused")
@@ -71,6 +72,11 @@ def export_all(checkpoint: str | os.PathLike | LoadedModel, out_dir: str | os.Pa
         SamplingPlan.create(loaded.diffusion, steps, eta)
     except ValueError as e:
         raise RDDMError(f"{loaded.source}: {e}") from None
+    if tensorrt is not None:  # fail before minutes of ONNX work, not after
+        from .tensorrt_build import current_target, import_tensorrt
+
+        tensorrt.get("profile", EngineProfile()).check(loaded.unet.size_multiple)
+        current_target(import_tensorrt())
     out = Path(out_dir) if out_dir is not None else default_out_dir(loaded.source)
     out.mkdir(parents=True, exist_ok=True)
     artifacts = []
@@ -97,8 +103,7 @@ def _onnx_artifact(loaded, path: Path, graph, precision, steps, eta, exporter, v
         validation = None
         if validate:
             log(f"validating {path.name} in ONNX Runtime against PyTorch")
-            validation = validate_onnx(tmp, loaded)
-            validation.path = path
+            validation = validate_onnx(tmp, loaded, report_as=path)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -83,8 +83,12 @@ def default_shapes(channels: int, size_multiple: int) -> list[tuple[int, int, in
 
 @torch.no_grad()
 def validate_onnx(path: str | os.PathLike, loaded: LoadedModel, *, shapes=None, seed: int = 0,
-                  raise_on_failure: bool = True) -> Validation:
-    """Compare ``path`` with the PyTorch sampler of ``loaded``; raises ValidationError above tolerance."""
+                  raise_on_failure: bool = True, report_as: str | os.PathLike | None = None) -> Validation:
+    """Compare ``path`` with the PyTorch sampler of ``loaded``; raises ValidationError above tolerance.
+
+    ``report_as`` names the file in the result and errors (the final name of a file validated
+    under a temporary one).
+    """
     import onnxruntime as ort
 
     path = Path(path)
@@ -93,14 +97,11 @@ def validate_onnx(path: str | os.PathLike, loaded: LoadedModel, *, shapes=None, 
     fp16 = meta.precision == "fp16"
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     torch_rddm = TorchRDDM(loaded.net, loaded.diffusion)
-    result = Validation(path, meta.graph, meta.precision)
+    result = Validation(Path(report_as or path), meta.graph, meta.precision)
     rng = np.random.default_rng(seed)
     for shape in shapes or default_shapes(meta.channels, meta.size_multiple):
         shape = tuple(shape)
-        x_in = rng.uniform(-1, 1, shape).astype(np.float32)
-        noise = rng.standard_normal(shape, dtype=np.float32)
-        zs = [rng.standard_normal(shape, dtype=np.float32) for _ in range(plan.steps)]
-        ref = torch_rddm.sample_model_space(x_in, plan, noise=noise, step_noises=zs)
+        x_in, noise, zs, ref = _reference(torch_rddm, plan, shape, rng)
         x_t = initial_state(plan, x_in, noise=noise)
         if meta.graph == "unet":
             t = np.full(shape[0], plan.times[0], dtype=np.float32)
@@ -130,13 +131,61 @@ def validate_onnx(path: str | os.PathLike, loaded: LoadedModel, *, shapes=None, 
             image, err = sess.run(None, feeds)[0], None
         if err is not None:
             result.checks.append(Check("call", shape, "max_abs", err, None if fp16 else CALL_MAX_ABS))
-        if fp16:
-            result.checks.append(Check("image", shape, "psnr", psnr(image, ref, data_range=2.0), FP16_MIN_PSNR))
-        else:
-            result.checks.append(Check("image", shape, "max_abs", _max_abs(image, ref), IMAGE_MAX_ABS))
+        result.checks.append(_image_check(shape, image, ref, fp16))
+    return _finish(result, raise_on_failure)
+
+
+@torch.no_grad()
+def validate_engine(path: str | os.PathLike, loaded: LoadedModel, profile, *, seed: int = 0,
+                    raise_on_failure: bool = True, report_as: str | os.PathLike | None = None) -> Validation:
+    """The same image comparison for a TensorRT engine file, at two shapes inside its profile."""
+    from rddm_infer.backends.base import EngineSampler, Noise
+    from rddm_infer.backends.tensorrt import TensorRTRunner
+
+    runner = TensorRTRunner(path, cuda_graph=False)
+    meta = runner.meta
+    plan = meta.plan()
+    result = Validation(Path(report_as or path), meta.graph, meta.precision)
+    torch_rddm = TorchRDDM(loaded.net, loaded.diffusion)
+    rng = np.random.default_rng(seed)
+    sampler = EngineSampler(runner)
+    try:
+        for shape in engine_shapes(profile, meta.channels, meta.size_multiple):
+            x_in, noise, zs, ref = _reference(torch_rddm, plan, shape, rng)
+            steps = [z if plan.coefs[i][_SIGMA] > 0 else None for i, z in enumerate(zs)]
+            image = sampler.run(x_in, plan, Noise(noise, steps))
+            result.checks.append(_image_check(shape, image, ref, meta.precision == "fp16"))
+    finally:
+        runner.deactivate()
+    return _finish(result, raise_on_failure)
+
+
+def engine_shapes(profile, channels: int, size_multiple: int) -> list[tuple[int, int, int, int]]:
+    """The profile's minimum shape and a batch-2 (where allowed), one-step-taller variant of it."""
+    b, h, w = profile.min
+    taller = h + size_multiple if h + size_multiple <= profile.max[1] else h
+    return [(b, channels, h, w), (min(max(b, 2), profile.max[0]), channels, taller, w)]
+
+
+def _reference(torch_rddm: TorchRDDM, plan, shape, rng):
+    """Fresh random inputs and all the noise of one run, and the PyTorch sampler's result for them."""
+    x_in = rng.uniform(-1, 1, shape).astype(np.float32)
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    zs = [rng.standard_normal(shape, dtype=np.float32) for _ in range(plan.steps)]
+    return x_in, noise, zs, torch_rddm.sample_model_space(x_in, plan, noise=noise, step_noises=zs)
+
+
+def _image_check(shape, image, ref, fp16: bool) -> Check:
+    if fp16:
+        return Check("image", shape, "psnr", psnr(image, ref, data_range=2.0), FP16_MIN_PSNR)
+    return Check("image", shape, "max_abs", _max_abs(image, ref), IMAGE_MAX_ABS)
+
+
+def _finish(result: Validation, raise_on_failure: bool) -> Validation:
     if raise_on_failure and not result.ok:
         bad = "; ".join(str(c) for c in result.checks if not c.ok)
-        raise ValidationError(f"{path}: {meta.graph} {meta.precision} graph does not match PyTorch: {bad}")
+        kind = "engine" if result.path.suffix == ".engine" else "graph"
+        raise ValidationError(f"{result.path}: {result.graph} {result.precision} {kind} does not match PyTorch: {bad}")
     return result
 
 
