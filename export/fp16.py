@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .graph_cleanup import drop_dead, drop_unused_initializers
+
 FP16_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
 _FP16_MAX = float(np.finfo(np.float16).max)
 
@@ -50,23 +52,11 @@ def to_mixed_fp16(model: onnx.ModelProto, ops: frozenset[str] = FP16_OPS) -> onn
             nodes.append(helper.make_node("Cast", [f"{o}__fp16"], [o], to=TensorProto.FLOAT, name=f"{o}_cast32"))
             half[o] = f"{o}__fp16"
     del g.node[:]
-    g.node.extend(_drop_dead(nodes, {o.name for o in g.output}))
-    used = {i for n in g.node for i in n.input}
-    keep = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+    g.node.extend(drop_dead(nodes, {o.name for o in g.output}))  # fp32 Casts an fp16 consumer made redundant
+    drop_unused_initializers(model)
     return model
 
 
 def _is_float(name: str, inits: dict) -> bool:
     return inits[name].data_type == TensorProto.FLOAT
 
-
-def _drop_dead(nodes: list, outputs: set[str]) -> list:
-    """Remove nodes whose outputs nobody reads (the fp32 Casts an fp16 consumer made redundant)."""
-    live, kept = set(outputs), []
-    for n in reversed(nodes):
-        if any(o in live for o in n.output):
-            kept.append(n)
-            live.update(i for i in n.input if i)
-    return kept[::-1]

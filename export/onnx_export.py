@@ -22,6 +22,7 @@ from rddm_infer.errors import CheckpointError
 from rddm_infer.model import LoadedModel, fold_weight_standardization
 from rddm_infer.schedule import SamplingPlan
 
+from .graph_cleanup import static_reshapes
 from .graphs import build_graph, example_inputs
 
 EXPORTERS = ("legacy", "dynamo")
@@ -52,6 +53,7 @@ def export_onnx(loaded: LoadedModel, path: str | os.PathLike, kind: str = "step"
     model = trace(graph, loaded.unet.channels, loaded.unet.size_multiple, exporter, opset)
     if slim:
         model = simplify(model)
+        static_reshapes(model)
     if fp16:
         from .fp16 import to_mixed_fp16
 

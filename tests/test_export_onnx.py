@@ -83,3 +83,21 @@ def test_metadata_round_trip(tiny, tmp_path):
     assert meta.steps == 7 and meta.channel_order == "RGB" and meta.input_range == (-1.0, 1.0)
     assert '"times": [999, 856, 713, 570, 427, 284, 141]' in props[META_KEY]
     assert meta.source.endswith("tiny.safetensors")
+
+
+def test_graph_hygiene(tiny, tmp_path):
+    model = onnx.load(str(export_onnx(tiny, tmp_path / "step.onnx", "step")))
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    produced_by = {o: n for n in g.node for o in n.output}
+    ops = [n.op_type for n in g.node]
+    assert "Einsum" not in ops and "MatMul" in ops and "Softmax" in ops
+    # weight standardisation folded: every convolution reads constant weights
+    assert all(n.input[1] in inits for n in g.node if n.op_type == "Conv")
+    # reshape targets are constants or a tensor's Shape read directly, never Gather/Concat arithmetic
+    for n in g.node:
+        if n.op_type == "Reshape" and n.input[1] not in inits:
+            assert produced_by[n.input[1]].op_type == "Shape", n.name
+    assert "Concat" not in {produced_by[i].op_type for n in g.node if n.op_type == "Reshape"
+                            for i in n.input[1:] if i in produced_by}
+    assert ops.count("Shape") <= 12 and "ConstantOfShape" not in ops
