@@ -136,3 +136,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, pho
         Trainer(tiny_config(out, photos, "run.steps=20", "run.checkpoint_every=1", "optim.lr=1e30",
                             "optim.grad_clip=0.0")).fit(resume=True)
     assert all(torch.isfinite(v).all() for v in _state(out)["model"].values())
+
+
+def test_cuda_graph_without_a_gpu_is_a_clear_error(tmp_path, photos):
+    with pytest.raises(RDDMError, match="run.cuda_graph needs a CUDA device, not cpu"):
+        Trainer(tiny_config(tmp_path / "run", photos, "run.cuda_graph=true"))

@@ -46,6 +46,7 @@ def parser() -> argparse.ArgumentParser:
     for flag, key, typ, help_ in flags:
         p.add_argument(flag, dest=key, type=typ, default=None, help=help_)
     for flag, key, help_ in [("--bf16", "run.bf16", "bfloat16 autocast"), ("--compile", "run.compile", "torch.compile"),
+                             ("--cuda-graph", "run.cuda_graph", "replay forward/backward as CUDA graphs"),
                              ("--channels-last", "run.channels_last", "channels-last memory format")]:
         p.add_argument(flag, dest=key, action="store_const", const=True, default=None, help=help_)
     p.add_argument("--no-progress", dest="run.progress", action="store_const", const=False, default=None,

@@ -100,6 +100,7 @@ class RunSection:
     threads: int = 0  # torch CPU threads; 0 = torch's default (1 is fastest on a busy shared machine)
     bf16: bool = False
     compile: bool = False
+    cuda_graph: bool = False  # capture forward+backward as CUDA graphs: no launch overhead, no compile time
     channels_last: bool = False
     checkpoint_every: int = 1000
     log_every: int = 10
