@@ -36,7 +36,8 @@ def test_saved_config_reads_back_equal(tmp_path):
     (["model.dim=eight"], "model.dim: expected int, got 'eight'"),
     (["run.bf16=1"], "run.bf16: expected true/false"),
     (["diffusion.objective='pred_magic'"], "diffusion.objective must be one of"),
-    (["diffusion.objective='pred_res'"], "objective pred_res needs 1 output (share_encoder = -1)"),
+    (["model.share_encoder=1", "diffusion.objective='pred_res'"], "objective pred_res needs 1 output (share_encoder = -1)"),
+    (["model.share_encoder=-1", "diffusion.objective='pred_x0_noise'"], "objective pred_x0_noise needs 2 outputs"),
     (["data.crop=100"], "multiples of 8"),
     (["lr=1"], "--set 'lr=1': expected section.key=value"),
 ])
@@ -57,9 +58,9 @@ def test_bad_config_files(tmp_path):
 
 def test_shipped_default_denoiser():
     assert "default_denoiser" in config.packaged_configs()
-    cfg = config.load("default_denoiser")
-    m, d = cfg.model, cfg.diffusion
-    assert (m.dim, m.dim_mults, m.share_encoder, d.objective, d.sum_scale) == (32, [1, 2, 4, 8], 1, "pred_res_noise", 0.01)
-    assert (cfg.data.crop, cfg.run.batch_size) == (128, 16)
+    cfg = config.load("default_denoiser")  # validated: objective and outputs agree, crops fit the UNet
+    unet, diffusion = cfg.unet_config(), cfg.diffusion_config()
+    assert unet.condition and diffusion.condition and diffusion.sum_scale == 0.01
+    assert unet.num_outputs == (1 if diffusion.objective in ("pred_res", "pred_noise") else 2)
     pipe = Pipeline.from_specs(cfg.data.degradations)
     assert [(s.name, s.p, s.params) for s in pipe.steps] == [("gaussian", 1.0, {"sigma": [0, 50]})]

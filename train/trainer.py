@@ -147,6 +147,10 @@ class Trainer:
         self.forward = torch.compile(self.net) if cfg.run.compile else self.net
         if cfg.run.cuda_graph:
             self.forward = self._graphed_forward()
+            # The graphed backward hands out views of its static buffers; autograd would adopt them as .grad
+            # and the next micro-batch's replay would overwrite them. Own .grad buffers make it add instead.
+            for p in self.net.parameters():
+                p.grad = torch.zeros_like(p)
         self.gen = torch.Generator(self.device).manual_seed(cfg.run.seed)
         sched = Schedule.from_config(self.diffusion)  # the tables come from the core, never re-derived
         self.alpha_bar = torch.tensor(sched.alphas_cumsum, dtype=torch.float32, device=self.device)
@@ -204,7 +208,7 @@ class Trainer:
         if self.cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.optim.grad_clip)
         self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=not self.cfg.run.cuda_graph)
         self.step += 1
         self.ema.update(self.net, self.step)
         return total
