@@ -89,8 +89,9 @@ def test_interrupted_run_resumed_matches_an_uninterrupted_one_bit_for_bit(tmp_pa
 
 def test_wall_clock_budget_saves_a_checkpoint_and_resume_picks_it_up(tmp_path, photos):
     out = tmp_path / "run"
-    result = Trainer(tiny_config(out, photos, "run.steps=50", "run.max_minutes=1e-9")).fit()
+    result = Trainer(tiny_config(out, photos, "run.steps=50", "run.max_minutes=1e-9", f"val.clean='{photos}'")).fit()
     assert result["stopped"] == "time budget" and result["end_step"] == 1
+    assert result["val"]["step"] == 1 and (out / "val" / "step_0000001.png").is_file()  # a final score to report
     assert _state(out)["step"] == 1 and load_checkpoint(out / "ema.safetensors").info["step"] == 1
     result = Trainer(tiny_config(out, photos, "run.steps=3")).fit(resume=True)
     assert (result["start_step"], result["end_step"]) == (1, 3)

@@ -337,6 +337,8 @@ class Trainer:
     def fit(self, resume: bool = False, log=print) -> dict:
         """Train to ``run.steps`` (or the wall-clock budget); checkpoints every N steps and at the end."""
         cfg, r = self.cfg, self.cfg.run
+        # The budget covers loading data too; the final validation and checkpoint come after it.
+        deadline = time.monotonic() + r.max_minutes * 60 if r.max_minutes > 0 else None
         if resume:
             self.resume()
         elif self.state_path.exists():
@@ -354,7 +356,6 @@ class Trainer:
         loader = make_loader(ds, r.batch_size, self.step * accum, cfg.data.num_workers,
                              pin_memory=self.device.type == "cuda")
         batches = iter(loader)
-        deadline = time.monotonic() + r.max_minutes * 60 if r.max_minutes > 0 else None
         stopped, last_val, t_log, s_log = "done", None, time.perf_counter(), self.step
         progress = _progress(r.progress, r.steps, self.step)
         try:
@@ -370,10 +371,11 @@ class Trainer:
                     its = (self.step - s_log) / max(now - t_log, 1e-9)
                     t_log, s_log = now, self.step
                     _append(self.out / "train_log.jsonl", json.dumps(
-                        {"step": self.step, "loss": mean, "it_s": round(its, 3), "lr": cfg.optim.lr,
+                        {"step": self.step, "loss": mean, "it_s": round(its, 3),
+                         "img_s": round(its * r.batch_size * accum, 1), "lr": cfg.optim.lr,
                          "time": round(time.time(), 3)}))
                     progress.update(self.step, mean, its)
-                if val is not None and (self.step % cfg.val.every == 0 or self.step == r.steps):
+                if val is not None and (self.step % cfg.val.every == 0 or self.step == r.steps or out_of_time):
                     last_val = self.validate(val)
                     progress.note(f"step {self.step}: val PSNR {last_val['psnr']:.2f} dB "
                                   f"(input {last_val['psnr_input']:.2f}), SSIM {last_val['ssim']:.4f}")
