@@ -77,6 +77,23 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, photos):
     assert load_checkpoint(out / "ema.safetensors").info["step"] == saved + 2
 
 
+def test_sigterm_stops_after_the_current_step_with_a_checkpoint(tmp_path, photos):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([str(EXE), *TINY_ARGS, "--data", str(photos), "--out", str(out), "--steps", "100000",
+                             "--checkpoint-every", "1000", "--no-progress"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "train_log.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    step = torch.load(out / "state.pt", weights_only=True)["step"]
+    assert 1 <= step < 1000  # saved where it stopped, not at a checkpoint boundary
+    assert f"SIGTERM received at step {step}; checkpoint saved" in stdout
+    assert f"step {step}/100000 (SIGTERM)" in stdout
+
+
 @pytest.mark.parametrize("args, message", [
     (["--data", "/no/such/folder"], "/no/such/folder: no such folder or .flist file"),
     (["--set", "optim.lrr=1"], "unknown key optim.lrr"),

@@ -16,6 +16,8 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -358,12 +360,13 @@ class Trainer:
         batches = iter(loader)
         stopped, last_val, t_log, s_log = "done", None, time.perf_counter(), self.step
         progress = _progress(r.progress, r.steps, self.step)
+        terminated = _StopOnSigterm()
         try:
             while self.step < r.steps:
                 loss = self.train_step([next(batches) for _ in range(accum)])
                 self._pending_losses.append(loss)
                 at_ckpt = self.step % r.checkpoint_every == 0 or self.step == r.steps
-                out_of_time = deadline is not None and time.monotonic() >= deadline
+                out_of_time = (deadline is not None and time.monotonic() >= deadline) or terminated.requested
                 if self.step % r.log_every == 0 or at_ckpt or out_of_time:
                     mean = self._check_finite(self._pending_losses)
                     self._pending_losses.clear()
@@ -382,14 +385,33 @@ class Trainer:
                 if at_ckpt or out_of_time:
                     self.save()
                 if out_of_time:
-                    stopped = "time budget"
+                    stopped = "SIGTERM" if terminated.requested else "time budget"
                     break
         finally:
+            terminated.restore()
             progress.close()
             del batches, loader  # stop persistent workers
-        if stopped == "time budget":
-            log(f"wall-clock budget of {r.max_minutes} min reached at step {self.step}; checkpoint saved in {self.out}")
+        if stopped != "done":
+            why = "SIGTERM received" if stopped == "SIGTERM" else f"wall-clock budget of {r.max_minutes} min reached"
+            log(f"{why} at step {self.step}; checkpoint saved in {self.out}")
         return {**summary, "end_step": self.step, "stopped": stopped, "val": last_val}
+
+
+class _StopOnSigterm:
+    """SIGTERM (what `timeout` and job schedulers send) ends the run after the current step, with a checkpoint."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
 
 
 class _progress:
