@@ -109,6 +109,13 @@ def test_corrupt_or_mismatched_checkpoints_are_refused_clearly(tmp_path, photos)
     with pytest.raises(CheckpointError, match="does not match the config.*objective"):
         Trainer(tiny_config(out, photos, "diffusion.objective='pred_x0_noise'", "run.steps=2")).fit(resume=True)
 
+    # A different batch size or seed is allowed (only the data stream changes), and said so.
+    lines = []
+    tr = Trainer(tiny_config(out, photos, "run.batch_size=2", "run.steps=2"))
+    assert tr.fit(resume=True, log=lines.append)["end_step"] == 2
+    assert tr.resume_notes == ["batch_size 4 -> 2"] and "changed data stream (batch_size 4 -> 2)" in lines[0]
+    (out / "state.pt").write_bytes(good)
+
     (out / "state.pt").write_bytes(good[: len(good) // 2])
     with pytest.raises(CheckpointError, match=r"state.pt: not a readable training state"):
         Trainer(tiny_config(out, photos, "run.steps=2")).fit(resume=True)

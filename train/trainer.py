@@ -159,6 +159,7 @@ class Trainer:
         self.beta_bar = torch.tensor(sched.betas_cumsum, dtype=torch.float32, device=self.device)
         self._pending_losses: list[torch.Tensor] = []
         self.last_saved: int | None = None
+        self.resume_notes: list[str] = []
 
     def _graphed_forward(self):
         """Forward and backward of the network captured as CUDA graphs (fixed batch and crop).
@@ -251,19 +252,16 @@ class Trainer:
             raise CheckpointError(f"{path}: not a readable training state ({msg[:160]})") from None
         if not isinstance(s, dict) or s.get("format") != STATE_FORMAT:
             raise CheckpointError(f"{path}: not an rddm-train state (format {s.get('format') if isinstance(s, dict) else None!r})")
-        mine = {"unet": self.unet_cfg.to_dict(), "diffusion": self.diffusion.to_dict(),
-                "batch_size": self.cfg.run.batch_size, "grad_accum": self.cfg.optim.grad_accum,
-                "seed": self.cfg.run.seed}
-        for key, want in mine.items():
-            have = s.get(key)
-            if isinstance(want, dict) and isinstance(have, dict):
-                diff = [f"{key}.{k}: checkpoint {have.get(k)!r}, config {v!r}" for k, v in want.items()
-                        if (list(have.get(k)) if isinstance(have.get(k), (list, tuple)) else have.get(k))
-                        != (list(v) if isinstance(v, (list, tuple)) else v)]
-            else:
-                diff = [] if have == want else [f"{key}: checkpoint {have!r}, config {want!r}"]
+        norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+        for key, want in (("unet", self.unet_cfg.to_dict()), ("diffusion", self.diffusion.to_dict())):
+            have = s.get(key) if isinstance(s.get(key), dict) else {}
+            diff = [f"{key}.{k}: checkpoint {have.get(k)!r}, config {v!r}" for k, v in want.items()
+                    if norm(have.get(k)) != norm(v)]
             if diff:
                 raise CheckpointError(f"{path}: does not match the config ({'; '.join(diff[:3])})")
+        stream = {"batch_size": self.cfg.run.batch_size, "grad_accum": self.cfg.optim.grad_accum,
+                  "seed": self.cfg.run.seed}
+        self.resume_notes = [f"{k} {s.get(k)} -> {v}" for k, v in stream.items() if s.get(k) != v]
         try:
             self.net.load_state_dict(s["model"])
             self.ema.model.load_state_dict(s["ema"])
@@ -343,6 +341,9 @@ class Trainer:
         deadline = time.monotonic() + r.max_minutes * 60 if r.max_minutes > 0 else None
         if resume:
             self.resume()
+            if self.resume_notes:
+                log(f"resuming with a changed data stream ({', '.join(self.resume_notes)}): "
+                    f"the continuation will differ from an uninterrupted run")
         elif self.state_path.exists():
             raise RDDMError(f"{self.out} already holds a run (state.pt); pass --resume to continue it "
                             f"or choose another --out")
