@@ -71,8 +71,10 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, photos):
     assert (out / "state.pt").exists(), proc.stderr.read().decode()
     saved = torch.load(out / "state.pt", weights_only=True)["step"]
     assert saved >= 2 and saved % 2 == 0
+    (out / ".state.pt.tmp99999").write_bytes(b"half a checkpoint")  # as if killed while writing
     r = rddm_train("--out", out, "--resume", "--steps", saved + 2, "--no-progress")
     assert r.returncode == 0, r.stderr
+    assert not list(out.glob(".*tmp*"))
     assert f"step {saved + 2}/{saved + 2} (done)" in r.stdout
     assert load_checkpoint(out / "ema.safetensors").info["step"] == saved + 2
 

@@ -348,6 +348,9 @@ class Trainer:
             raise RDDMError(f"{self.out} already holds a run (state.pt); pass --resume to continue it "
                             f"or choose another --out")
         self.out.mkdir(parents=True, exist_ok=True)
+        for name in ("state.pt", "ema.safetensors", "model.safetensors", "ema.json", "model.json", "config.toml"):
+            for stale in self.out.glob(f".{name}.tmp*"):  # half-written by a run killed mid-checkpoint
+                stale.unlink(missing_ok=True)
         cfgmod.save(cfg, self.out / "config.toml")
         val = self.validation_data()
         summary = {"start_step": self.step, "steps": r.steps}
