@@ -20,7 +20,7 @@ import torch
 from rddm_infer.artifact import META_KEY, ArtifactMeta
 from rddm_infer.errors import CheckpointError
 from rddm_infer.model import LoadedModel, fold_weight_standardization
-from rddm_infer.schedule import SamplingPlan
+from rddm_infer.schedule import NUM_COEFS, SamplingPlan
 
 from .graph_cleanup import static_reshapes
 from .graphs import build_graph, example_inputs
@@ -58,6 +58,7 @@ def export_onnx(loaded: LoadedModel, path: str | os.PathLike, kind: str = "step"
         from .fp16 import to_mixed_fp16
 
         model = to_mixed_fp16(model)
+    keep_contract_inputs(model, graph, loaded.unet.channels)
     meta = artifact_meta(loaded, kind, steps, eta, "fp16" if fp16 else "fp32", exporter=exporter,
                          opset=_opset(model))
     set_metadata(model, meta)
@@ -92,7 +93,25 @@ def trace(graph: torch.nn.Module, channels: int, size_multiple: int, exporter: s
                                      dynamic_shapes=shapes, opset_version=max(opset or DYNAMO_OPSET, DYNAMO_OPSET),
                                      optimize=True)
             prog.save(str(f))
-        return onnx.load(str(f), load_external_data=True)
+        model = onnx.load(str(f), load_external_data=True)
+    return model
+
+
+def keep_contract_inputs(model: onnx.ModelProto, graph: torch.nn.Module, channels: int) -> None:
+    """Put back inputs dropped as unused (``x_input`` of a generation model), in contract order."""
+    names = list(graph.input_names)
+    present = {i.name: i for i in model.graph.input}
+    if all(n in present for n in names):
+        return
+    image = ["batch", channels, "height", "width"]
+    dims = {"t": ["batch"], "coef": [NUM_COEFS], "step_noise": [getattr(graph, "plan", None) and graph.plan.steps,
+                                                                  *image]}
+    for n in names:
+        if n not in present:
+            present[n] = onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, dims.get(n, image))
+    extra = [i for i in model.graph.input if i.name not in names]
+    del model.graph.input[:]
+    model.graph.input.extend([present[n] for n in names] + extra)
 
 
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -101,3 +101,32 @@ def test_graph_hygiene(tiny, tmp_path):
     assert "Concat" not in {produced_by[i].op_type for n in g.node if n.op_type == "Reshape"
                             for i in n.input[1:] if i in produced_by}
     assert ops.count("Shape") <= 16  # was 85 before the cleanup
+
+
+def test_generation_model_with_eta_keeps_the_contract(tmp_path):
+    from helpers_export import DiffusionConfig, UNetConfig
+    from rddm_export.validate import validate_onnx
+
+    cfg = UNetConfig(dim=8, dim_mults=(1, 2), heads=2, dim_head=8, condition=False)
+    gen = load_checkpoint(tiny_checkpoint(tmp_path, cfg, DiffusionConfig(condition=False, sum_scale=1.0)))
+    step = export_onnx(gen, tmp_path / "step.onnx", "step", steps=2, eta=0.5)
+    # x_input is unused by a generation network, but stays an input so every graph has the same interface
+    assert [i.name for i in _session(step).get_inputs()] == ["x_t", "x_input", "coef", "noise"]
+    fused = export_onnx(gen, tmp_path / "fused.onnx", "fused", steps=2, eta=0.5)
+    assert [i.name for i in _session(fused).get_inputs()] == ["x_input", "noise", "step_noise"]
+    assert read_metadata(fused).eta == 0.5
+    for path in (step, fused):  # stochastic steps: same z in ONNX Runtime and torch
+        assert validate_onnx(path, gen).ok
+
+
+@pytest.mark.parametrize("share_encoder, objective", [(1, "pred_x0_noise"), (-1, "pred_noise")])
+def test_other_architectures_export(tmp_path, share_encoder, objective):
+    from helpers_export import DiffusionConfig, UNetConfig
+    from rddm_export.validate import validate_onnx
+
+    cfg = UNetConfig(dim=8, dim_mults=(1, 2), heads=2, dim_head=8, share_encoder=share_encoder)
+    loaded = load_checkpoint(tiny_checkpoint(tmp_path, cfg, DiffusionConfig(objective=objective)))
+    path = export_onnx(loaded, tmp_path / "unet.onnx", "unet")
+    assert len(_session(path).get_outputs()) == cfg.num_outputs
+    result = validate_onnx(path, loaded)
+    assert result.worst("call").value <= 1e-4 and result.worst("image").value <= 1e-3
