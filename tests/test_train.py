@@ -149,3 +149,19 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, pho
 def test_cuda_graph_without_a_gpu_is_a_clear_error(tmp_path, photos):
     with pytest.raises(RDDMError, match="run.cuda_graph needs a CUDA device, not cpu"):
         Trainer(tiny_config(tmp_path / "run", photos, "run.cuda_graph=true"))
+
+
+def test_cosine_schedule_and_fine_tuning_from_a_checkpoint(tmp_path, photos):
+    base = tiny_config(tmp_path / "a", photos, "run.steps=4")
+    Trainer(base).fit()
+    cfg = tiny_config(tmp_path / "b", photos, "run.steps=100", "optim.lr=1e-3", "optim.lr_schedule='cosine'",
+                      "optim.min_lr_ratio=0.1", f"run.init='{tmp_path / 'a' / 'ema.safetensors'}'")
+    tr = Trainer(cfg)
+    assert tr.lr_at(0) == pytest.approx(1e-3) and tr.lr_at(50) == pytest.approx(0.55e-3)
+    assert tr.lr_at(100) == pytest.approx(1e-4) and tr.lr_at(500) == pytest.approx(1e-4)
+    start = load_checkpoint(tmp_path / "a" / "ema.safetensors").net.state_dict()
+    for k, v in tr.net.state_dict().items():  # online and EMA weights both start from the checkpoint
+        assert torch.equal(v, start[k]) and torch.equal(tr.ema.model.state_dict()[k], start[k]), k
+    other = tiny_config(tmp_path / "c", photos, "model.dim=16", f"run.init='{tmp_path / 'a' / 'ema.safetensors'}'")
+    with pytest.raises(CheckpointError, match="architecture"):
+        Trainer(other)

@@ -40,6 +40,7 @@ def parser() -> argparse.ArgumentParser:
         ("--threads", "run.threads", int, "torch CPU threads (0: torch's default)"),
         ("--workers", "data.num_workers", int, "data loader worker processes"),
         ("--max-minutes", "run.max_minutes", float, "wall-clock budget; a final checkpoint is saved when it ends"),
+        ("--init", "run.init", str, "start from a trained checkpoint's weights (fine-tune); fresh optimizer"),
         ("--checkpoint-every", "run.checkpoint_every", int, "steps between checkpoints"),
         ("--val-every", "val.every", int, "steps between validations"),
     ]

@@ -86,6 +86,8 @@ class OptimSection:
     ema_decay: float = 0.995
     ema_every: int = 10
     ema_start: int = 100  # EMA copies the online weights until this step, then warms up
+    lr_schedule: str = "constant"  # constant | cosine (decays to lr·min_lr_ratio at run.steps)
+    min_lr_ratio: float = 0.05
 
 
 @dataclass
@@ -105,6 +107,7 @@ class RunSection:
     checkpoint_every: int = 1000
     log_every: int = 10
     max_minutes: float = 0.0  # wall-clock budget; 0 = none. A final checkpoint is written when it runs out.
+    init: str = ""  # start from these weights (a .safetensors/.pt checkpoint); optimizer and step start fresh
     progress: bool = True
 
 
@@ -144,6 +147,8 @@ class TrainConfig:
             (r.steps >= 0 and r.batch_size >= 1 and o.grad_accum >= 1, "run.steps >= 0, run.batch_size >= 1, optim.grad_accum >= 1"),
             (r.checkpoint_every >= 1 and r.log_every >= 1 and self.val.every >= 1, "every-N settings must be >= 1"),
             (o.lr > 0 and 0 <= o.ema_decay < 1 and o.ema_every >= 1, "optim.lr > 0, 0 <= optim.ema_decay < 1, optim.ema_every >= 1"),
+            (o.lr_schedule in ("constant", "cosine") and 0 <= o.min_lr_ratio <= 1,
+             "optim.lr_schedule must be constant or cosine, 0 <= optim.min_lr_ratio <= 1"),
         ]
         mult = 2 ** (len(m.dim_mults) - 1)
         checks += [(self.data.crop % mult == 0 and self.val.crop % mult == 0,

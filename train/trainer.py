@@ -140,6 +140,8 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.net = UnetRes(self.unet_cfg).to(self.device)
+        if cfg.run.init:
+            self._init_weights(cfg.run.init)
         if cfg.run.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         o = cfg.optim
@@ -179,6 +181,15 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False):
             return torch.cuda.make_graphed_callables(self.net, (x, t))
 
+    def _init_weights(self, path: str) -> None:
+        """Start from a trained checkpoint's weights (fine-tuning); optimizer and step start fresh."""
+        from rddm_infer.model import load_checkpoint
+
+        loaded = load_checkpoint(path)
+        if loaded.unet != self.unet_cfg:
+            raise CheckpointError(f"{path}: --init architecture {loaded.unet} differs from the config's {self.unet_cfg}")
+        self.net.load_state_dict(loaded.net.state_dict())
+
     # ---- one step -------------------------------------------------------------------------------------------
     def loss(self, inp: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
         """Σ over outputs of mean L1 for one micro-batch ([0, 1] NCHW on the device)."""
@@ -198,6 +209,14 @@ class Trainer:
         goals = targets(self.diffusion.objective, x0, res, noise)
         return sum(F.l1_loss(o.float(), g) for o, g in zip(outs, goals))
 
+    def lr_at(self, step: int) -> float:
+        """Learning rate for the update after ``step`` steps (a function of the step alone: resumes stay exact)."""
+        o = self.cfg.optim
+        if o.lr_schedule == "constant":
+            return o.lr
+        frac = min(step / max(self.cfg.run.steps, 1), 1.0)
+        return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
     def train_step(self, micro_batches) -> torch.Tensor:
         """Accumulate gradients over micro-batches, clip, step Adam, update the EMA; returns the mean loss."""
         self.net.train()
@@ -210,6 +229,8 @@ class Trainer:
             total += loss.detach() / n
         if self.cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.optim.grad_clip)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(self.step)
         self.opt.step()
         self.opt.zero_grad(set_to_none=not self.cfg.run.cuda_graph)
         self.step += 1
@@ -379,7 +400,7 @@ class Trainer:
                     t_log, s_log = now, self.step
                     _append(self.out / "train_log.jsonl", json.dumps(
                         {"step": self.step, "loss": mean, "it_s": round(its, 3),
-                         "img_s": round(its * r.batch_size * accum, 1), "lr": cfg.optim.lr,
+                         "img_s": round(its * r.batch_size * accum, 1), "lr": self.lr_at(self.step - 1),
                          "time": round(time.time(), 3)}))
                     progress.update(self.step, mean, its)
                 if val is not None and (self.step % cfg.val.every == 0 or self.step == r.steps or out_of_time):
