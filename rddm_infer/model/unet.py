@@ -159,23 +159,28 @@ class ResnetBlock(nn.Module):
         return h + self.res_conv(x)
 
 
-def _heads(x, heads):
-    b, c, h, w = x.shape
-    return x.reshape(b, heads, c // heads, h * w)
+class _QKVAttention(nn.Module):
+    """Shared by both attentions: a 1×1 conv to q, k, v, split into heads as (b, heads, dim_head, h·w)."""
 
-
-class LinearAttention(nn.Module):
     def __init__(self, dim, heads=4, dim_head=32):
         super().__init__()
         self.scale = dim_head ** -0.5
         self.heads = heads
-        hidden = dim_head * heads
-        self.to_qkv = nn.Conv2d(dim, hidden * 3, 1, bias=False)
-        self.to_out = nn.Sequential(nn.Conv2d(hidden, dim, 1), LayerNorm(dim))
+        self.to_qkv = nn.Conv2d(dim, dim_head * heads * 3, 1, bias=False)
+
+    def qkv(self, x):
+        b, _, h, w = x.shape
+        return (a.reshape(b, self.heads, -1, h * w) for a in self.to_qkv(x).chunk(3, dim=1))
+
+
+class LinearAttention(_QKVAttention):
+    def __init__(self, dim, heads=4, dim_head=32):
+        super().__init__(dim, heads, dim_head)
+        self.to_out = nn.Sequential(nn.Conv2d(dim_head * heads, dim, 1), LayerNorm(dim))
 
     def forward(self, x):
         b, c, h, w = x.shape
-        q, k, v = (_heads(a, self.heads) for a in self.to_qkv(x).chunk(3, dim=1))  # b h d n
+        q, k, v = self.qkv(x)  # b h d n
         q = q.softmax(dim=-2) * self.scale
         k = k.softmax(dim=-1)
         context = torch.matmul(k, v.transpose(-1, -2)) / (h * w)  # b h d e
@@ -183,18 +188,14 @@ class LinearAttention(nn.Module):
         return self.to_out(out.reshape(b, -1, h, w))
 
 
-class Attention(nn.Module):
+class Attention(_QKVAttention):
     def __init__(self, dim, heads=4, dim_head=32):
-        super().__init__()
-        self.scale = dim_head ** -0.5
-        self.heads = heads
-        hidden = dim_head * heads
-        self.to_qkv = nn.Conv2d(dim, hidden * 3, 1, bias=False)
-        self.to_out = nn.Conv2d(hidden, dim, 1)
+        super().__init__(dim, heads, dim_head)
+        self.to_out = nn.Conv2d(dim_head * heads, dim, 1)
 
     def forward(self, x):
         b, c, h, w = x.shape
-        q, k, v = (_heads(a, self.heads) for a in self.to_qkv(x).chunk(3, dim=1))  # b h d n
+        q, k, v = self.qkv(x)  # b h d n
         sim = torch.matmul((q * self.scale).transpose(-1, -2), k)  # b h n n
         out = torch.matmul(sim.softmax(dim=-1), v.transpose(-1, -2))  # b h n d
         return self.to_out(out.transpose(-1, -2).reshape(b, -1, h, w))
