@@ -47,6 +47,7 @@ def export_onnx(loaded: LoadedModel, path: str | os.PathLike, kind: str = "step"
     if loaded.unet.input_condition:
         raise CheckpointError(f"{loaded.source}: models with an extra input condition are not exportable "
                               "(the graph contract has no input for it)")
+    SamplingPlan.create(loaded.diffusion, steps, eta)  # refuse a bad K or η before any tracing
     path = Path(path)
     net = fold_weight_standardization(copy.deepcopy(loaded.net).float().cpu().eval())
     graph = build_graph(net, loaded.diffusion, kind, loaded.unet.num_outputs, steps, eta)

@@ -30,7 +30,11 @@ _SIGMA = COEF_NAMES.index("sigma")
 
 
 class ValidationError(RDDMError):
-    """An exported artifact that does not reproduce PyTorch within tolerance."""
+    """An exported artifact that does not reproduce PyTorch within tolerance (``.result`` has every check)."""
+
+    def __init__(self, message: str, result: "Validation | None" = None):
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass
@@ -76,8 +80,8 @@ class Validation:
 
 
 def default_shapes(channels: int, size_multiple: int) -> list[tuple[int, int, int, int]]:
-    """Two small shapes, non-square, the second with batch 2."""
-    m = max(size_multiple, 8)
+    """Two small shapes, non-square, the second with batch 2 (32×48 and 64×40 for a multiple of 8)."""
+    m = max(size_multiple, 4)
     return [(1, channels, 4 * m, 6 * m), (2, channels, 8 * m, 5 * m)]
 
 
@@ -185,7 +189,8 @@ def _finish(result: Validation, raise_on_failure: bool) -> Validation:
     if raise_on_failure and not result.ok:
         bad = "; ".join(str(c) for c in result.checks if not c.ok)
         kind = "engine" if result.path.suffix == ".engine" else "graph"
-        raise ValidationError(f"{result.path}: {result.graph} {result.precision} {kind} does not match PyTorch: {bad}")
+        raise ValidationError(f"{result.path}: {result.graph} {result.precision} {kind} does not match PyTorch: {bad}",
+                              result)
     return result
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -44,3 +48,43 @@ def reference_checkpoint(tmp: Path, cfg: UNetConfig = UNetConfig(dim=8, dim_mult
     path = Path(tmp) / name
     torch.save({"step": 30, "model": model, "opt": {}, "ema": ema, "scaler": None}, path)
     return path
+
+
+def run_fused_and_torch(path: Path, loaded, steps: int, shape, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(ONNX Runtime output of a fused graph, torch sampler output) for the same fresh inputs and noise."""
+    import onnxruntime as ort
+
+    from rddm_infer.model import TorchRDDM
+    from rddm_infer.schedule import SamplingPlan
+
+    rng = np.random.default_rng(seed)
+    x_in = rng.uniform(-1, 1, shape).astype(np.float32)
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    plan = SamplingPlan.create(loaded.diffusion, steps)
+    ref = TorchRDDM(loaded.net, loaded.diffusion).sample_model_space(x_in, plan, noise=noise)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x_input": x_in, "noise": noise})[0], ref
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_dir() -> Path:
+    d = Path(tempfile.mkdtemp(prefix="rddm-export-tests-"))
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
+    return d
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_loaded():
+    """The TINY checkpoint, loaded once per test process (read-only: do not modify the network)."""
+    from rddm_infer.model import load_checkpoint
+
+    return load_checkpoint(tiny_checkpoint(_cache_dir()))
+
+
+@functools.lru_cache(maxsize=None)
+def exported(kind: str, steps: int = 5, fp16: bool = False) -> Path:
+    """One export of the TINY model per process, shared by the test modules (copy before modifying)."""
+    from rddm_export.onnx_export import export_onnx
+
+    name = f"{kind}{steps}_{'fp16' if fp16 else 'fp32'}.onnx"
+    return export_onnx(tiny_loaded(), _cache_dir() / name, kind, steps=steps, fp16=fp16)

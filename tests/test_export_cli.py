@@ -6,11 +6,9 @@ import subprocess
 import sys
 
 import numpy as np
-import onnxruntime as ort
 
-from helpers_export import reference_checkpoint
-from rddm_infer.model import TorchRDDM, load_checkpoint
-from rddm_infer.schedule import SamplingPlan
+from helpers_export import reference_checkpoint, run_fused_and_torch
+from rddm_infer.model import load_checkpoint
 from rddm_export.onnx_export import read_metadata
 
 
@@ -35,13 +33,7 @@ def test_reference_checkpoint_exports_validated_graphs(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["fused2_fp32.onnx"]  # no temp files left
 
     # the file the report points at really restores like the torch sampler
-    loaded = load_checkpoint(ckpt)
-    plan = SamplingPlan.create(loaded.diffusion, 2)
-    rng = np.random.default_rng(1)
-    x_in = rng.uniform(-1, 1, (1, 3, 24, 40)).astype(np.float32)
-    noise = rng.standard_normal(x_in.shape, dtype=np.float32)
-    ref = TorchRDDM(loaded.net, loaded.diffusion).sample_model_space(x_in, plan, noise=noise)
-    got = ort.InferenceSession(str(path)).run(None, {"x_input": x_in, "noise": noise})[0]
+    got, ref = run_fused_and_torch(path, load_checkpoint(ckpt), 2, (1, 3, 24, 40), seed=1)
     assert np.abs(got - ref).max() <= 1e-3
 
 

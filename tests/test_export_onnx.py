@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from helpers_export import TINY, tiny_checkpoint
+from helpers_export import TINY, exported, run_fused_and_torch, tiny_checkpoint, tiny_loaded
 from rddm_infer.artifact import META_KEY
 from rddm_infer.model import TorchRDDM, load_checkpoint
 from rddm_infer.schedule import SamplingPlan
@@ -14,8 +14,8 @@ from rddm_export.onnx_export import export_onnx, read_metadata
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return load_checkpoint(tiny_checkpoint(tmp_path_factory.mktemp("ckpt")))
+def tiny():
+    return tiny_loaded()
 
 
 def _session(path):
@@ -30,8 +30,8 @@ def _images(shape, seed):
 SHAPES = [(1, 3, 16, 24), (2, 3, 32, 8)]
 
 
-def test_unet_graph_matches_torch_network(tiny, tmp_path):
-    path = export_onnx(tiny, tmp_path / "unet.onnx", "unet")
+def test_unet_graph_matches_torch_network(tiny):
+    path = exported("unet")
     sess = _session(path)
     assert [i.name for i in sess.get_inputs()] == ["x_t", "x_input", "t"]
     assert [o.name for o in sess.get_outputs()] == ["out0", "out1"]
@@ -46,8 +46,8 @@ def test_unet_graph_matches_torch_network(tiny, tmp_path):
             assert np.abs(g - r.numpy()).max() <= 1e-4
 
 
-def test_step_graph_loop_matches_torch_sampler(tiny, tmp_path):
-    path = export_onnx(tiny, tmp_path / "step.onnx", "step")
+def test_step_graph_loop_matches_torch_sampler(tiny):
+    path = exported("step")
     sess = _session(path)
     for steps in (5, 3):  # K changes at run time without re-export
         plan = SamplingPlan.create(tiny.diffusion, steps)
@@ -62,31 +62,34 @@ def test_step_graph_loop_matches_torch_sampler(tiny, tmp_path):
         assert np.abs(ref).max() > 0.05  # a non-trivial image
 
 
-def test_fused_graph_matches_torch_sampler(tiny, tmp_path):
-    path = export_onnx(tiny, tmp_path / "fused.onnx", "fused", steps=2)
-    sess = _session(path)
-    plan = SamplingPlan.create(tiny.diffusion, 2)
+def test_fused_graph_matches_torch_sampler(tiny):
+    path = exported("fused", steps=2)
     for i, shape in enumerate(SHAPES):
-        x_in, noise = _images(shape, 10 + i)
-        ref = TorchRDDM(tiny.net, tiny.diffusion).sample_model_space(x_in, plan, noise=noise)
-        (got,) = sess.run(None, {"x_input": x_in, "noise": noise})
-        assert np.abs(got - ref).max() <= 1e-3
+        got, ref = run_fused_and_torch(path, tiny, 2, shape, seed=10 + i)
+        assert got.shape == shape and np.abs(got - ref).max() <= 1e-3
     meta = read_metadata(path)
     assert (meta.graph, meta.steps, meta.precision, meta.size_multiple) == ("fused", 2, "fp32", TINY.size_multiple)
 
 
-def test_metadata_round_trip(tiny, tmp_path):
-    path = export_onnx(tiny, tmp_path / "unet.onnx", "unet", steps=7)
+def test_metadata_round_trip(tiny):
+    path = exported("unet")
     props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     meta = read_metadata(path)
-    assert meta.unet == TINY.to_dict() and meta.diffusion == tiny.diffusion.to_dict()
-    assert meta.steps == 7 and meta.channel_order == "RGB" and meta.input_range == (-1.0, 1.0)
-    assert '"times": [999, 856, 713, 570, 427, 284, 141]' in props[META_KEY]
+    assert meta.graph == "unet" and meta.unet == TINY.to_dict() and meta.diffusion == tiny.diffusion.to_dict()
+    assert meta.steps == 5 and meta.channel_order == "RGB" and meta.input_range == (-1.0, 1.0)
+    assert meta.size_multiple == 2 and meta.precision == "fp32" and meta.extra["opset"] == 17
+    assert '"times": [999, 799, 599, 399, 199]' in props[META_KEY]
     assert meta.source.endswith("tiny.safetensors")
 
 
-def test_graph_hygiene(tiny, tmp_path):
-    model = onnx.load(str(export_onnx(tiny, tmp_path / "step.onnx", "step")))
+def test_steps_outside_the_schedule_are_refused(tiny, tmp_path):
+    with pytest.raises(ValueError, match="steps must be in"):
+        export_onnx(tiny, tmp_path / "x.onnx", "fused", steps=0)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_graph_hygiene():
+    model = onnx.load(str(exported("step")))
     g = model.graph
     inits = {i.name for i in g.initializer}
     produced_by = {o: n for n in g.node for o in n.output}
@@ -119,7 +122,7 @@ def test_generation_model_with_eta_keeps_the_contract(tmp_path):
         assert validate_onnx(path, gen).ok
 
 
-@pytest.mark.parametrize("share_encoder, objective", [(1, "pred_x0_noise"), (-1, "pred_noise")])
+@pytest.mark.parametrize("share_encoder, objective", [(-1, "pred_noise")])
 def test_other_architectures_export(tmp_path, share_encoder, objective):
     from helpers_export import DiffusionConfig, UNetConfig
     from rddm_export.validate import validate_onnx

@@ -2,25 +2,22 @@
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from helpers_export import tiny_checkpoint
+from helpers_export import exported, run_fused_and_torch, tiny_loaded
 from rddm_infer.metrics import psnr
-from rddm_infer.model import TorchRDDM, load_checkpoint
-from rddm_infer.schedule import SamplingPlan
-from rddm_export.onnx_export import export_onnx, read_metadata
+from rddm_export.onnx_export import read_metadata
 from rddm_export.validate import ValidationError, validate_onnx
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return load_checkpoint(tiny_checkpoint(tmp_path_factory.mktemp("ckpt")))
+def tiny():
+    return tiny_loaded()
 
 
-def test_fp16_fused_graph_is_mixed_precision_and_within_40db(tiny, tmp_path):
-    path = export_onnx(tiny, tmp_path / "fused2_fp16.onnx", "fused", steps=2, fp16=True)
+def test_fp16_fused_graph_is_mixed_precision_and_within_40db(tiny):
+    path = exported("fused", steps=2, fp16=True)
     model = onnx.load(str(path))
     io = [*model.graph.input, *model.graph.output]
     assert all(v.type.tensor_type.elem_type == TensorProto.FLOAT for v in io)
@@ -32,12 +29,7 @@ def test_fp16_fused_graph_is_mixed_precision_and_within_40db(tiny, tmp_path):
     assert fp32_ops and all(not n.input[0].endswith("__fp16") for n in fp32_ops)
     assert read_metadata(path).precision == "fp16"
 
-    plan = SamplingPlan.create(tiny.diffusion, 2)
-    rng = np.random.default_rng(5)
-    x_in = rng.uniform(-1, 1, (2, 3, 32, 24)).astype(np.float32)
-    noise = rng.standard_normal(x_in.shape, dtype=np.float32)
-    ref = TorchRDDM(tiny.net, tiny.diffusion).sample_model_space(x_in, plan, noise=noise)
-    got = ort.InferenceSession(str(path)).run(None, {"x_input": x_in, "noise": noise})[0]
+    got, ref = run_fused_and_torch(path, tiny, 2, (2, 3, 32, 24), seed=5)
     assert got.dtype == np.float32
     assert 40.0 <= psnr(got, ref, data_range=2.0) < 150.0  # close, but really computed in fp16
 
@@ -46,15 +38,14 @@ def test_fp16_fused_graph_is_mixed_precision_and_within_40db(tiny, tmp_path):
 
 
 def test_validation_fails_loudly_with_the_measured_error(tiny, tmp_path):
-    path = export_onnx(tiny, tmp_path / "step.onnx", "step")
-    model = onnx.load(str(path))
+    path = tmp_path / "step.onnx"
+    model = onnx.load(str(exported("step")))
     conv = next(n for n in model.graph.node if n.op_type == "Conv")
     init = next(i for i in model.graph.initializer if i.name == conv.input[1])
     w = numpy_helper.to_array(init).copy()
     w.flat[0] += 0.05  # a small corruption of one weight
     init.CopyFrom(numpy_helper.from_array(w, init.name))
     onnx.save(model, str(path))
-    with pytest.raises(ValidationError, match=r"step fp32 graph does not match PyTorch: call .*max_abs [0-9.e-]+ \(≤"):
+    with pytest.raises(ValidationError, match=r"step fp32 graph does not match PyTorch: call .*max_abs [0-9.e-]+ \(≤") as e:
         validate_onnx(path, tiny)
-    report = validate_onnx(path, tiny, raise_on_failure=False)
-    assert not report.ok and report.worst("call").value > 1e-4
+    assert not e.value.result.ok and e.value.result.worst("call").value > 1e-4
