@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from rddm_infer.artifact import ArtifactMeta
-from rddm_infer.engine_file import BuildTarget, write_engine
+from rddm_infer.engine_file import BuildTarget, local_target, write_engine
 from rddm_infer.errors import BackendUnavailable, RDDMError
 from rddm_infer.schedule import NUM_COEFS
 
@@ -80,19 +80,12 @@ def import_tensorrt():
 
 
 def current_target(trt) -> BuildTarget:
-    """This machine's TensorRT version and GPU (device 0), or a clear error when there is no GPU."""
+    """This machine's TensorRT version and GPU 0, or a clear error when cuda-python or the GPU is missing."""
     try:
         from cuda.bindings import runtime as cudart
     except ImportError as e:
         raise BackendUnavailable(f"building engines needs cuda-python (pip install 'rddm-infer[tensorrt]'): {e}") from None
-    err, count = cudart.cudaGetDeviceCount()
-    if int(err) != 0 or count < 1:
-        raise BackendUnavailable(f"building engines needs an NVIDIA GPU; CUDA reports none ({err!r})")
-    err, prop = cudart.cudaGetDeviceProperties(0)
-    if int(err) != 0:
-        raise BackendUnavailable(f"cannot query GPU 0 ({err!r})")
-    name = prop.name.decode(errors="replace").rstrip("\x00") if isinstance(prop.name, bytes) else str(prop.name)
-    return BuildTarget(trt.__version__, (int(prop.major), int(prop.minor)), name)
+    return local_target(trt, cudart)
 
 
 def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, meta: ArtifactMeta,

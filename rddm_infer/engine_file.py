@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .artifact import ArtifactMeta
-from .errors import CheckpointError
+from .errors import BackendUnavailable, CheckpointError
 
 MAGIC = b"RDDMTRT\x00"
 VERSION = 1
@@ -110,14 +110,29 @@ def read_engine(path: str | os.PathLike) -> tuple[ArtifactMeta, bytes]:
     return meta, engine
 
 
-def check_compatible(path: str | os.PathLike, built: BuildTarget, tensorrt_version: str,
-                     compute_capability: tuple[int, int]) -> None:
-    """Refuse, with the fix, an engine built for another TensorRT release or GPU architecture."""
-    here = BuildTarget(tensorrt_version, tuple(compute_capability))
+def local_target(trt, cudart, device: int = 0) -> BuildTarget:
+    """This machine's TensorRT and GPU, from the ``tensorrt`` and ``cuda.bindings.runtime`` modules passed in
+    (the caller imports them, so this module stays stdlib-only)."""
+    err, count = cudart.cudaGetDeviceCount()
+    if int(err) != 0 or count <= device:
+        raise BackendUnavailable(f"TensorRT needs an NVIDIA GPU; CUDA reports none usable ({err!r}, {count} devices)")
+    err, prop = cudart.cudaGetDeviceProperties(device)
+    if int(err) != 0:
+        raise BackendUnavailable(f"cannot query GPU {device} ({err!r})")
+    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
+    return BuildTarget(str(trt.__version__), (int(prop.major), int(prop.minor)), name.rstrip("\x00"))
+
+
+def check_compatible(path: str | os.PathLike, built: BuildTarget, here: BuildTarget) -> None:
+    """Refuse, with the fix, an engine built for another TensorRT release or GPU architecture.
+
+    Runtime use: ``meta, plan = read_engine(p)``, then
+    ``check_compatible(p, BuildTarget.from_dict(meta.extra["tensorrt"]), local_target(trt, cudart))``.
+    """
     problems = []
-    if _release(built.tensorrt_version) != _release(tensorrt_version):
+    if _release(built.tensorrt_version) != _release(here.tensorrt_version):
         problems.append("TensorRT version")
-    if tuple(built.compute_capability) != tuple(compute_capability):
+    if tuple(built.compute_capability) != tuple(here.compute_capability):
         problems.append("GPU compute capability")
     if problems:
         raise CheckpointError(f"{path}: engine built for {built.describe()}, this machine has {here.describe()} "

@@ -81,13 +81,13 @@ def test_corrupt_engine_files_are_refused_with_the_cause(tmp_path):
 
 def test_compatibility_check_tells_the_user_to_rebuild():
     built = BuildTarget("10.7.0.23", (8, 9), "NVIDIA L4")
-    check_compatible("a.engine", built, "10.7.0.23", (8, 9))
-    check_compatible("a.engine", built, "10.7.0", (8, 9))  # same release
+    check_compatible("a.engine", built, BuildTarget("10.7.0.23", (8, 9)))
+    check_compatible("a.engine", built, BuildTarget("10.7.0", (8, 9), "another L4"))  # same release and arch
     with pytest.raises(CheckpointError, match=r"TensorRT version differ.*rebuild it here"):
-        check_compatible("a.engine", built, "10.8.0.1", (8, 9))
-    with pytest.raises(CheckpointError, match=r"engine built for TensorRT 10.7.0.23, compute capability 8.9 "
-                                              r"\(NVIDIA L4\), this machine has .*compute capability 9.0"):
-        check_compatible("a.engine", built, "10.7.0.23", (9, 0))
+        check_compatible("a.engine", built, BuildTarget("10.8.0.1", (8, 9)))
+    with pytest.raises(CheckpointError, match=r"^a.engine: engine built for TensorRT 10.7.0.23, compute capability 8.9 "
+                                              r"\(NVIDIA L4\), this machine has .*compute capability 9.0 \(NVIDIA H100\)"):
+        check_compatible("a.engine", built, BuildTarget("10.7.0.23", (9, 0), "NVIDIA H100"))
 
 
 @pytest.mark.skipif(HAS_TRT, reason="checks the error path of a machine without TensorRT")
