@@ -6,7 +6,8 @@ Needs the ``export`` extra (torch, onnx, onnxslim). The command line is ``rddm-e
 from importlib import import_module
 
 _LAZY = {"export_onnx": ".onnx_export", "read_metadata": ".onnx_export", "artifact_meta": ".onnx_export",
-         "validate_onnx": ".validate", "ValidationError": ".validate", "export_all": ".pipeline",
+         "validate_onnx": ".validate", "validate_engine": ".validate", "ValidationError": ".validate",
+         "export_all": ".pipeline", "Artifact": ".pipeline", "to_mixed_fp16": ".fp16",
          "build_engine": ".tensorrt_build", "EngineProfile": ".tensorrt_build"}
 
 

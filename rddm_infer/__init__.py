@@ -17,6 +17,7 @@ _LAZY = {  # name -> module, filled in by the runtime modules as they land
     "EngineSampler": ".backends", "Runner": ".backends", "load_runner": ".backends",
     "read_artifact_meta": ".backends", "read_image": ".imageio", "write_image": ".imageio",
     "psnr": ".metrics", "ssim": ".metrics",
+    "read_engine": ".engine_file", "write_engine": ".engine_file",
 }
 
 
