@@ -1,0 +1,430 @@
+"""Every backend, side by side: latency, throughput, memory and accuracy on this machine.
+
+    python -m benchmarks.backends --checkpoint runs/gpu1/ema.safetensors --sizes 256 512 1024 \\
+        --batch 1 --steps 5 --threads 1 --int8 --out bench_out
+
+One checkpoint is exported once per graph kind (``step`` / ``fused``, fp32, and optionally
+mixed fp16 and int8); then the same images and the same noise go through every variant:
+the torch eager fp32 sampler with the reference's unfolded weight standardisation (the
+baseline), torch bf16 autocast + channels_last, torch.compile (``--compile``), ONNX Runtime
+``step`` / ``fused`` graphs, and on a GPU the CUDA / TensorRT providers. Sizes above ``--tile``
+are restored in overlapping tiles. Variants run round-robin (one restore each per round)
+so load drift on a shared machine hits all of them alike; each variant's speedup is over
+the baseline of the same run, and its accuracy is the PSNR of its restored image against
+the baseline's (inf = identical). Writes ``results.json``, ``results.md`` and ``results.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from rddm_infer.backends import EngineSampler, Noise
+from rddm_infer.metrics import psnr
+from rddm_infer.schedule import SamplingPlan
+from rddm_infer.tiling import run_tiled
+
+BASELINE = "torch eager fp32 (reference)"
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (polled: /proc or getrusage)."""
+
+    def __init__(self, every: float = 0.005):
+        self.every, self.peak, self._stop = every, 0, threading.Event()
+
+    @staticmethod
+    def now() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            import resource
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self.start = self.peak = self.now()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
+
+
+@dataclass
+class Variant:
+    """One way to restore a batch: ``restore(x, noise) -> y`` (model space)."""
+
+    name: str
+    restore: Callable[[np.ndarray, Noise], np.ndarray]
+    kind: str = "unet"
+    precision: str = "fp32"
+    device: str = "cpu"
+    times: list[float] = field(default_factory=list)
+    peak_rss: int = 0
+    rss_growth: int = 0  # peak minus resident size before the call: what this variant itself allocates
+    peak_device: int | None = None
+    output: np.ndarray | None = None
+    error: str | None = None
+
+
+def _engine(runner, plan) -> Callable:
+    sampler = EngineSampler(runner)
+    return lambda x, noise: sampler.run(x, plan, noise)
+
+
+def torch_variants(loaded, plan, device: str, compile: bool) -> list[Variant]:
+    """The reference-style eager fp32 sampler, bf16 autocast + channels_last (folded WS), compiled."""
+    import torch
+
+    from rddm_infer.backends.torch import TorchRunner
+    from rddm_infer.model import fold_weight_standardization
+
+    out = [Variant(BASELINE, _engine(TorchRunner(loaded, device=device), plan), device=device)]
+    fast = copy.copy(loaded)
+    fast.net = fold_weight_standardization(copy.deepcopy(loaded.net)).to(memory_format=torch.channels_last)
+    low = torch.bfloat16 if device == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    runner = TorchRunner(fast, device=device)
+    runner._rddm.dtype = low
+    tag = "bf16" if low == torch.bfloat16 else "fp16"
+    out.append(Variant(f"torch eager {tag} autocast + channels_last", _engine(runner, plan), precision=tag,
+                       device=device))
+    if compile:
+        out.append(Variant("torch.compile fp32", _engine(TorchRunner(loaded, device=device, compile=True), plan),
+                           device=device))
+    return out
+
+
+def export_graphs(loaded, workdir: Path, kinds, steps: int, fp16: bool, int8: bool, calibration) -> dict[str, Path]:
+    """``{"step_fp32": path, ...}``: the graphs the ONNX Runtime variants load."""
+    from rddm_export import export_onnx
+
+    paths = {}
+    for kind in kinds:
+        for prec in ("fp32", "fp16") if fp16 else ("fp32",):
+            p = workdir / f"{kind}_{prec}.onnx"
+            paths[f"{kind}_{prec}"] = export_onnx(loaded, p, kind, steps=steps, fp16=prec == "fp16")
+    if int8:
+        from rddm_export.int8 import quantize_int8
+
+        for kind in kinds:
+            paths[f"{kind}_int8"] = quantize_int8(paths[f"{kind}_fp32"], workdir / f"{kind}_int8.onnx", calibration)
+    return paths
+
+
+def onnx_variants(paths: dict[str, Path], plan, threads: int | None, providers: list[str]) -> list[Variant]:
+    from rddm_infer.backends.onnxruntime import OnnxRuntimeRunner
+
+    out = []
+    for prov in providers:
+        short = prov.replace("ExecutionProvider", "")
+        for key, path in paths.items():
+            kind, prec = key.split("_")
+            if prec == "int8" and prov != "CPUExecutionProvider":
+                continue  # QDQ int8 is a CPU (VNNI) variant
+            runner = OnnxRuntimeRunner(path, providers=[prov], threads=threads)
+            out.append(Variant(f"onnxruntime {short} {kind} {prec}", _engine(runner, plan), kind, prec,
+                               "cpu" if prov == "CPUExecutionProvider" else "cuda"))
+    return out
+
+
+def tiled(fn: Callable, tile: int, overlap: int, multiple: int) -> Callable:
+    """Restore each image of the batch in overlapping tiles, each tile seeing the full image's noise."""
+    def restore(x, noise):
+        outs = []
+        for i in range(x.shape[0]):
+            n_i = noise.crop(np.s_[i])
+            outs.append(run_tiled(lambda xb, ts: fn(xb, Noise.stack([n_i.crop((slice(None), *t.slices)) for t in ts])),
+                                  x[i], tile=tile, overlap=overlap, multiple=multiple))
+        return np.stack(outs)
+    return restore
+
+
+def model_flops(loaded, size: int) -> int | None:
+    """FLOPs of one network call on one image of ``size``² (torch's flop counter: conv + matmul)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = loaded.net.float().cpu().eval()
+    c = loaded.unet.channels * (2 if loaded.diffusion.condition else 1)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            net(torch.zeros(1, c, size, size), torch.zeros(1, dtype=torch.long))
+        return int(fc.get_total_flops())
+    except Exception:  # a counter gap must not sink the benchmark
+        return None
+
+
+def bench_images(size: int, batch: int, image: Path | None, sigma: float, seed: int = 0) -> np.ndarray:
+    """A noisy batch in model space: a real image (reflect-padded/cropped) or a smooth synthetic scene."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    if image is not None:
+        from rddm_infer import read_image
+
+        img = read_image(image).pixels[..., :3]
+        img = img.astype(np.float32) / (65535.0 if img.dtype == np.uint16 else 255.0)
+        ph, pw = max(size - img.shape[0], 0), max(size - img.shape[1], 0)
+        img = cv2.copyMakeBorder(img, 0, ph, 0, pw, cv2.BORDER_REFLECT_101)[:size, :size, ::-1]
+        clean = np.repeat(img.transpose(2, 0, 1)[None], batch, 0)
+    else:
+        small = rng.uniform(0, 1, (batch, 3, 8, 8)).astype(np.float32)
+        clean = np.stack([np.stack([cv2.resize(ch, (size, size), interpolation=cv2.INTER_CUBIC) for ch in b])
+                          for b in small])
+    noisy = np.clip(clean + sigma / 255.0 * rng.standard_normal(clean.shape), 0, 1)
+    return np.ascontiguousarray(noisy * 2 - 1, dtype=np.float32)
+
+
+def summarize(v: Variant, base: Variant, batch: int, flops: int | None, steps: int, peak_tflops: float | None) -> dict:
+    t = np.asarray(v.times) if v.times else np.asarray([np.nan])
+    p50 = float(np.percentile(t, 50))
+    row = {"variant": v.name, "graph": v.kind, "precision": v.precision, "device": v.device, "runs": len(v.times),
+           "p50_ms": p50 * 1e3, "p90_ms": float(np.percentile(t, 90)) * 1e3,
+           "p99_ms": float(np.percentile(t, 99)) * 1e3, "images_per_s": batch / p50,
+           "speedup_vs_baseline": float(np.percentile(base.times, 50)) / p50 if base.times else None,
+           "psnr_vs_baseline_db": (psnr((v.output + 1) / 2, (base.output + 1) / 2)
+                                   if v.output is not None and base.output is not None else None),
+           "peak_rss_mb": v.peak_rss / 2**20, "rss_growth_mb": v.rss_growth / 2**20,
+           "peak_device_mb": None if v.peak_device is None else v.peak_device / 2**20, "error": v.error}
+    if flops:
+        achieved = flops * steps * batch / p50
+        row["tflops"] = achieved / 1e12
+        row["pct_peak"] = 100 * achieved / (peak_tflops * 1e12) if peak_tflops else None
+    return row
+
+
+def run_size(variants: list[Variant], x: np.ndarray, noise: Noise, runs: int, warmup: int, tile_wrap) -> None:
+    """Warm-up, then ``runs`` rounds of one restore per variant; records times, peak RSS, last output."""
+    fns = {id(v): tile_wrap(v.restore) for v in variants}
+    live = list(variants)
+    for v in variants:
+        v.times, v.output, v.error, v.peak_rss, v.rss_growth = [], None, None, 0, 0
+    cuda = _cuda()
+    for r in range(warmup + runs):
+        for v in list(live):
+            if cuda is not None:
+                cuda.reset_peak_memory_stats()
+            try:
+                with PeakRSS() as mem:
+                    t0 = time.perf_counter()
+                    y = fns[id(v)](x, noise)
+                    dt = time.perf_counter() - t0
+            except Exception as e:  # one failing backend is a row, not the end of the benchmark
+                v.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                live.remove(v)
+                continue
+            v.peak_rss = max(v.peak_rss, mem.peak)
+            v.rss_growth = max(v.rss_growth, mem.peak - mem.start)
+            if cuda is not None:  # torch's allocator only: ONNX Runtime's CUDA arena is not counted
+                v.peak_device = max(v.peak_device or 0, cuda.max_memory_allocated())
+            if r >= warmup:
+                v.times.append(dt)
+            v.output = y
+
+
+def _cuda():
+    import torch
+    return torch.cuda if torch.cuda.is_available() else None
+
+
+def environment(threads: int | None) -> dict:
+    import onnxruntime
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    flags = ""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), cpu)
+        flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        pass
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu,
+            "cores": os.cpu_count(), "threads": threads,
+            "isa": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f" {f}" in flags],
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def markdown(result: dict) -> str:
+    env = result["environment"]
+    lines = [f"Machine: {env['cpu']} ({env['cores']} cores, {', '.join(env['isa']) or 'no AVX-512'})"
+             f"{', GPU ' + env['gpu'] if env['gpu'] else ''}; threads {env['threads'] or 'default'}; "
+             f"torch {env['torch']}, onnxruntime {env['onnxruntime']}, Python {env['python']}; {env['date']}.",
+             f"Model: {result['model']} — {result['params_m']:.2f} M parameters; {result['steps']} steps, "
+             f"batch {result['batch']}, {result['runs']} timed runs after {result['warmup']} warm-up, round-robin.",
+             "", "| size | variant | p50 ms | p90 ms | p99 ms | img/s | × baseline | PSNR vs baseline | peak RSS MB "
+             "(+ during call) | GFLOP/img | TFLOP/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, f: "—" if v is None or (isinstance(v, float) and np.isnan(v)) else f.format(v)  # noqa: E731
+    for size in result["sizes"]:
+        for r in size["rows"]:
+            if r["error"]:
+                lines.append(f"| {size['label']} | {r['variant']} | failed: {r['error']} |||||||||")
+                continue
+            ps = r["psnr_vs_baseline_db"]
+            lines.append(f"| {size['label']} | {r['variant']} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | "
+                         f"{r['p99_ms']:.1f} | {r['images_per_s']:.3f} | {fmt(r['speedup_vs_baseline'], '{:.2f}')} | "
+                         f"{'inf' if ps == float('inf') else fmt(ps, '{:.1f} dB')} | {r['peak_rss_mb']:.0f} (+{r['rss_growth_mb']:.0f}) | "
+                         f"{fmt(size['gflop_per_image'], '{:.1f}')} | {fmt(r.get('tflops'), '{:.4f}')} |")
+    if result.get("skipped"):
+        lines += ["", "Not run here: " + "; ".join(result["skipped"]) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> Path:
+    """Horizontal bars of images/s per variant, one panel per size (opencv: no plotting dependency)."""
+    import cv2
+
+    rows = [(s["label"], r) for s in result["sizes"] for r in s["rows"] if not r["error"]]
+    bar, gap, left, width = 22, 30, 380, 900
+    height = 40 + len(rows) * bar + len(result["sizes"]) * gap
+    img = np.full((height, width, 3), 255, np.uint8)
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    cv2.putText(img, "images/s per backend (longer is faster)", (10, 24), font, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
+    y = 40
+    for size in result["sizes"]:
+        ok = [r for r in size["rows"] if not r["error"]]
+        top = max([r["images_per_s"] for r in ok] + [1e-9])
+        cv2.putText(img, size["label"], (10, y + 16), font, 0.5, (80, 0, 0), 1, cv2.LINE_AA)
+        y += gap - 8
+        for r in ok:
+            w = int((width - left - 90) * r["images_per_s"] / top)
+            color = (160, 160, 160) if r["variant"] == BASELINE else (200, 120, 40)
+            cv2.rectangle(img, (left, y + 3), (left + max(w, 1), y + bar - 3), color, -1)
+            cv2.putText(img, r["variant"][:48], (10, y + 15), font, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
+            cv2.putText(img, f"{r['images_per_s']:.3g}", (left + w + 6, y + 15), font, 0.42, (0, 0, 0), 1,
+                        cv2.LINE_AA)
+            y += bar
+        y += 8
+    return _write(path, lambda tmp: cv2.imwrite(str(tmp), img))
+
+
+def _write(path: Path, writer) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
+    try:
+        if writer(tmp) is False:
+            raise OSError(f"{path}: could not write")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def run(args) -> dict:
+    import torch
+
+    from rddm_infer.backends.onnxruntime import available_providers
+    from rddm_infer.model import load_checkpoint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    loaded = load_checkpoint(args.checkpoint)
+    plan = SamplingPlan.create(loaded.diffusion, args.steps, 0.0)
+    m = loaded.unet.size_multiple
+    skipped = []
+    providers = ["CPUExecutionProvider"] + [p for p in ("CUDAExecutionProvider",) if p in available_providers()]
+    if "TensorrtExecutionProvider" in available_providers():
+        providers.insert(0, "TensorrtExecutionProvider")
+    else:
+        skipped.append("TensorRT (no TensorRT execution provider here)")
+    if device == "cpu":
+        skipped.append("CUDA graphs and device memory (no CUDA GPU)")
+    with tempfile.TemporaryDirectory(prefix="rddm-bench-") as tmp:
+        calib = [bench_images(min(args.sizes[0], 128), 1, args.image, args.sigma, seed=99)] if args.int8 else None
+        paths = export_graphs(loaded, Path(tmp), args.graphs, args.steps, args.fp16, args.int8, calib)
+        variants = torch_variants(loaded, plan, device, args.compile) + onnx_variants(paths, plan, args.threads,
+                                                                                         providers)
+        base = variants[0]
+        sizes = []
+        for size in args.sizes:
+            side = -(-size // m) * m
+            x = bench_images(side, args.batch, args.image, args.sigma)
+            noise = Noise.draw(plan, x.shape, 0)
+            tile = args.tile if side > args.tile else None
+            wrap = (lambda f: tiled(f, tile, args.overlap, m)) if tile else (lambda f: f)
+            run_size(variants, x, noise, args.runs, args.warmup, wrap)
+            flops = model_flops(loaded, tile or side)
+            if flops and tile:
+                from rddm_infer.tiling import tile_grid
+                flops *= len(tile_grid(side, side, tile, args.overlap, m))
+            label = f"{side}² tiled {tile}²" if tile else f"{side}²"
+            rows = [summarize(v, base, args.batch, flops, plan.steps, args.peak_tflops) for v in variants]
+            sizes.append({"size": side, "label": label, "tile": tile,
+                          "gflop_per_image": flops * plan.steps / 1e9 if flops else None, "rows": rows})
+            print(f"[{label}] " + "; ".join(f"{r['variant']}: {r['p50_ms']:.0f} ms ×{r['speedup_vs_baseline'] or 0:.2f}"
+                                            for r in rows if not r["error"]), flush=True)
+    params = sum(p.numel() for p in loaded.net.parameters()) / 1e6
+    return {"environment": environment(args.threads), "model": str(args.checkpoint), "unet": loaded.unet.to_dict(),
+            "params_m": params, "steps": plan.steps, "batch": args.batch, "runs": args.runs, "warmup": args.warmup,
+            "sigma": args.sigma, "image": str(args.image) if args.image else "synthetic", "baseline": BASELINE,
+            "skipped": skipped, "sizes": sizes}
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", type=Path, required=True, help="checkpoint (.safetensors / .pt) to benchmark")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="torch and onnxruntime intra-op threads")
+    ap.add_argument("--tile", type=int, default=512, help="sizes above this are restored in tiles of this size")
+    ap.add_argument("--overlap", type=int, default=32)
+    ap.add_argument("--image", type=Path, default=None, help="a real image to restore (default: synthetic)")
+    ap.add_argument("--sigma", type=float, default=25.0, help="Gaussian noise added to the input (0-255 scale)")
+    ap.add_argument("--graphs", nargs="+", default=["step", "fused"], choices=["step", "fused", "unet"],
+                    help="ONNX graph kinds to run")
+    ap.add_argument("--fp16", action="store_true", help="also mixed-fp16 ONNX graphs")
+    ap.add_argument("--int8", action="store_true", help="also int8 (QDQ Conv) ONNX graphs")
+    ap.add_argument("--compile", action="store_true", help="also torch.compile (minutes of compilation on CPU)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for %% of peak")
+    ap.add_argument("--out", type=Path, default=Path("bench_out"))
+    a = ap.parse_args(argv)
+    if min(a.sizes) < 1 or a.batch < 1 or a.runs < 1 or a.warmup < 0 or a.steps < 1:
+        ap.error("--sizes, --batch, --runs and --steps must be >= 1 and --warmup >= 0")
+    return a
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    if args.peak_tflops is None:
+        import torch
+        if torch.cuda.is_available():
+            from .gpu_torch import card_peak
+            args.peak_tflops = card_peak(torch.cuda.get_device_name(0))
+    result = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(result, indent=2)
+    _write(args.out / "results.json", lambda t: t.write_text(text))
+    md = markdown(result)
+    _write(args.out / "results.md", lambda t: t.write_text(md))
+    plot(result, args.out / "results.png")
+    print(md)
+    return result
+
+
+if __name__ == "__main__":
+    main()
