@@ -107,3 +107,24 @@ def test_int8_refuses_a_graph_that_is_not_rddm_fp32(tmp_path):
     with pytest.raises(RDDMError, match="bare.onnx: int8 quantisation starts from an fp32 graph"):
         quantize_int8(bare, tmp_path / "q.onnx")
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_int8_command_calibrates_on_a_folder_and_reports_bad_input(tmp_path):
+    import onnx
+
+    imgs = tmp_path / "calib"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    cv2.imwrite(str(imgs / "a.png"), rng.integers(0, 256, (40, 56, 3), dtype=np.uint8))
+    cv2.imwrite(str(imgs / "b.png"), rng.integers(0, 256, (48, 48), dtype=np.uint8))  # gray
+    out = tmp_path / "q.onnx"
+    proc = subprocess.run([sys.executable, "-m", "rddm_export.int8", str(onnx_model("step")), str(out),
+                           "--images", str(imgs)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["rddm"])["precision"] == "int8"
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    proc = subprocess.run([sys.executable, "-m", "rddm_export.int8", str(junk), str(tmp_path / "j.onnx")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert "junk.onnx: not a readable ONNX model" in proc.stderr
