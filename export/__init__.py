@@ -8,7 +8,7 @@ from importlib import import_module
 _LAZY = {"export_onnx": ".onnx_export", "read_metadata": ".onnx_export", "artifact_meta": ".onnx_export",
          "validate_onnx": ".validate", "validate_engine": ".validate", "ValidationError": ".validate",
          "export_all": ".pipeline", "Artifact": ".pipeline", "to_mixed_fp16": ".fp16",
-         "build_engine": ".tensorrt_build", "EngineProfile": ".tensorrt_build"}
+         "build_engine": ".tensorrt_build", "EngineProfile": ".tensorrt_build", "quantize_int8": ".int8"}
 
 
 def __getattr__(name):
