@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from pathlib import Path
+from typing import Callable
 
 import onnx
 import torch
@@ -40,7 +42,7 @@ def artifact_meta(loaded: LoadedModel, kind: str, steps: int, eta: float, precis
 
 def export_onnx(loaded: LoadedModel, path: str | os.PathLike, kind: str = "step", *, steps: int = 5,
                 eta: float = 0.0, fp16: bool = False, exporter: str = "legacy", opset: int | None = None,
-                slim: bool = True) -> Path:
+                slim: bool = True, log: Callable[[str], None] = lambda s: None) -> Path:
     """Export one graph kind of ``loaded`` to ``path`` (written atomically); returns the path."""
     if exporter not in EXPORTERS:
         raise ValueError(f"unknown exporter {exporter!r}; expected one of {EXPORTERS}")
@@ -51,10 +53,14 @@ def export_onnx(loaded: LoadedModel, path: str | os.PathLike, kind: str = "step"
     path = Path(path)
     net = fold_weight_standardization(copy.deepcopy(loaded.net).float().cpu().eval())
     graph = build_graph(net, loaded.diffusion, kind, loaded.unet.num_outputs, steps, eta)
+    t0 = time.perf_counter()
     model = trace(graph, loaded.unet.channels, loaded.unet.size_multiple, exporter, opset)
+    log(f"  traced {kind} graph: {len(model.graph.node)} nodes in {time.perf_counter() - t0:.1f} s")
     if slim:
+        t0 = time.perf_counter()
         model = simplify(model)
         static_reshapes(model)
+        log(f"  simplified to {len(model.graph.node)} nodes in {time.perf_counter() - t0:.1f} s")
     if fp16:
         from .fp16 import to_mixed_fp16
 

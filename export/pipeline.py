@@ -98,7 +98,7 @@ def _onnx_artifact(loaded, path: Path, graph, precision, steps, eta, exporter, v
     log(f"exporting {path.name} ({exporter} exporter)")
     t0 = time.perf_counter()
     try:
-        export_onnx(loaded, tmp, graph, steps=steps, eta=eta, fp16=precision == "fp16", exporter=exporter)
+        export_onnx(loaded, tmp, graph, steps=steps, eta=eta, fp16=precision == "fp16", exporter=exporter, log=log)
         build_s = time.perf_counter() - t0
         validation = None
         if validate:
