@@ -157,7 +157,7 @@ def _torch_load(path: Path):
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             raise CheckpointError(f"{path}: refused, the file needs arbitrary code to unpickle "
                                   f"(only plain tensors are loaded): {msg[:160]}") from None
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({msg[:160]})") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {msg[:160]})") from None
 
 
 def _read_safetensors(path: Path) -> tuple[dict, dict]:
