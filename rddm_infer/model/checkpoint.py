@@ -150,6 +150,11 @@ def load_checkpoint(path: str | os.PathLike, *, objective: str | None = None, su
 
 
 def _torch_load(path: Path):
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch's zip format, or a legacy pickle
+        raise CheckpointError(f"{path}: not a torch checkpoint (" + ("empty file)" if not head else
+                              "neither a zip archive nor a pickle)"))
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for unsafe pickles, RuntimeError/EOFError for corrupt files
