@@ -1,7 +1,7 @@
 """Every backend, side by side: latency, throughput, memory and accuracy on this machine.
 
     python -m benchmarks.backends --checkpoint runs/gpu1/ema.safetensors --sizes 256 512 1024 \\
-        --batch 1 --steps 5 --threads 1 --int8 --out bench_out
+        --batch 1 --steps 5 --threads 1 --int8 --calib TRAIN_DIR --image IMG --out bench_out
 
 One checkpoint is exported once per graph kind (``step`` / ``fused``, fp32, and optionally
 mixed fp16 and int8); then the same images and the same noise go through every variant:
@@ -179,20 +179,19 @@ def bench_images(size: int, batch: int, image: Path | None, sigma: float, seed: 
     """A noisy batch in model space: a real image (reflect-padded/cropped) or a smooth synthetic scene."""
     import cv2
 
-    rng = np.random.default_rng(seed)
-    if image is not None:
-        from rddm_infer import read_image
+    if image is None:
+        from rddm_export.int8 import synthetic_calibration
 
-        img = read_image(image).pixels[..., :3]
-        img = img.astype(np.float32) / (65535.0 if img.dtype == np.uint16 else 255.0)
-        ph, pw = max(size - img.shape[0], 0), max(size - img.shape[1], 0)
-        img = cv2.copyMakeBorder(img, 0, ph, 0, pw, cv2.BORDER_REFLECT_101)[:size, :size, ::-1]
-        clean = np.repeat(img.transpose(2, 0, 1)[None], batch, 0)
-    else:
-        small = rng.uniform(0, 1, (batch, 3, 8, 8)).astype(np.float32)
-        clean = np.stack([np.stack([cv2.resize(ch, (size, size), interpolation=cv2.INTER_CUBIC) for ch in b])
-                          for b in small])
-    noisy = np.clip(clean + sigma / 255.0 * rng.standard_normal(clean.shape), 0, 1)
+        return synthetic_calibration((batch, 3, size, size), 1, sigma / 255.0, seed)[0]
+    from rddm_infer import read_image
+
+    img = read_image(image).pixels
+    img = np.repeat(img[..., None], 3, -1) if img.ndim == 2 else img[..., :3]
+    img = img.astype(np.float32) / (65535.0 if img.dtype == np.uint16 else 255.0)
+    ph, pw = max(size - img.shape[0], 0), max(size - img.shape[1], 0)
+    img = cv2.copyMakeBorder(img, 0, ph, 0, pw, cv2.BORDER_REFLECT_101)[:size, :size, ::-1]
+    clean = np.repeat(img.transpose(2, 0, 1)[None], batch, 0)
+    noisy = np.clip(clean + sigma / 255.0 * np.random.default_rng(seed).standard_normal(clean.shape), 0, 1)
     return np.ascontiguousarray(noisy * 2 - 1, dtype=np.float32)
 
 
@@ -352,7 +351,10 @@ def run(args) -> dict:
     if device == "cpu":
         skipped.append("CUDA graphs and device memory (no CUDA GPU)")
     with tempfile.TemporaryDirectory(prefix="rddm-bench-") as tmp:
-        calib = [bench_images(min(args.sizes[0], 128), 1, args.image, args.sigma, seed=99)] if args.int8 else None
+        calib = None  # int8 ranges from images other than the benchmarked one: a folder, else synthetic scenes
+        if args.int8 and args.calib:
+            from rddm_export.int8 import calibration_images
+            calib = calibration_images(args.calib, sigma=args.sigma)
         paths = export_graphs(loaded, Path(tmp), args.graphs, args.steps, args.fp16, args.int8, calib)
         variants = torch_variants(loaded, plan, device, args.compile) + onnx_variants(paths, plan, args.threads,
                                                                                          providers)
@@ -399,6 +401,7 @@ def parse(argv=None):
                     help="ONNX graph kinds to run")
     ap.add_argument("--fp16", action="store_true", help="also mixed-fp16 ONNX graphs")
     ap.add_argument("--int8", action="store_true", help="also int8 (QDQ Conv) ONNX graphs")
+    ap.add_argument("--calib", type=Path, default=None, help="clean images to calibrate int8 on (default: synthetic)")
     ap.add_argument("--compile", action="store_true", help="also torch.compile (minutes of compilation on CPU)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for %% of peak")
     ap.add_argument("--out", type=Path, default=Path("bench_out"))
