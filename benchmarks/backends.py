@@ -105,7 +105,7 @@ def torch_variants(loaded, plan, device: str, compile: bool) -> list[Variant]:
     fast.net = fold_weight_standardization(copy.deepcopy(loaded.net)).to(memory_format=torch.channels_last)
     low = torch.bfloat16 if device == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
     runner = TorchRunner(fast, device=device)
-    runner._rddm.dtype = low
+    runner._rddm.dtype = low  # TorchRunner takes no dtype; its TorchRDDM autocasts to this one
     tag = "bf16" if low == torch.bfloat16 else "fp16"
     out.append(Variant(f"torch eager {tag} autocast + channels_last", _engine(runner, plan), precision=tag,
                        device=device))
@@ -165,11 +165,12 @@ def model_flops(loaded, size: int) -> int | None:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    net = loaded.net.float().cpu().eval()
+    net = loaded.net  # counted where it already lives (never moved: the runners share this module)
+    dev = next(net.parameters()).device
     c = loaded.unet.channels * (2 if loaded.diffusion.condition else 1)
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            net(torch.zeros(1, c, size, size), torch.zeros(1, dtype=torch.long))
+            net(torch.zeros(1, c, size, size, device=dev), torch.zeros(1, dtype=torch.long, device=dev))
         return int(fc.get_total_flops())
     except Exception:  # a counter gap must not sink the benchmark
         return None
@@ -285,7 +286,8 @@ def markdown(result: dict) -> str:
             lines.append(f"| {size['label']} | {r['variant']} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | "
                          f"{r['p99_ms']:.1f} | {r['images_per_s']:.3f} | {fmt(r['speedup_vs_baseline'], '{:.2f}')} | "
                          f"{'inf' if ps == float('inf') else fmt(ps, '{:.1f} dB')} | {r['peak_rss_mb']:.0f} (+{r['rss_growth_mb']:.0f}) | "
-                         f"{fmt(size['gflop_per_image'], '{:.1f}')} | {fmt(r.get('tflops'), '{:.4f}')} |")
+                         f"{fmt(size['gflop_per_image'], '{:.1f}')} | {fmt(r.get('tflops'), '{:.4f}')}"
+                         f"{fmt(r.get('pct_peak'), ' ({:.1f} % of peak)') if r.get('pct_peak') else ''} |")
     if result.get("skipped"):
         lines += ["", "Not run here: " + "; ".join(result["skipped"]) + "."]
     return "\n".join(lines) + "\n"
