@@ -185,7 +185,9 @@ def _worker_init(_):
 def make_loader(dataset: TrainSet, batch_size: int, start_batch: int, num_workers: int,
                 pin_memory: bool = False) -> DataLoader:
     """An endless loader of batches from ``start_batch`` on; workers prefetch so the device never waits."""
-    kw = dict(persistent_workers=True, prefetch_factor=4) if num_workers > 0 else {}
+    # Spawned, not forked: a child forked from a process whose thread pools (OpenMP, OpenCV, ONNX Runtime) were
+    # busy can deadlock on a lock held at fork time (seen here in the test suite).
+    kw = dict(persistent_workers=True, prefetch_factor=4, multiprocessing_context="spawn") if num_workers > 0 else {}
     # Its own generator: creating the loader then leaves the global torch RNG (saved in checkpoints) untouched.
     gen = torch.Generator().manual_seed(dataset.seed)
     return DataLoader(dataset, batch_sampler=IndexBatches(batch_size, start_batch), num_workers=num_workers,
