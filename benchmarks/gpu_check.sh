@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One prepared GPU session (device tool): install offline, train the built-in default model with
+# One prepared GPU session (device tool): no install (a PYTHONPATH shim), train the default model with
 # rddm-train, then benchmark the torch sampler on the reference model size. Results land in $OUT
-# (at most 8 files). Needs .data/train (WebP-lossless copies of ../shared/data/train, see
-# benchmarks/RESULTS.md) carried along. Finishes in about TRAIN_MIN + 4 minutes.
+# (at most 8 files). Needs .data/ (made by `python -m benchmarks.pack_train_data`) carried along:
+#   device run: carry [".data"], command "TRAIN_MIN=6 bash benchmarks/gpu_check.sh"
+# Finishes in about TRAIN_MIN + 4 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}
