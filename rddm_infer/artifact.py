@@ -50,7 +50,7 @@ class ArtifactMeta:
         return 1 if self.unet.get("share_encoder") == -1 else 2
 
     def plan(self, steps: int | None = None, eta: float | None = None) -> SamplingPlan:
-        return SamplingPlan.create(self.config, steps or self.steps, self.eta if eta is None else eta)
+        return SamplingPlan.create(self.config, self.steps if steps is None else steps, self.eta if eta is None else eta)
 
     def to_json(self) -> str:
         d = asdict(self)
