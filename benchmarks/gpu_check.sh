@@ -8,7 +8,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}
 TRAIN_MIN=${TRAIN_MIN:-6}
-BENCH_S=${BENCH_S:-150}
+BENCH_S=${BENCH_S:-300}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1

@@ -5,7 +5,7 @@ import torch
 
 from conftest import tiny_loaded_model
 from rddm_infer.model import UNetConfig, UnetRes, fold_weight_standardization, infer_unet_config
-from rddm_infer.model.unet import LinearAttention, Attention
+from rddm_infer.model.unet import LinearAttention, Attention, use_sdpa
 
 # A sample of the reference's parameter names (UnetRes(share_encoder=0) and =1, dim_mults=(1, 2)).
 REFERENCE_KEYS_TWO_UNETS = [
@@ -92,3 +92,15 @@ def test_matmul_attention_equals_reference_einsum():
     with torch.no_grad():
         assert torch.allclose(lin(x), _reference_linear_attention(lin, x), atol=1e-5)
         assert torch.allclose(full(x), _reference_attention(full, x), atol=1e-5)
+
+
+def test_fused_sdpa_attention_equals_the_exported_matmul_form():
+    torch.manual_seed(1)
+    m = tiny_loaded_model(share_encoder=0)
+    x, t = torch.randn(2, 6, 16, 24), torch.tensor([999, 199])
+    with torch.no_grad():
+        ref = m.net(x, t)
+        fused = use_sdpa(m.net)(x, t)
+    assert all(isinstance(a, Attention) and a.sdpa for a in m.net.modules() if isinstance(a, Attention))
+    for a, b in zip(ref, fused):
+        assert torch.allclose(a, b, atol=1e-5)

@@ -189,16 +189,31 @@ class LinearAttention(_QKVAttention):
 
 
 class Attention(_QKVAttention):
+    """Full attention (the middle block). ``sdpa=True`` uses fused kernels (flash / memory-efficient on GPU:
+    no N×N tensor); the default writes MatMul/Softmax, which every exporter and runtime handles."""
+
+    sdpa = False
+
     def __init__(self, dim, heads=4, dim_head=32):
         super().__init__(dim, heads, dim_head)
         self.to_out = nn.Conv2d(dim_head * heads, dim, 1)
 
     def forward(self, x):
         b, c, h, w = x.shape
-        q, k, v = self.qkv(x)  # b h d n
-        sim = torch.matmul((q * self.scale).transpose(-1, -2), k)  # b h n n
-        out = torch.matmul(sim.softmax(dim=-1), v.transpose(-1, -2))  # b h n d
+        q, k, v = (a.transpose(-1, -2) for a in self.qkv(x))  # b h n d
+        if self.sdpa:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:
+            out = torch.matmul(torch.matmul(q * self.scale, k.transpose(-1, -2)).softmax(dim=-1), v)  # b h n d
         return self.to_out(out.transpose(-1, -2).reshape(b, -1, h, w))
+
+
+def use_sdpa(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch every full attention of ``model`` to fused scaled-dot-product kernels (torch inference on GPU)."""
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.sdpa = enabled
+    return model
 
 
 def _attn(dim, cfg):
@@ -245,7 +260,8 @@ class _Encoder(nn.Module):
     def encode(self, x, time):
         x = self.init_conv(x)
         r = x
-        t = self.time_mlp(time)
+        emb, mlp = self.time_mlp[0](time), self.time_mlp[1:]  # the embedding is fp32: match half-precision weights
+        t = mlp(emb.to(mlp[0].weight.dtype))
         hs = []
         for block1, block2, attn, down in self.downs:
             x = block1(x, t)
