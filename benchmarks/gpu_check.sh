@@ -24,15 +24,17 @@ export PYTHONPATH="$SHIM:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python3 -c "import rddm_train, rddm_infer.model" || exit 3
 rddm-train() { python3 -c "import sys; from rddm_train.cli import main; sys.exit(main())" "$@"; }
 
-RUN=/tmp/rddm_default_run
-rm -rf "$RUN"
-t0=$(date +%s)
-rddm-train --config default_denoiser --data .data/train --val .data/val --out "$RUN" \
-  --device "$DEVICE" --bf16 --channels-last --max-minutes "$TRAIN_MIN" --no-progress ${TRAIN_EXTRA:-}
-echo "training wall time: $(( $(date +%s) - t0 )) s"
-for f in ema.safetensors ema.json config.toml train_log.jsonl val_log.csv; do
-  cp "$RUN/$f" "$OUT/" 2>/dev/null || echo "missing $RUN/$f"
-done
+if [ "$TRAIN_MIN" != 0 ]; then  # TRAIN_MIN=0: benchmark only (max-minutes 0 would mean "no budget")
+  RUN=/tmp/rddm_default_run
+  rm -rf "$RUN"
+  t0=$(date +%s)
+  rddm-train --config default_denoiser --data .data/train --val .data/val --out "$RUN" \
+    --device "$DEVICE" --bf16 --channels-last --max-minutes "$TRAIN_MIN" --no-progress ${TRAIN_EXTRA:-}
+  echo "training wall time: $(( $(date +%s) - t0 )) s"
+  for f in ema.safetensors ema.json config.toml train_log.jsonl val_log.csv; do
+    cp "$RUN/$f" "$OUT/" 2>/dev/null || echo "missing $RUN/$f"
+  done
+fi
 
 if [ "$DEVICE" = cuda ]; then
   python3 -m benchmarks.gpu_torch --out "$OUT/gpu_torch.json" --budget-s "$BENCH_S" ${BENCH_EXTRA:-}
