@@ -24,6 +24,8 @@ def export(
     out_dir: Optional[Path] = typer.Option(None, "-o", "--out-dir", help="Output folder (default: <stem>_onnx/)."),
     graph: List[str] = typer.Option(["step", "fused"], "--graph", "-g", help="unet | step | fused (repeatable)."),
     fp16: bool = typer.Option(False, "--fp16", help="Also write mixed-precision fp16 graphs (for GPUs)."),
+    int8: bool = typer.Option(False, "--int8", help="Also write int8 (VNNI) copies of the fp32 graphs, for CPUs."),
+    calib: Optional[Path] = typer.Option(None, help="--int8 calibration photos (default: synthetic scenes)."),
     tensorrt: bool = typer.Option(False, "--tensorrt", help="Also build TensorRT engines (needs a GPU)."),
     steps: int = typer.Option(5, "--steps", "-k", help="Sampling steps K (baked into fused; default for step)."),
     eta: float = typer.Option(0.0, help="DDIM η (restoration models always use 0)."),
@@ -56,8 +58,8 @@ def export(
                         timing_cache=timing_cache, workspace_gb=workspace_gb)
     load = dict(objective=objective, sum_scale=sum_scale, use_ema=not online)
     log = (lambda s: None) if json_out else (lambda s: err.print(f"[dim]{escape(s)}[/dim]"))
-    artifacts = export_all(checkpoint, out_dir, graphs=tuple(dict.fromkeys(graph)), fp16=fp16, steps=steps, eta=eta,
-                           exporter=exporter, validate=validate, tensorrt=trt_opts, load_options=load, log=log)
+    artifacts = export_all(checkpoint, out_dir, graphs=tuple(dict.fromkeys(graph)), fp16=fp16, int8=int8, calib=calib,
+                           steps=steps, eta=eta, exporter=exporter, validate=validate, tensorrt=trt_opts, load_options=load, log=log)
     if json_out:
         print(json.dumps([a.to_dict() for a in artifacts], indent=2))
         return

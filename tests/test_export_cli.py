@@ -67,3 +67,24 @@ def test_bad_options_are_refused_before_exporting(tmp_path):
     assert r.returncode == 2 and "steps must be in [1, 1000], got 0" in r.stderr
     r = _cli(ckpt, "--graph", "whole", "-o", tmp_path / "x")
     assert r.returncode == 2 and "unknown graph kind 'whole'" in r.stderr
+
+
+def test_int8_option_writes_a_validated_int8_graph_beside_the_fp32_one(tmp_path):
+    import cv2
+
+    ckpt = reference_checkpoint(tmp_path, name="model-5.pt")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(2):
+        cv2.imwrite(str(calib / f"c{i}.png"), np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    r = _cli(ckpt, "-o", tmp_path / "out", "--graph", "step", "--int8", "--calib", calib, "--json")
+    assert r.returncode == 0, r.stderr
+    fp32, int8 = json.loads(r.stdout)
+    assert (fp32["precision"], int8["precision"]) == ("fp32", "int8")
+    assert int8["path"].endswith("step_int8.onnx") and int8["validated"]
+    assert {c["metric"] for c in int8["checks"] if c["what"] == "image"} == {"psnr"}
+    assert all(c["value"] >= c["limit"] for c in int8["checks"] if c["metric"] == "psnr")
+    assert read_metadata(int8["path"]).precision == "int8"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["step_fp32.onnx", "step_int8.onnx"]
+    bad = _cli(ckpt, "-o", tmp_path / "out2", "--graph", "step", "--int8", "--calib", tmp_path / "nothing-here")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "nothing-here" in bad.stderr
