@@ -31,6 +31,7 @@ from typing import Callable
 
 import numpy as np
 
+from rddm_infer.atomic import atomic_path
 from rddm_infer.backends import EngineSampler, Noise
 from rddm_infer.metrics import psnr
 from rddm_infer.schedule import SamplingPlan
@@ -322,13 +323,9 @@ def plot(result: dict, path: Path) -> Path:
 
 
 def _write(path: Path, writer) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
-    try:
+    with atomic_path(path) as tmp:
         if writer(tmp) is False:
             raise OSError(f"{path}: could not write")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import time
 
 import numpy as np
 import torch
 
+from rddm_infer.metrics import psnr
 from rddm_infer.model import UNetConfig, UnetRes, fold_weight_standardization
 from rddm_infer.model.unet import use_sdpa
 from rddm_infer.sampler import sample
@@ -32,11 +32,6 @@ BF16_PEAK = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "B200":
 
 def card_peak(name: str) -> float | None:
     return next((v for k, v in BF16_PEAK.items() if k in name), None)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b) ** 2))
-    return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)  # range [-1, 1]: peak-to-peak 2
 
 
 def model_flops(net, x, t) -> int:
@@ -177,7 +172,7 @@ def main(argv=None):
             row = {"size": size, "variant": v.name, "p50_s": p50, "p90_s": float(np.percentile(ts, 90)),
                    "images_s": a.batch / p50, "speedup_vs_eager_fp32": base["p50"] / p50,
                    "gflop_per_image": flops / a.batch / 1e9, "tflops": flops / p50 / 1e12, "pct_bf16_peak": (100 * flops / p50 / 1e12 / peak) if peak else None,
-                   "psnr_vs_fp32_db": psnr(out, base["out"]), "peak_mem_gb": r["peak_mem_gb"],
+                   "psnr_vs_fp32_db": psnr(out, base["out"], data_range=2.0), "peak_mem_gb": r["peak_mem_gb"],
                    "setup_s": time.perf_counter() - t_build - ts.sum()}
             report["results"].append(row)
             print(f"[{size}² ×{a.batch}] {v.name:42s} p50 {p50 * 1e3:8.1f} ms  {row['images_s']:7.1f} img/s  "

@@ -19,6 +19,7 @@ from typing import Callable
 import onnx
 import torch
 
+from rddm_infer.atomic import atomic_path
 from rddm_infer.artifact import META_KEY, ArtifactMeta
 from rddm_infer.errors import CheckpointError
 from rddm_infer.model import LoadedModel, fold_weight_standardization
@@ -148,13 +149,8 @@ def read_metadata(path: str | os.PathLike) -> ArtifactMeta:
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:
     """Atomic write: temp file beside the target, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         onnx.save(model, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _opset(model: onnx.ModelProto) -> int:

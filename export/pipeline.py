@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from rddm_infer.atomic import atomic_path
 from rddm_infer.errors import RDDMError
 from rddm_infer.model import LoadedModel, load_checkpoint
 from rddm_infer.schedule import SamplingPlan
@@ -103,18 +104,14 @@ def export_all(checkpoint: str | os.PathLike | LoadedModel, out_dir: str | os.Pa
 
 def _validated(path: Path, loaded, graph, precision, validate, log, build: Callable[[Path], None]) -> Artifact:
     """Build into a hidden temp file, validate it, then rename it into place."""
-    tmp = path.with_name(f".{path.stem}.unvalidated{os.getpid()}.onnx")
     t0 = time.perf_counter()
-    try:
+    with atomic_path(path) as tmp:
         build(tmp)
         build_s = time.perf_counter() - t0
         validation = None
         if validate:
             log(f"validating {path.name} in ONNX Runtime against PyTorch")
             validation = validate_onnx(tmp, loaded, report_as=path)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     notes = [] if validate else ["not validated (--no-validate)"]
     return Artifact(path, "onnx", graph, precision, build_s, validation, notes)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from rddm_infer.atomic import atomic_path, write_bytes_atomic
 from rddm_infer.artifact import ArtifactMeta
 from rddm_infer.engine_file import BuildTarget, local_target, write_engine
 from rddm_infer.errors import BackendUnavailable, RDDMError
@@ -149,8 +150,7 @@ def build_engine_artifact(onnx_path: Path, loaded, *, profile: EngineProfile = E
     engine_path = Path(onnx_path).with_suffix(".engine")
     cache = Path(timing_cache) if timing_cache else Path(onnx_path).parent / "timing.cache"
     t0 = time.perf_counter()
-    tmp = engine_path.with_name(f".{engine_path.stem}.unvalidated{os.getpid()}.engine")
-    try:
+    with atomic_path(engine_path) as tmp:  # renamed into place only once validated
         build_engine(onnx_path, tmp, meta, profile, opt_level=opt_level, timing_cache=cache,
                      workspace_gb=workspace_gb, log=log)
         build_s = time.perf_counter() - t0
@@ -160,18 +160,9 @@ def build_engine_artifact(onnx_path: Path, loaded, *, profile: EngineProfile = E
 
             log(f"validating {engine_path.name} in TensorRT against PyTorch")
             validation = validate_engine(tmp, loaded, profile, report_as=engine_path)
-        os.replace(tmp, engine_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return Artifact(engine_path, "tensorrt", meta.graph, meta.precision, build_s, validation,
                     [] if validate else ["not validated (--no-validate)"])
 
 
 def _write_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(bytes(data))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes_atomic(path, bytes(data))

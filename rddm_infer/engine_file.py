@@ -21,6 +21,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import atomic_path
 from .artifact import ArtifactMeta
 from .errors import BackendUnavailable, CheckpointError
 
@@ -57,16 +58,10 @@ def write_engine(path: str | os.PathLike, meta: ArtifactMeta, engine_bytes: byte
     path = Path(path)
     meta.extra = {**meta.extra, "tensorrt": target.to_dict()}
     header = json.dumps({"rddm": json.loads(meta.to_json()), "tensorrt": target.to_dict()}, sort_keys=True).encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(_PREFIX.pack(MAGIC, VERSION, len(header)))
-            f.write(header)
-            f.write(memoryview(engine_bytes))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(_PREFIX.pack(MAGIC, VERSION, len(header)))
+        f.write(header)
+        f.write(memoryview(engine_bytes))
     return path
 
 

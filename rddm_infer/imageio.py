@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .atomic import write_bytes_atomic
 from .errors import ImageError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
@@ -205,19 +206,10 @@ def encode_image(pixels: np.ndarray, ext: str) -> bytes:
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write bytes to a temp file beside ``path`` and rename it into place (all or nothing)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        return write_bytes_atomic(path, data)
     except OSError as e:
         raise ImageError(f"{path}: cannot write ({e.strerror or e})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def write_image(path: str | os.PathLike, pixels: np.ndarray) -> Path:

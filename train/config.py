@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from rddm_infer.atomic import write_bytes_atomic
 from rddm_infer.errors import RDDMError
 from rddm_infer.schedule import OBJECTIVES, SCHEDULES
 
@@ -261,9 +262,4 @@ def to_toml(cfg: TrainConfig) -> str:
 
 def save(cfg: TrainConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config atomically (TOML that :func:`load` reads back to an equal config)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(to_toml(cfg))
-    os.replace(tmp, path)
-    return path
+    return write_bytes_atomic(path, to_toml(cfg).encode())

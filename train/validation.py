@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from rddm_infer.atomic import atomic_path
 from rddm_infer.metrics import psnr, ssim
 
 from .degradations import to_uint8
@@ -36,8 +37,7 @@ def write_grid(path: str | os.PathLike, columns: list[np.ndarray], gap: int = 4)
     for i in range(n):
         for j, col in enumerate(columns):
             grid[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = to_uint8(hwc(col[i]))
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    if not cv2.imwrite(str(tmp), grid[..., ::-1]):
-        raise OSError(f"{path}: could not write the validation grid")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(str(tmp), grid[..., ::-1]):
+            raise OSError(f"{path}: could not write the validation grid")
     return path

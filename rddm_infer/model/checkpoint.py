@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_path, write_bytes_atomic
 from ..errors import CheckpointError
 from ..schedule import DiffusionConfig
 from .unet import UNetConfig, UnetRes
@@ -193,17 +194,9 @@ def save_checkpoint(path: str | os.PathLike, net: torch.nn.Module, unet: UNetCon
     from safetensors.torch import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "unet": unet.to_dict(), "diffusion": diffusion.to_dict(), **info}
     sd = {k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file(sd, str(tmp), metadata={META_KEY: json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    side = path.with_suffix(".json")
-    tmp_side = side.with_name(f".{side.name}.tmp{os.getpid()}")
-    tmp_side.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp_side, side)
+    write_bytes_atomic(path.with_suffix(".json"), (json.dumps(meta, indent=2) + "\n").encode())
     return path

@@ -15,7 +15,7 @@ Weight standardisation can be folded into constant weights for export
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, asdict, field
+from dataclasses import dataclass, asdict
 
 import torch
 import torch.nn.functional as F
