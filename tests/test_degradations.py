@@ -107,3 +107,15 @@ def test_bad_specs_are_refused_with_a_clear_message(spec, message):
     with pytest.raises(DegradationError, match=None) as e:
         Pipeline.from_specs([spec], source="my.toml data.degradations")
     assert message in str(e.value) and "data.degradations" in str(e.value)
+
+
+def test_bits_rounds_the_degraded_input_to_8_bit_levels_like_a_saved_photo():
+    img = photo()
+    spec = [{"name": "gaussian", "sigma": 40}]
+    floats = Pipeline.from_specs(spec)(img, np.random.default_rng(5))
+    eight = Pipeline.from_specs(spec, bits=8)(img, np.random.default_rng(5))
+    assert np.abs(floats * 255 - np.round(floats * 255)).max() > 0.1  # float noise is off the 8-bit grid
+    assert np.abs(eight * 255 - np.round(eight * 255)).max() < 1e-4  # ... rounding puts it back on it
+    assert np.abs(eight - floats).max() <= 0.5 / 255 + 1e-6 and eight.min() >= 0 and eight.max() <= 1
+    with pytest.raises(DegradationError, match="data.bits"):
+        Pipeline.from_specs(spec, bits=17)

@@ -165,3 +165,12 @@ def test_cosine_schedule_and_fine_tuning_from_a_checkpoint(tmp_path, photos):
     other = tiny_config(tmp_path / "c", photos, "model.dim=16", f"run.init='{tmp_path / 'a' / 'ema.safetensors'}'")
     with pytest.raises(CheckpointError, match="architecture"):
         Trainer(other)
+
+
+def test_t_grid_trains_only_on_the_sampling_steps(tmp_path, photos):
+    uniform = Trainer(tiny_config(tmp_path / "u", photos)).sample_t(4000)
+    assert uniform.min() >= 0 and uniform.max() <= 999 and len(uniform.unique()) > 900
+    grid = Trainer(tiny_config(tmp_path / "g", photos, "optim.t_grid=5")).sample_t(4000)
+    assert sorted(grid.unique().tolist()) == [199, 399, 599, 799, 999]  # the 5-step sampler's own indices
+    with pytest.raises(RDDMError, match="optim.t_grid"):
+        Trainer(tiny_config(tmp_path / "bad", photos, "optim.t_grid=1001"))

@@ -58,6 +58,7 @@ class DataSection:
     crop: int = 128
     flip: bool = True
     num_workers: int = 2
+    bits: int = 0  # 8: clip and round degraded inputs to 8-bit levels, as saved photos are; 0: keep floats
     # [[data.degradations]] tables: {name = "gaussian", p = 1.0, sigma = [0, 50]} (see degradations.REGISTRY)
     degradations: list[dict] = field(default_factory=lambda: [{"name": "gaussian", "p": 1.0, "sigma": [0, 50]}])
 
@@ -89,6 +90,9 @@ class OptimSection:
     ema_start: int = 100  # EMA copies the online weights until this step, then warms up
     lr_schedule: str = "constant"  # constant | cosine (decays to lr·min_lr_ratio at run.steps)
     min_lr_ratio: float = 0.05
+    # 0: t uniform over [0, T) as the reference trains. K: t drawn from the K-step sampling grid only
+    # (999, 799, ... for K = 5): a small model spends its capacity on the steps it will actually run.
+    t_grid: int = 0
 
 
 @dataclass
@@ -150,6 +154,8 @@ class TrainConfig:
             (o.lr > 0 and 0 <= o.ema_decay < 1 and o.ema_every >= 1, "optim.lr > 0, 0 <= optim.ema_decay < 1, optim.ema_every >= 1"),
             (o.lr_schedule in ("constant", "cosine") and 0 <= o.min_lr_ratio <= 1,
              "optim.lr_schedule must be constant or cosine, 0 <= optim.min_lr_ratio <= 1"),
+            (0 <= o.t_grid <= d.timesteps, f"optim.t_grid must be 0 (uniform t) or 1-{d.timesteps} (sampling steps)"),
+            (0 <= self.data.bits <= 16, "data.bits must be 0 (float inputs) or 1-16"),
         ]
         mult = 2 ** (len(m.dim_mults) - 1)
         checks += [(self.data.crop % mult == 0 and self.val.crop % mult == 0,

@@ -130,13 +130,19 @@ class Degradation:
 
 
 class Pipeline:
-    """Degradations applied in order, each with its own probability; output clipped to [0, 1] float32."""
+    """Degradations applied in order, each with its own probability; output clipped to [0, 1] float32.
 
-    def __init__(self, steps: list[Degradation]):
-        self.steps = list(steps)
+    ``bits`` > 0 also rounds the output to that many bits per channel: inputs saved as 8-bit photos are
+    clipped *and* quantised, and a model trained on float noise misreads the clipped shadows and highlights.
+    """
+
+    def __init__(self, steps: list[Degradation], bits: int = 0):
+        if not 0 <= bits <= 16:
+            raise DegradationError(f"data.bits must be 0 (no rounding) or 1-16, got {bits!r}")
+        self.steps, self.levels = list(steps), float(2 ** bits - 1) if bits else 0.0
 
     @classmethod
-    def from_specs(cls, specs: list[dict], source: str = "data.degradations") -> "Pipeline":
+    def from_specs(cls, specs: list[dict], source: str = "data.degradations", bits: int = 0) -> "Pipeline":
         steps = []
         for i, spec in enumerate(specs):
             if not isinstance(spec, dict) or "name" not in spec:
@@ -154,14 +160,17 @@ class Pipeline:
                                            f"(known: {', '.join(bounds)})")
                 _check_range(f"{source}[{i}] {name}.{key}", value, *bounds[key])
             steps.append(Degradation(name, float(p), spec))
-        return cls(steps)
+        return cls(steps, bits)
 
     def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         out = img.astype(np.float32, copy=True)
         for step in self.steps:
             if rng.random() < step.p:  # always drawn, so one step's p never shifts another's randomness
                 out = step(out, rng)
-        return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
+        out = np.clip(out, 0.0, 1.0)
+        if self.levels:
+            out = np.round(out * self.levels) / self.levels
+        return out.astype(np.float32, copy=False)
 
     def __len__(self) -> int:
         return len(self.steps)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from rddm_infer.atomic import atomic_path
 from rddm_infer.errors import CheckpointError, RDDMError
 from rddm_infer.model import TorchRDDM, UnetRes, save_checkpoint
-from rddm_infer.schedule import Schedule
+from rddm_infer.schedule import Schedule, time_grid
 
 from . import config as cfgmod
 from .config import TrainConfig
@@ -156,6 +156,9 @@ class Trainer:
         sched = Schedule.from_config(self.diffusion)  # the tables come from the core, never re-derived
         self.alpha_bar = torch.tensor(sched.alphas_cumsum, dtype=torch.float32, device=self.device)
         self.beta_bar = torch.tensor(sched.betas_cumsum, dtype=torch.float32, device=self.device)
+        # optim.t_grid: train on the sampler's own time indices (the trailing -1 is "done", not a step)
+        grid = time_grid(self.diffusion.timesteps, cfg.optim.t_grid)[:-1] if cfg.optim.t_grid else []
+        self.t_grid = torch.tensor(grid, dtype=torch.long, device=self.device)
         self._pending_losses: list[torch.Tensor] = []
         self.last_saved: int | None = None
         self.resume_notes: list[str] = []
@@ -193,7 +196,7 @@ class Trainer:
         x_in, x0 = inp * 2 - 1, gt * 2 - 1
         res = x_in - x0
         b = x0.shape[0]
-        t = torch.randint(0, self.diffusion.timesteps, (b,), generator=self.gen, device=self.device)
+        t = self.sample_t(b)
         noise = torch.randn(x0.shape, generator=self.gen, device=self.device)
         # Schedule.q_sample's I_t = I_0 + ᾱ_t·I_res + β̄_t·ε with one t per sample.
         x_t = x0 + self.alpha_bar[t].view(b, 1, 1, 1) * res + self.beta_bar[t].view(b, 1, 1, 1) * noise
@@ -205,6 +208,12 @@ class Trainer:
             outs = self.forward(x, t)
         goals = targets(self.diffusion.objective, x0, res, noise)
         return sum(F.l1_loss(o.float(), g) for o, g in zip(outs, goals))
+
+    def sample_t(self, b: int) -> torch.Tensor:
+        """One time index per sample: uniform over [0, T), or over the sampling grid with ``optim.t_grid``."""
+        if len(self.t_grid):
+            return self.t_grid[torch.randint(0, len(self.t_grid), (b,), generator=self.gen, device=self.device)]
+        return torch.randint(0, self.diffusion.timesteps, (b,), generator=self.gen, device=self.device)
 
     def lr_at(self, step: int) -> float:
         """Learning rate for the update after ``step`` steps (a function of the step alone: resumes stay exact)."""
@@ -296,7 +305,7 @@ class Trainer:
 
     # ---- data -----------------------------------------------------------------------------------------------
     def pipeline(self) -> Pipeline:
-        return Pipeline.from_specs(self.cfg.data.degradations)
+        return Pipeline.from_specs(self.cfg.data.degradations, bits=self.cfg.data.bits)
 
     def dataset(self) -> TrainSet:
         d = self.cfg.data
