@@ -174,3 +174,29 @@ def test_t_grid_trains_only_on_the_sampling_steps(tmp_path, photos):
     assert sorted(grid.unique().tolist()) == [199, 399, 599, 799, 999]  # the 5-step sampler's own indices
     with pytest.raises(RDDMError, match="optim.t_grid"):
         Trainer(tiny_config(tmp_path / "bad", photos, "optim.t_grid=1001"))
+
+
+def test_rollout_trains_on_the_states_the_sampler_itself_reaches(tmp_path, photos):
+    from rddm_infer.sampler import sample
+    from rddm_infer.schedule import SamplingPlan
+
+    tr = Trainer(tiny_config(tmp_path / "r", photos, "optim.t_grid=4", "optim.rollout=true", "run.steps=3"))
+    tr.fit()  # a few optimizer steps through rollouts
+    x_in = torch.rand(2, 3, 32, 32) * 2 - 1
+    plan = SamplingPlan.create(tr.diffusion, 4)
+    for k in range(4):
+        tr.gen.manual_seed(11)
+        x_t, t = tr.rollout(x_in, k)
+        assert t.tolist() == [plan.times[k]] * 2
+        seen = []  # the inference loop, on the same network and initial noise, recording each step's x_t
+        model = TorchRDDM(tr.net, tr.diffusion).model_fn
+
+        def spy(xt, xi, step_t):
+            seen.append(xt.clone())
+            return model(xt, xi, step_t)
+
+        noise = torch.randn(x_in.shape, generator=torch.Generator().manual_seed(11))
+        sample(spy, plan, x_in, x_in + plan.init_scale() * noise)
+        assert torch.allclose(x_t, seen[k], atol=1e-5), k
+    with pytest.raises(RDDMError, match="optim.rollout needs optim.t_grid"):
+        Trainer(tiny_config(tmp_path / "bad", photos, "optim.rollout=true"))

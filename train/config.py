@@ -93,6 +93,9 @@ class OptimSection:
     # 0: t uniform over [0, T) as the reference trains. K: t drawn from the K-step sampling grid only
     # (999, 799, ... for K = 5): a small model spends its capacity on the steps it will actually run.
     t_grid: int = 0
+    # With t_grid = K: x_t comes from the K-step sampler run by the network itself (no gradient through
+    # the earlier steps) instead of q_sample, so training sees what inference sees. Costs ~K/2 extra forwards.
+    rollout: bool = False
 
 
 @dataclass
@@ -155,6 +158,7 @@ class TrainConfig:
             (o.lr_schedule in ("constant", "cosine") and 0 <= o.min_lr_ratio <= 1,
              "optim.lr_schedule must be constant or cosine, 0 <= optim.min_lr_ratio <= 1"),
             (0 <= o.t_grid <= d.timesteps, f"optim.t_grid must be 0 (uniform t) or 1-{d.timesteps} (sampling steps)"),
+            (not o.rollout or o.t_grid > 0, "optim.rollout needs optim.t_grid = K (the sampler's step count)"),
             (0 <= self.data.bits <= 16, "data.bits must be 0 (float inputs) or 1-16"),
         ]
         mult = 2 ** (len(m.dim_mults) - 1)

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from rddm_infer.atomic import atomic_path
 from rddm_infer.errors import CheckpointError, RDDMError
 from rddm_infer.model import TorchRDDM, UnetRes, save_checkpoint
-from rddm_infer.schedule import Schedule, time_grid
+from rddm_infer.sampler import step as sampler_step
+from rddm_infer.schedule import SamplingPlan, Schedule, time_grid
 
 from . import config as cfgmod
 from .config import TrainConfig
@@ -159,6 +160,7 @@ class Trainer:
         # optim.t_grid: train on the sampler's own time indices (the trailing -1 is "done", not a step)
         grid = time_grid(self.diffusion.timesteps, cfg.optim.t_grid)[:-1] if cfg.optim.t_grid else []
         self.t_grid = torch.tensor(grid, dtype=torch.long, device=self.device)
+        self.plan = SamplingPlan.create(self.diffusion, cfg.optim.t_grid) if cfg.optim.rollout else None
         self._pending_losses: list[torch.Tensor] = []
         self.last_saved: int | None = None
         self.resume_notes: list[str] = []
@@ -196,18 +198,45 @@ class Trainer:
         x_in, x0 = inp * 2 - 1, gt * 2 - 1
         res = x_in - x0
         b = x0.shape[0]
-        t = self.sample_t(b)
-        noise = torch.randn(x0.shape, generator=self.gen, device=self.device)
-        # Schedule.q_sample's I_t = I_0 + ᾱ_t·I_res + β̄_t·ε with one t per sample.
-        x_t = x0 + self.alpha_bar[t].view(b, 1, 1, 1) * res + self.beta_bar[t].view(b, 1, 1, 1) * noise
+        if self.plan is not None:  # optim.rollout: x_t where the sampler itself arrives
+            x_t, t = self.rollout(x_in)
+            a, s = self.alpha_bar[t].view(b, 1, 1, 1), self.beta_bar[t].view(b, 1, 1, 1)
+            noise = (x_t - x0 - a * res) / s  # the ε that q_sample would need to land on this x_t
+        else:
+            t = self.sample_t(b)
+            noise = torch.randn(x0.shape, generator=self.gen, device=self.device)
+            # Schedule.q_sample's I_t = I_0 + ᾱ_t·I_res + β̄_t·ε with one t per sample.
+            x_t = x0 + self.alpha_bar[t].view(b, 1, 1, 1) * res + self.beta_bar[t].view(b, 1, 1, 1) * noise
+        outs = self._net_outputs(x_t, x_in, t, self.forward)
+        goals = targets(self.diffusion.objective, x0, res, noise)
+        return sum(F.l1_loss(o, g) for o, g in zip(outs, goals))
+
+    def _net_outputs(self, x_t, x_in, t, net) -> list[torch.Tensor]:
         x = torch.cat((x_t, x_in), dim=1)
         if self.cfg.run.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp,
                             cache_enabled=not self.cfg.run.cuda_graph):
-            outs = self.forward(x, t)
-        goals = targets(self.diffusion.objective, x0, res, noise)
-        return sum(F.l1_loss(o.float(), g) for o, g in zip(outs, goals))
+            return [o.float() for o in net(x, t)]
+
+    @torch.no_grad()
+    def rollout(self, x_in: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, t) before a random step k of the K-step sampler, run by the current network from x_T.
+
+        q_sample's x_t carries the *true* residual, so at low t the network learns to copy it; at
+        inference x_t carries the network's own earlier estimates. Training on the sampler's own states
+        (one k per micro-batch) teaches each step to improve on them, which is what the output is made of.
+        """
+        plan, b = self.plan, x_in.shape[0]
+        if k is None:
+            k = int(torch.randint(0, plan.steps, (1,), generator=self.gen, device=self.device))
+        x_t = x_in + plan.init_scale() * torch.randn(x_in.shape, generator=self.gen, device=self.device)
+        for i in range(k):
+            t = torch.full((b,), int(plan.times[i]), dtype=torch.long, device=self.device)
+            outs = self._net_outputs(x_t, x_in, t, self.net)
+            x_t, _ = sampler_step(self.diffusion.objective, outs[0], outs[1] if len(outs) > 1 else None,
+                                  x_t, x_in, plan.coefs[i])
+        return x_t, torch.full((b,), int(plan.times[k]), dtype=torch.long, device=self.device)
 
     def sample_t(self, b: int) -> torch.Tensor:
         """One time index per sample: uniform over [0, T), or over the sampling grid with ``optim.t_grid``."""
