@@ -54,10 +54,12 @@ def main(argv=None):
     ap.add_argument("--sigma", nargs="+", type=float, default=[25.0])
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--limit", type=int, default=None, help="first N images of each folder")
+    ap.add_argument("--threads", type=int, default=None, help="backend intra-op threads (default: all cores)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
     results = []
-    with Restorer(a.model, a.backend, steps=a.steps) as r:
+    opts = {"threads": a.threads} if a.threads else {}
+    with Restorer(a.model, a.backend, steps=a.steps, **opts) as r:
         print(f"model {a.model or 'built-in'} on {r.backend}, {r.plan.steps} steps")
         for folder in a.data:
             for s in a.sigma:
