@@ -87,13 +87,15 @@ def initial_state(plan: SamplingPlan, x_input: np.ndarray, rng: np.random.Genera
     return (base + plan.init_scale() * noise).astype(np.float32)
 
 
-def sample(model: ModelFn, plan: SamplingPlan, x_input, x_t, step_noise: Callable[[int], object] | None = None):
+def sample(model: ModelFn, plan: SamplingPlan, x_input, x_t, step_noise: Callable[[int], object] | None = None,
+           stop: int | None = None):
     """Run the K-step reverse loop with any model callable; returns the restored sample in [-1, 1].
 
     ``x_input`` and ``x_t`` are arrays/tensors of the same kind; ``step_noise(i)`` supplies
-    z for stochastic steps (η > 0).
+    z for stochastic steps (η > 0). ``stop`` = k runs only the first k steps and returns the
+    state the loop holds before step k (the trainer's rollout).
     """
-    for i in range(plan.steps):
+    for i in range(plan.steps if stop is None else stop):
         coef = plan.coefs[i]
         outs = model(x_t, x_input, int(plan.times[i]))
         out1 = outs[1] if len(outs) > 1 else None

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from rddm_infer.atomic import atomic_path
 from rddm_infer.errors import CheckpointError, RDDMError
 from rddm_infer.model import TorchRDDM, UnetRes, save_checkpoint
-from rddm_infer.sampler import step as sampler_step
+from rddm_infer.sampler import sample
 from rddm_infer.schedule import SamplingPlan, Schedule, time_grid
 
 from . import config as cfgmod
@@ -231,12 +231,9 @@ class Trainer:
         if k is None:
             k = int(torch.randint(0, plan.steps, (1,), generator=self.gen, device=self.device))
         x_t = x_in + plan.init_scale() * torch.randn(x_in.shape, generator=self.gen, device=self.device)
-        for i in range(k):
-            t = torch.full((b,), int(plan.times[i]), dtype=torch.long, device=self.device)
-            outs = self._net_outputs(x_t, x_in, t, self.net)
-            x_t, _ = sampler_step(self.diffusion.objective, outs[0], outs[1] if len(outs) > 1 else None,
-                                  x_t, x_in, plan.coefs[i])
-        return x_t, torch.full((b,), int(plan.times[k]), dtype=torch.long, device=self.device)
+        times = lambda t: torch.full((b,), int(t), dtype=torch.long, device=self.device)  # noqa: E731
+        model = lambda x, xi, t: self._net_outputs(x, xi, times(t), self.net)  # noqa: E731
+        return sample(model, plan, x_in, x_t, stop=k), times(plan.times[k])
 
     def sample_t(self, b: int) -> torch.Tensor:
         """One time index per sample: uniform over [0, T), or over the sampling grid with ``optim.t_grid``."""
