@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_path, write_bytes_atomic
+from ..atomic import write_bytes_atomic
 from ..errors import CheckpointError
 from ..schedule import DiffusionConfig
 from .unet import UNetConfig, UnetRes
@@ -191,12 +191,13 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
 def save_checkpoint(path: str | os.PathLike, net: torch.nn.Module, unet: UNetConfig, diffusion: DiffusionConfig,
                     **info) -> Path:
     """Write weights + settings as one self-describing safetensors file (atomically), and a JSON beside it."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     meta = {"format": FORMAT, "unet": unet.to_dict(), "diffusion": diffusion.to_dict(), **info}
     sd = {k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(sd, str(tmp), metadata={META_KEY: json.dumps(meta)})
+    # Serialised in memory and written by our own atomic writer: safetensors >= 0.7 writes through a private
+    # `.tmpXXXXXX` file of its own, which a run killed mid-checkpoint would leave behind.
+    write_bytes_atomic(path, save(sd, metadata={META_KEY: json.dumps(meta)}))
     write_bytes_atomic(path.with_suffix(".json"), (json.dumps(meta, indent=2) + "\n").encode())
     return path
