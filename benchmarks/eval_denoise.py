@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from rddm_infer import Restorer, psnr, read_image, ssim
+from rddm_infer.tiling import DEFAULT_TILE
 
 
 def add_noise(clean: np.ndarray, sigma: float, seed: int) -> np.ndarray:
@@ -55,12 +56,13 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--limit", type=int, default=None, help="first N images of each folder")
     ap.add_argument("--threads", type=int, default=None, help="backend intra-op threads (default: all cores)")
+    ap.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile size (the runtime's default unless given)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
     results = []
     opts = {"threads": a.threads} if a.threads else {}
-    with Restorer(a.model, a.backend, steps=a.steps, **opts) as r:
-        print(f"model {a.model or 'built-in'} on {r.backend}, {r.plan.steps} steps")
+    with Restorer(a.model, a.backend, steps=a.steps, tile=a.tile, **opts) as r:
+        print(f"model {a.model or 'built-in'} on {r.backend}, {r.plan.steps} steps, tile {a.tile}")
         for folder in a.data:
             for s in a.sigma:
                 res = evaluate(r, folder, s, a.limit)

@@ -15,6 +15,23 @@ import onnx
 from onnx import helper, numpy_helper
 
 
+def symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Re-derive every intermediate shape with ONNX Runtime's symbolic inference.
+
+    onnxslim names a fresh unknown for a Conv's spatial axes when its input comes out of a
+    Transpose (the export form's LayerNormalization); ONNX Runtime's inference carries
+    ``height``/``width`` through. Where it cannot handle a graph, onnxslim's shapes stay.
+    """
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    fresh = onnx.ModelProto.FromString(model.SerializeToString())
+    del fresh.graph.value_info[:]
+    try:
+        return SymbolicShapeInference.infer_shapes(fresh, auto_merge=True)
+    except Exception:  # an op it does not know: static_reshapes then rewrites fewer targets
+        return model
+
+
 def static_reshapes(model: onnx.ModelProto) -> int:
     """Rewrite computed Reshape targets in place; returns how many were rewritten."""
     g = model.graph

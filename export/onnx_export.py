@@ -1,6 +1,6 @@
 """Checkpoint -> self-describing ONNX graph (unet / step / fused; fp32 or mixed fp16).
 
-Pipeline: fold weight standardisation on a copy of the network, wrap it
+Pipeline: put a copy of the network in its export form (WS folded, ORT-friendly norms and attention), wrap it
 (:mod:`rddm_export.graphs`), export with a small example input (the axes are dynamic
 anyway; the legacy exporter needs tens of GB of RAM for an unrolled dim-64 graph at
 256²), simplify with onnxslim (constant folding, no leftover shape arithmetic),
@@ -22,10 +22,10 @@ import torch
 from rddm_infer.atomic import atomic_path
 from rddm_infer.artifact import META_KEY, ArtifactMeta
 from rddm_infer.errors import CheckpointError
-from rddm_infer.model import LoadedModel, fold_weight_standardization
+from rddm_infer.model import LoadedModel, to_export_form
 from rddm_infer.schedule import NUM_COEFS, SamplingPlan
 
-from .graph_cleanup import static_reshapes
+from .graph_cleanup import static_reshapes, symbolic_shapes
 from .graphs import build_graph, example_inputs
 
 EXPORTERS = ("legacy", "dynamo")
@@ -52,7 +52,7 @@ def export_onnx(loaded: LoadedModel, path: str | os.PathLike, kind: str = "step"
                               "(the graph contract has no input for it)")
     SamplingPlan.create(loaded.diffusion, steps, eta)  # refuse a bad K or η before any tracing
     path = Path(path)
-    net = fold_weight_standardization(copy.deepcopy(loaded.net).float().cpu().eval())
+    net = to_export_form(copy.deepcopy(loaded.net).float().cpu().eval())
     graph = build_graph(net, loaded.diffusion, kind, loaded.unet.num_outputs, steps, eta)
     t0 = time.perf_counter()
     model = trace(graph, loaded.unet.channels, loaded.unet.size_multiple, exporter, opset)
@@ -126,7 +126,7 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     """Constant folding and dead shape arithmetic removal (onnxslim)."""
     import onnxslim
 
-    return onnxslim.slim(model)
+    return symbolic_shapes(onnxslim.slim(model))
 
 
 def set_metadata(model: onnx.ModelProto, meta: ArtifactMeta) -> None:

@@ -95,6 +95,10 @@ def test_graph_hygiene():
     produced_by = {o: n for n in g.node for o in n.output}
     ops = [n.op_type for n in g.node]
     assert "Einsum" not in ops and "MatMul" in ops and "Softmax" in ops
+    # export form: channel LayerNorms as LayerNormalization, qkv as three convs (no Split), every softmax
+    # over the contiguous last axis (the linear attention's q is normalised after its matmul)
+    assert "LayerNormalization" in ops and "ReduceMean" not in ops and "Split" not in ops
+    assert all(a.i in (-1, 3) for n in g.node if n.op_type == "Softmax" for a in n.attribute if a.name == "axis")
     # weight standardisation folded: every convolution reads constant weights
     assert all(n.input[1] in inits for n in g.node if n.op_type == "Conv")
     # reshape targets are constants or a tensor's Shape read directly, never Gather/Concat arithmetic

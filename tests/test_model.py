@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import tiny_loaded_model
-from rddm_infer.model import UNetConfig, UnetRes, fold_weight_standardization, infer_unet_config
-from rddm_infer.model.unet import LinearAttention, Attention, use_sdpa
+from rddm_infer.model import UNetConfig, UnetRes, fold_weight_standardization, infer_unet_config, to_export_form
+from rddm_infer.model.unet import LayerNorm, LinearAttention, Attention, use_sdpa
 
 # A sample of the reference's parameter names (UnetRes(share_encoder=0) and =1, dim_mults=(1, 2)).
 REFERENCE_KEYS_TWO_UNETS = [
@@ -92,6 +92,31 @@ def test_matmul_attention_equals_reference_einsum():
     with torch.no_grad():
         assert torch.allclose(lin(x), _reference_linear_attention(lin, x), atol=1e-5)
         assert torch.allclose(full(x), _reference_attention(full, x), atol=1e-5)
+
+
+def test_export_form_modules_equal_the_reference_form():
+    torch.manual_seed(2)
+    x = 8 * torch.randn(2, 16, 6, 10)  # large activations: saturated softmaxes exercise the max subtraction
+    lin, full, norm = LinearAttention(16), Attention(16), LayerNorm(16)
+    with torch.no_grad():
+        norm.g.uniform_(0.5, 2.0)
+        expected = _reference_linear_attention(lin, x), _reference_attention(full, x), norm(x)
+        for mod in (lin, full, norm):
+            mod.export_form = True
+        got = lin(x), full(x), norm(x)
+    for e, g in zip(expected, got):
+        assert torch.allclose(e, g, atol=1e-5, rtol=1e-5)
+
+
+def test_export_form_network_keeps_outputs():
+    m = tiny_loaded_model(share_encoder=0)
+    x, t = torch.randn(2, 6, 16, 24), torch.tensor([999, 199])
+    with torch.no_grad():
+        before = m.net(x, t)
+        after = to_export_form(m.net)(x, t)
+    assert all(m.export_form for m in m.net.modules() if isinstance(m, (LayerNorm, LinearAttention, Attention)))
+    for a, b in zip(before, after):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_fused_sdpa_attention_equals_the_exported_matmul_form():

@@ -9,7 +9,8 @@ renaming. Two deliberate differences from the reference, neither changing fp32 r
   switches to 1e-3 under half precision.
 
 Weight standardisation can be folded into constant weights for export
-(:func:`fold_weight_standardization`).
+(:func:`fold_weight_standardization`), and :func:`to_export_form` also rewrites the norms and
+attentions into the same math in the op shapes ONNX Runtime runs fastest.
 """
 
 from __future__ import annotations
@@ -89,11 +90,16 @@ def standardized(w: torch.Tensor) -> torch.Tensor:
 class LayerNorm(nn.Module):
     """Channel LayerNorm with a gain only (parameter ``g``)."""
 
+    export_form = False  # one LayerNormalization over a channels-last view instead of 8 strided passes
+
     def __init__(self, dim):
         super().__init__()
         self.g = nn.Parameter(torch.ones(1, dim, 1, 1))
 
     def forward(self, x):
+        if self.export_form:
+            y = F.layer_norm(x.permute(0, 2, 3, 1), (self.g.shape[1],), self.g.reshape(-1), None, EPS)
+            return y.permute(0, 3, 1, 2)
         mean = x.mean(dim=1, keepdim=True)
         var = (x - mean).pow(2).mean(dim=1, keepdim=True)
         return (x - mean) * torch.rsqrt(var + EPS) * self.g
@@ -162,6 +168,8 @@ class ResnetBlock(nn.Module):
 class _QKVAttention(nn.Module):
     """Shared by both attentions: a 1×1 conv to q, k, v, split into heads as (b, heads, dim_head, h·w)."""
 
+    export_form = False  # three 1×1 convs on slices of the weight: no copy splitting a 3×-wide output
+
     def __init__(self, dim, heads=4, dim_head=32):
         super().__init__()
         self.scale = dim_head ** -0.5
@@ -170,7 +178,11 @@ class _QKVAttention(nn.Module):
 
     def qkv(self, x):
         b, _, h, w = x.shape
-        return (a.reshape(b, self.heads, -1, h * w) for a in self.to_qkv(x).chunk(3, dim=1))
+        if self.export_form:
+            parts = (F.conv2d(x, wi) for wi in self.to_qkv.weight.chunk(3, dim=0))
+        else:
+            parts = self.to_qkv(x).chunk(3, dim=1)
+        return (a.reshape(b, self.heads, -1, h * w) for a in parts)
 
 
 class LinearAttention(_QKVAttention):
@@ -181,10 +193,14 @@ class LinearAttention(_QKVAttention):
     def forward(self, x):
         b, c, h, w = x.shape
         q, k, v = self.qkv(x)  # b h d n
-        q = q.softmax(dim=-2) * self.scale
         k = k.softmax(dim=-1)
         context = torch.matmul(k, v.transpose(-1, -2)) / (h * w)  # b h d e
-        out = torch.matmul(context.transpose(-1, -2), q)  # b h e n
+        if self.export_form:  # q's softmax (over d, a strided axis) normalised after the matmul instead
+            e = torch.exp(q - q.amax(dim=-2, keepdim=True))
+            out = torch.matmul(context.transpose(-1, -2) * self.scale, e) / e.sum(dim=-2, keepdim=True)
+        else:
+            q = q.softmax(dim=-2) * self.scale
+            out = torch.matmul(context.transpose(-1, -2), q)  # b h e n
         return self.to_out(out.reshape(b, -1, h, w))
 
 
@@ -343,4 +359,18 @@ def fold_weight_standardization(model: nn.Module) -> nn.Module:
             if isinstance(m, WeightStandardizedConv2d) and m.standardize:
                 m.weight.copy_(standardized(m.weight))
                 m.standardize = False
+    return model
+
+
+def to_export_form(model: nn.Module) -> nn.Module:
+    """Fold weight standardisation and switch norms and attentions to their export form (in place).
+
+    Same math to float rounding (~1e-6), shaped for ONNX Runtime's CPU kernels: the channel LayerNorm
+    becomes one LayerNormalization, ``to_qkv`` three convs, and the linear attention's q-softmax is
+    normalised after its matmul; ~10 % per call at 512² (benchmarks/NOTES.md, session 9).
+    """
+    fold_weight_standardization(model)
+    for m in model.modules():
+        if isinstance(m, (LayerNorm, _QKVAttention)):
+            m.export_form = True
     return model
