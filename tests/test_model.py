@@ -114,7 +114,7 @@ def test_export_form_network_keeps_outputs():
     with torch.no_grad():
         before = m.net(x, t)
         after = to_export_form(m.net)(x, t)
-    assert all(m.export_form for m in m.net.modules() if isinstance(m, (LayerNorm, LinearAttention, Attention)))
+    assert all(mod.export_form for mod in m.net.modules() if isinstance(mod, (LayerNorm, LinearAttention, Attention)))
     for a, b in zip(before, after):
         assert torch.allclose(a, b, atol=1e-5)
 
