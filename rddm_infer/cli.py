@@ -67,6 +67,7 @@ def restore(
     compile: bool = typer.Option(False, "--compile", help="torch backend: torch.compile the network."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors."),
     json_out: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
+    report: bool = typer.Option(False, "--report", help="Write OUTPUT/report.html (before/after) and run.json."),
 ):
     """Restore images; one bad file is reported and skipped, the run goes on."""
     from .pipeline import Restorer
@@ -81,6 +82,12 @@ def restore(
                       f"{restorer.meta.graph} graph, {restorer.plan.steps} steps")
         summary = _run_with_progress(restorer, inputs, output, quiet=quiet or json_out, suffix=suffix, ext=ext,
                                      skip_existing=skip_existing, recursive=recursive, gt_dir=gt)
+        if report:
+            from .report import write_restore_report
+
+            page = write_restore_report(summary, restorer, output, gt_dir=gt)
+            if not quiet:
+                err.print(f"report: {escape(str(page))}")
     if json_out:
         print(json.dumps(summary.to_dict(), indent=2))
     elif not quiet or summary.count("failed"):
@@ -128,6 +135,15 @@ def _report_failure(r, console: Console = err) -> None:
         console.print(f"[red]error:[/red] {escape(r.error)}")
     elif r.error:  # restored, but e.g. its ground truth was missing
         console.print(f"[yellow]warning:[/yellow] {escape(r.error)}")
+
+
+@app.command()
+def report(output: Path = typer.Argument(..., help="An output folder of `restore --report` (holds run.json)."),
+           per_page: int = typer.Option(24, min=1, help="Comparison panels per page.")):
+    """Rebuild OUTPUT/report.html from OUTPUT/run.json, OUTPUT/metrics.csv and the image files."""
+    from .report import build_restore_report
+
+    out.print(escape(str(build_restore_report(output, per_page))))
 
 
 @app.command()
