@@ -11,7 +11,8 @@ baseline), torch bf16 autocast + channels_last, torch.compile (``--compile``), O
 are restored in overlapping tiles. Variants run round-robin (one restore each per round)
 so load drift on a shared machine hits all of them alike; each variant's speedup is over
 the baseline of the same run, and its accuracy is the PSNR of its restored image against
-the baseline's (inf = identical). Writes ``results.json``, ``results.md`` and ``results.png``.
+the baseline's (inf = identical). Writes ``results.json``, ``results.md``, ``results.png`` and
+``report.html`` (the table and the plot on one page).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import numpy as np
 from rddm_infer.atomic import atomic_path
 from rddm_infer.backends import EngineSampler, Noise
 from rddm_infer.metrics import psnr
+from rddm_infer.report import write_bench_report
 from rddm_infer.schedule import SamplingPlan
 from rddm_infer.tiling import run_tiled
 
@@ -424,6 +426,7 @@ def main(argv=None) -> dict:
     md = markdown(result)
     _write(args.out / "results.md", lambda t: t.write_text(md))
     plot(result, args.out / "results.png")
+    write_bench_report(result, args.out)
     print(md)
     return result
 

@@ -41,6 +41,7 @@ def export(
     timing_cache: Optional[Path] = typer.Option(None, help="TensorRT timing cache (default: in the output folder)."),
     workspace_gb: Optional[float] = typer.Option(None, help="TensorRT workspace limit in GiB."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
+    report: bool = typer.Option(False, "--report", help="Also write report.html into the output folder."),
 ):
     """Export CHECKPOINT to ONNX (unet / step / fused), validate each graph, optionally build TensorRT engines."""
     from .pipeline import export_all
@@ -60,6 +61,11 @@ def export(
     log = (lambda s: None) if json_out else (lambda s: err.print(f"[dim]{escape(s)}[/dim]"))
     artifacts = export_all(checkpoint, out_dir, graphs=tuple(dict.fromkeys(graph)), fp16=fp16, int8=int8, calib=calib,
                            steps=steps, eta=eta, exporter=exporter, validate=validate, tensorrt=trt_opts, load_options=load, log=log)
+    if report and artifacts:
+        from rddm_infer.report import write_export_report
+
+        page = write_export_report([a.to_dict() for a in artifacts], artifacts[0].path.parent, checkpoint=str(checkpoint))
+        log(f"report: {page}")
     if json_out:
         print(json.dumps([a.to_dict() for a in artifacts], indent=2))
         return

@@ -113,8 +113,9 @@ JS = """
 var B=document.body;B.dataset.errors="0";
 window.addEventListener("error",function(){B.dataset.errors=String(+B.dataset.errors+1)});
 function clip(c){var v=c.querySelector(".slider").value/100,vp=c.querySelector(".view"),a=c.querySelector("img.after"),
- x=c.classList.contains("zoom")?(vp.scrollLeft+v*vp.clientWidth)+"px":(v*100)+"%";
- a.style.clipPath="inset(0 0 0 "+x+")";c.querySelector(".line").style.left=(v*100)+"%";}
+ z=c.classList.contains("zoom"),w=Math.min(vp.clientWidth,c.querySelector(".stack").offsetWidth);
+ a.style.clipPath="inset(0 0 0 "+(z?(vp.scrollLeft+v*w)+"px":(v*100)+"%")+")";
+ c.querySelector(".line").style.left=z?(v*w)+"px":(v*100)+"%";}
 function zoom(c,z,fx,fy){var st=c.querySelector(".stack"),vp=c.querySelector(".view"),w=+c.dataset.w;
  c.querySelectorAll(".tools button").forEach(function(b){b.setAttribute("aria-pressed",String(+b.dataset.z===z))});
  c.querySelectorAll(".stack img").forEach(function(i){var s=z?i.dataset.full:i.dataset.thumb;
