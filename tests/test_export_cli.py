@@ -40,10 +40,18 @@ def test_reference_checkpoint_exports_validated_graphs(tmp_path):
 def test_table_report_lists_each_artifact_and_its_command(tmp_path):
     ckpt = reference_checkpoint(tmp_path, name="model-7.pt")
     out = tmp_path / "out"
-    r = _cli(ckpt, "-o", out, "--graph", "unet")
+    r = _cli(ckpt, "-o", out, "--graph", "unet", "--report")
     assert r.returncode == 0, r.stderr
     assert "unet_fp32.onnx" in r.stdout and "MiB" in r.stdout and "max_abs" in r.stdout
-    assert f"rddm-infer restore INPUT -o restored --model {out / 'unet_fp32.onnx'} --backend onnxruntime" in r.stdout
+    command = f"rddm-infer restore INPUT -o restored --model {out / 'unet_fp32.onnx'} --backend onnxruntime"
+    assert command in r.stdout
+    # --report: the same rows as a page (test_report checks the page shape)
+    from test_report import Page
+
+    page = Page(out / "report.html").check()
+    assert [a["href"] for a in page.all("a")] == ["unet_fp32.onnx"] and command in page.texts("code")
+    row = " ".join(page.texts("td") + page.texts("span"))
+    assert "passed" in row and "max_abs" in row and "MiB" in row
 
 
 def test_corrupt_checkpoints_are_refused_in_one_line(tmp_path):
