@@ -60,6 +60,10 @@ def test_bench_writes_consistent_json_markdown_png(bench_run):
     png = cv2.imread(str(out / "results.png"))
     assert png is not None and png.shape[1] == 900 and png.shape[0] > 40 + 22 * len(rows)
     assert (png < 250).any(axis=2).sum() > 1000  # bars and labels were drawn
+    from test_report import Page  # the same rows and the plot on one page
+
+    page = Page(out / "report.html").check()
+    assert set(rows) <= set(page.texts("td")) and page.all("img", src="results.png")
 
 
 def test_peak_rss_sees_an_allocation():
