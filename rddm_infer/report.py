@@ -99,7 +99,7 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}.ok{color:var(--ok)}.bad
 .stack{position:relative;width:100%}.stack img{display:block;width:100%;height:auto}
 .stack img.after{position:absolute;left:0;top:0;clip-path:inset(0 0 0 50%)}
 .up img,.cmp.zoom img{image-rendering:pixelated}.cmp.zoom .view{overflow:auto;max-height:70vh;cursor:auto}
-.cmp.zoom .stack{width:auto}.line{position:absolute;top:0;bottom:0;left:50%;width:2px;background:#ffd400;
+.cmp.zoom .stack{width:auto}.item:has(.cmp.zoom){grid-column:1/-1}.line{position:absolute;top:0;bottom:0;left:50%;width:2px;background:#ffd400;
 pointer-events:none}.lab{position:absolute;top:4px;font-size:11px;background:#000a;color:#fff;padding:0 5px;
 border-radius:3px;line-height:18px}.lab.l{left:4px}.lab.r{right:4px}.slider{width:100%;margin:6px 0 0}
 .tools button,.pages button{font:inherit;padding:1px 8px;margin-right:4px;border:1px solid var(--bd);

@@ -262,12 +262,18 @@ def test_page_in_a_real_browser(run, tmp_path):
 
         # zoom 1:1 on the wide image: the full-size file, one image pixel per screen pixel, scrollable
         i = list(IMAGES).index("wide.png")
-        b.js(f"document.querySelectorAll('.cmp')[{i}].querySelector('button[data-z=\"1\"]').click()")
-        assert b.js(LOADED) == []
-        z = b.js(f"""(() => {{const c = document.querySelectorAll('.cmp')[{i}], im = c.querySelector('img.after'),
-            v = c.querySelector('.view'); return [c.classList.contains('zoom'), im.getBoundingClientRect().width,
-            im.naturalWidth, decodeURIComponent(im.getAttribute('src')), v.scrollWidth > v.clientWidth]}})()""")
-        assert z == [True, 776, 776, "wide.png", True]
+
+        def zoom(z):
+            b.js(f"document.querySelectorAll('.cmp')[{i}].querySelector('button[data-z=\"{z}\"]').click()")
+            assert b.js(LOADED) == []
+            return b.js(f"""(() => {{const c = document.querySelectorAll('.cmp')[{i}], im = c.querySelector('img.after'),
+                v = c.querySelector('.view'); return [c.classList.contains('zoom'), im.getBoundingClientRect().width,
+                im.naturalWidth, decodeURIComponent(im.getAttribute('src')), v.scrollWidth > v.clientWidth, v.clientWidth]}})()""")
+
+        assert zoom(1)[:4] == [True, 776, 776, "wide.png"]
+        assert zoom(2)[:5] == [True, 2 * 776, 776, "wide.png", True]  # wider than the panel: scrolls
+        fit = zoom(0)
+        assert fit[0] is False and fit[1] == fit[5] < 776 and fit[4] is False  # back to the panel's width
         # a click on a fitted image zooms there
         r = b.js("(() => {const r = document.querySelector('.view').getBoundingClientRect(); "
                  "return [r.x + r.width / 2, r.y + r.height / 2]})()")

@@ -18,7 +18,7 @@ X = np.random.default_rng(1).uniform(-1, 1, (2, 3, 16, 24)).astype(np.float32)
 
 def test_runtime_never_imports_torch():
     code = ("import sys, rddm_infer, rddm_infer.cli, rddm_infer.pipeline, rddm_infer.backends.onnxruntime, "
-            "rddm_infer.backends.tensorrt, rddm_infer.imageio, rddm_infer.tiling, rddm_infer.metrics; "
+            "rddm_infer.backends.tensorrt, rddm_infer.imageio, rddm_infer.tiling, rddm_infer.metrics, rddm_infer.report; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
