@@ -85,7 +85,7 @@ def restore(
         if report:
             from .report import write_restore_report
 
-            page = write_restore_report(summary, restorer, output, gt_dir=gt)
+            page = write_restore_report(summary, restorer, output, gt_dir=gt, command=["rddm-infer", *sys.argv[1:]])
             if not quiet:
                 err.print(f"report: {escape(str(page))}")
     if json_out:

@@ -48,8 +48,11 @@ def esc(value) -> str:
 
 def href(target: str | os.PathLike, base: str | os.PathLike) -> str:
     """A relative, percent-encoded, attribute-escaped link from folder ``base`` to ``target``."""
-    rel = os.path.relpath(os.path.abspath(target), os.path.abspath(base))
-    return esc(quote(Path(rel).as_posix()))
+    try:
+        rel = quote(Path(os.path.relpath(os.path.abspath(target), os.path.abspath(base))).as_posix())
+    except ValueError:  # another drive (Windows): no relative path exists
+        rel = Path(os.path.abspath(target)).as_uri()
+    return esc(rel)
 
 
 def versions() -> dict[str, str]:
@@ -77,8 +80,15 @@ def _now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
 
 
+def _write(path: Path, data: bytes) -> Path:
+    try:
+        return write_bytes_atomic(path, data)
+    except OSError as e:
+        raise RDDMError(f"{path}: cannot write the report ({e.strerror or e})") from None
+
+
 def _write_text(path: Path, text: str) -> Path:
-    return write_bytes_atomic(path, text.encode("utf-8"))
+    return _write(path, text.encode("utf-8"))
 
 
 # ------------------------------------------------------------------------------------- page shape
@@ -177,7 +187,7 @@ def restore_record(summary, restorer, out_dir: str | os.PathLike, *, gt_dir=None
             "status": r.status, "error": r.error, "seconds": round(r.seconds, 4), "metrics": r.metrics})
     return {
         "format": RUN_FORMAT, "kind": "restore", "created": _now(),
-        "command": shlex.join(command if command is not None else ["rddm-infer", *sys.argv[1:]]),
+        "command": shlex.join(command if command is not None else sys.argv),
         "cwd": os.getcwd(),
         "model": {"path": str(restorer.choice.model), "graph": meta.graph,
                   "objective": meta.diffusion.get("objective"), "steps": plan.steps, "eta": plan.eta,
@@ -260,7 +270,7 @@ class _Assets:
         self.out_dir, self.dir, self.kept = out_dir, out_dir / ASSETS, set()
 
     def write(self, name: str, data: bytes) -> str:
-        path = write_bytes_atomic(self.dir / name, data)
+        path = _write(self.dir / name, data)
         self.kept.add(path.name)
         return href(path, self.out_dir)
 

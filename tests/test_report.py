@@ -144,6 +144,7 @@ def test_header_states_model_backend_seed_versions_and_speed(run):
     assert (m["graph"], m["objective"], m["steps"], m["precision"]) == (meta.graph, meta.diffusion["objective"],
                                                                        meta.steps, meta.precision)
     assert record["settings"]["seed"] == 3 and record["backend"].startswith("onnxruntime")
+    assert record["command"].startswith("rddm-infer restore ") and "--report" in record["command"]
     assert record["versions"]["onnxruntime"] and "torch" not in record["versions"]  # the CLI never imported it
     n = record["counts"]["restored"]
     assert record["images_per_s"] == pytest.approx(n / record["seconds"], rel=1e-3)
@@ -196,6 +197,13 @@ def test_report_command_rebuilds_from_the_folder_and_its_metrics(run, tmp_path):
     assert len(page.all("button", **{"data-p": "3"})) == 2  # page navigation above and below
     assert "PSNR 12.35 dB" in (copy / "report.html").read_text()
     assert not (copy / ".report" / "stale.jpg").exists()
+    # a report that cannot be written is one line, and the old page stays whole
+    before = (copy / "report.html").read_bytes()
+    shutil.rmtree(copy / ".report")
+    (copy / ".report").write_bytes(b"in the way")
+    r = cli("report", copy)
+    assert r.returncode == 2 and "cannot write the report" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and (copy / "report.html").read_bytes() == before
 
 
 def test_report_command_errors_are_one_line(tmp_path):
