@@ -102,7 +102,7 @@ gap:2px 14px;margin:0;background:#fff;border:1px solid var(--bd);border-radius:6
 dt{color:var(--mut)}dd{margin:0;word-break:break-word}code{font:12px ui-monospace,monospace;background:#eef0f2;
 padding:1px 4px;border-radius:3px;word-break:break-all}table{border-collapse:collapse;background:#fff;width:100%}
 th,td{border:1px solid var(--bd);padding:4px 8px;text-align:left;vertical-align:top}th{background:#eef0f2}
-td.n{text-align:right;font-variant-numeric:tabular-nums}.ok{color:var(--ok)}.bad{color:var(--bad)}
+td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}.ok{color:var(--ok)}.bad{color:var(--bad)}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,440px),1fr));gap:14px}
 .item{background:#fff;border:1px solid var(--bd);border-radius:6px;padding:10px}.item p{margin:6px 0 0;color:var(--mut)}
 .cmp{margin:0}.frame{position:relative}.view{position:relative;overflow:hidden;background:#222;cursor:zoom-in;line-height:0}
