@@ -64,7 +64,8 @@ def export(
     if report and artifacts:
         from rddm_infer.report import write_export_report
 
-        page = write_export_report([a.to_dict() for a in artifacts], artifacts[0].path.parent, checkpoint=str(checkpoint))
+        page = write_export_report([a.to_dict() for a in artifacts], artifacts[0].path.parent,
+                                   checkpoint=str(checkpoint))
         log(f"report: {page}")
     if json_out:
         print(json.dumps([a.to_dict() for a in artifacts], indent=2))

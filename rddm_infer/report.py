@@ -105,11 +105,13 @@ th,td{border:1px solid var(--bd);padding:4px 8px;text-align:left;vertical-align:
 td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}.ok{color:var(--ok)}.bad{color:var(--bad)}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,440px),1fr));gap:14px}
 .item{background:#fff;border:1px solid var(--bd);border-radius:6px;padding:10px}.item p{margin:6px 0 0;color:var(--mut)}
-.cmp{margin:0}.frame{position:relative}.view{position:relative;overflow:hidden;background:#222;cursor:zoom-in;line-height:0}
+.cmp{margin:0}.frame{position:relative}
+.view{position:relative;overflow:hidden;background:#222;cursor:zoom-in;line-height:0}
 .stack{position:relative;width:100%}.stack img{display:block;width:100%;height:auto}
 .stack img.after{position:absolute;left:0;top:0;clip-path:inset(0 0 0 50%)}
 .up img,.cmp.zoom img{image-rendering:pixelated}.cmp.zoom .view{overflow:auto;max-height:70vh;cursor:auto}
-.cmp.zoom .stack{width:auto}.item:has(.cmp.zoom){grid-column:1/-1}.line{position:absolute;top:0;bottom:0;left:50%;width:2px;background:#ffd400;
+.cmp.zoom .stack{width:auto}.item:has(.cmp.zoom){grid-column:1/-1}
+.line{position:absolute;top:0;bottom:0;left:50%;width:2px;background:#ffd400;
 pointer-events:none}.lab{position:absolute;top:4px;font-size:11px;background:#000a;color:#fff;padding:0 5px;
 border-radius:3px;line-height:18px}.lab.l{left:4px}.lab.r{right:4px}.slider{width:100%;margin:6px 0 0}
 .tools button,.pages button{font:inherit;padding:1px 8px;margin-right:4px;border:1px solid var(--bd);
@@ -144,7 +146,8 @@ var items=document.querySelectorAll(".item[data-page]"),nav=document.querySelect
 function page(p){items.forEach(function(it){it.hidden=+it.dataset.page!==p});
  if(nav)nav.querySelectorAll("button").forEach(function(b){if(+b.dataset.p===p)b.setAttribute("aria-current","page");
   else b.removeAttribute("aria-current")});B.dataset.page=String(p);}
-if(nav){nav.querySelectorAll("button").forEach(function(b){b.addEventListener("click",function(){page(+b.dataset.p)})});}
+if(nav)nav.querySelectorAll("button").forEach(function(b){
+ b.addEventListener("click",function(){page(+b.dataset.p)})});
 if(items.length)page(1);
 B.dataset.panels=String(document.querySelectorAll(".cmp").length);B.dataset.ready="1";
 })();
@@ -338,7 +341,8 @@ def _panel(i: int, im: dict, out_dir: Path, assets: _Assets, per_page: int) -> s
                              f'height="{h}" loading="lazy" alt="{cls}: {name}">')
     return (f'{head}<figure class="cmp{up}" data-w="{w}" data-h="{h}"><div class="frame"><div class="view" '
             f'title="click: 1:1 here"><div class="stack">{img("before", bt, bf)}{img("after", at, af)}</div></div>'
-            f'<div class="line"></div><span class="lab l">before</span><span class="lab r">after</span></div><input class="slider" type="range" min="0" max="100" value="50" aria-label="before / after">'
+            f'<div class="line"></div><span class="lab l">before</span><span class="lab r">after</span></div>'
+            f'<input class="slider" type="range" min="0" max="100" value="50" aria-label="before / after">'
             f'<div class="tools">zoom {tools}</div></figure>'
             f'<p>{w}×{h} · {" · ".join(facts + links)}</p></section>')
 

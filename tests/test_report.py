@@ -256,7 +256,8 @@ def test_page_in_a_real_browser(run, tmp_path):
 
         # the slider: at 100 the view shows the input, at 0 the output (compared with the real files)
         def view_at(value, index=0):
-            rect = b.js(f"""(() => {{const c = document.querySelectorAll('.cmp')[{index}], s = c.querySelector('.slider');
+            rect = b.js(f"""(() => {{const c = document.querySelectorAll('.cmp')[{index}],
+                s = c.querySelector('.slider');
                 s.value = {value}; s.dispatchEvent(new Event('input'));
                 const r = c.querySelector('.view').getBoundingClientRect();
                 return {{x: r.x, y: r.y, width: r.width, height: r.height}}}})()""")
@@ -274,9 +275,11 @@ def test_page_in_a_real_browser(run, tmp_path):
         def zoom(z):
             b.js(f"document.querySelectorAll('.cmp')[{i}].querySelector('button[data-z=\"{z}\"]').click()")
             assert b.js(LOADED) == []
-            return b.js(f"""(() => {{const c = document.querySelectorAll('.cmp')[{i}], im = c.querySelector('img.after'),
-                v = c.querySelector('.view'); return [c.classList.contains('zoom'), im.getBoundingClientRect().width,
-                im.naturalWidth, decodeURIComponent(im.getAttribute('src')), v.scrollWidth > v.clientWidth, v.clientWidth]}})()""")
+            return b.js(f"""(() => {{const c = document.querySelectorAll('.cmp')[{i}],
+                im = c.querySelector('img.after'), v = c.querySelector('.view');
+                return [c.classList.contains('zoom'), im.getBoundingClientRect().width, im.naturalWidth,
+                        decodeURIComponent(im.getAttribute('src')), v.scrollWidth > v.clientWidth,
+                        v.clientWidth]}})()""")
 
         assert zoom(1)[:4] == [True, 776, 776, "wide.png"]
         assert zoom(2)[:5] == [True, 2 * 776, 776, "wide.png", True]  # wider than the panel: scrolls
@@ -298,7 +301,8 @@ def test_pages_in_a_real_browser(run, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     assert cli("report", copy, "--per-page", "2").returncode == 0
-    visible = "[...document.querySelectorAll('.item')].filter(i => !i.hidden).map(i => i.querySelector('h2').textContent)"
+    visible = ("[...document.querySelectorAll('.item')].filter(i => !i.hidden)"
+               ".map(i => i.querySelector('h2').textContent)")
     with Browser(CHROMIUM, 1000, 1400) as b:
         b.open((copy / "report.html").as_uri())
         first = b.js(visible)
