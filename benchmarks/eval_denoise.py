@@ -138,6 +138,9 @@ def main(argv=None):
         ap.error("nothing to measure: give --data folders and/or --pairs NOISY CLEAN")
     if a.write_recommended and len(a.steps or []) < 2:
         ap.error("--write-recommended needs at least two --steps to compare")
+    missing = [f for f in [*a.data, *(a.pairs or [])] if not f.is_dir()]
+    if missing:
+        ap.error(f"{missing[0]}: no such folder")
     results = []
     opts = {"threads": a.threads} if a.threads else {}
     try:
@@ -153,8 +156,8 @@ def main(argv=None):
                     results.append(res)
                     sigma = "real " if res["sigma"] is None else f"σ={res['sigma']:4.0f}"
                     print(f"{res['data']:16s} {sigma} {res['steps']:2d} steps: PSNR {res['psnr']:.2f} dB "
-                          f"(input {res['psnr_in']:.2f}), SSIM {res['ssim']:.4f}, {res['seconds_per_image']:.2f} s/image",
-                          flush=True)
+                          f"(input {res['psnr_in']:.2f}), SSIM {res['ssim']:.4f}, "
+                          f"{res['seconds_per_image']:.2f} s/image", flush=True)
     except RDDMError as e:
         raise SystemExit(f"error: {e}") from None
     report = {"results": results}

@@ -98,7 +98,8 @@ def _steps_note(asked: int | None, meta, steps: int) -> str:
     if asked is not None:
         return f"--steps {steps}"
     measured = meta.recommended_steps is not None and meta.graph != "fused"
-    return f"{steps} steps (the model's recommended)" if measured else f"{steps} steps"
+    count = f"{steps} step{'s' * (steps != 1)}"
+    return f"{count} (the model's recommended)" if measured else count
 
 
 def _run_with_progress(restorer, inputs, output, *, quiet: bool, **kw):
@@ -149,7 +150,8 @@ def info(model: str = typer.Argument(..., help="ONNX model, TensorRT engine or c
     plan = meta.plan(meta.steps)
     rows = [("file", f"{path} ({path.stat().st_size / 1e6:.2f} MB)"), ("format", meta.format),
             ("graph", meta.graph), ("steps", meta.steps), ("eta", meta.eta), ("times", list(plan.times)),
-            ("recommended", f"{meta.recommended_steps} steps" if meta.recommended_steps else "not measured"),
+            ("recommended", f"{meta.recommended_steps} (measured; the default)" if meta.recommended_steps
+             else "not measured"),
             ("precision", meta.precision), ("size multiple", meta.size_multiple), ("channels", meta.channels),
             ("channel order", meta.channel_order), ("input range", list(meta.input_range)),
             ("diffusion", json.dumps(meta.diffusion)), ("unet", json.dumps(meta.unet)), ("source", meta.source)]

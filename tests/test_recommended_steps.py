@@ -127,6 +127,12 @@ def test_restore_uses_the_recommended_steps_by_default_and_says_so(sets, tmp_pat
     read = lambda d: cv2.imread(str(tmp_path / d / "p0.png")).astype(int)  # noqa: E731
     assert np.array_equal(read("default"), read("two")) and not np.array_equal(read("default"), read("five"))
     r = _cli("info", model)
-    assert r.returncode == 0 and "recommended: 2 steps" in r.stdout and "steps: 5" in r.stdout
+    assert r.returncode == 0 and "recommended: 2 (measured; the default)" in r.stdout and "steps: 5" in r.stdout
     r = _cli("info", models.onnx_model("step"))
     assert "recommended: not measured" in r.stdout
+
+
+def test_eval_refuses_missing_folders_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        eval_denoise.main(["--data", str(tmp_path / "nope"), "--steps", "1", "2"])
+    assert e.value.code == 2 and "nope: no such folder" in capsys.readouterr().err
