@@ -1,10 +1,15 @@
 """Denoising quality of a model on clean validation folders, the way the literature measures it.
 
 Gaussian noise of σ (0-255 scale) with a fixed seed per image, clipped and rounded to 8 bits;
-PSNR / SSIM of the restored 8-bit output against the clean image (RGB, full image).
+PSNR / SSIM of the restored 8-bit output against the clean image (RGB, full image). ``--gray`` adds the
+gray versions of the sets (one noise field: a gray file, as the runtime reads it), ``--pairs`` real noisy/clean
+pairs. With several ``--steps`` it reports PSNR per step count and the recommended steps (the fewest within
+0.05 dB of the best, averaged over everything measured); ``--write-recommended`` stamps them into an ONNX model.
 
     python -m benchmarks.eval_denoise --model rddm_infer/weights/default.onnx \\
         --data ../shared/data/val/kodak24 ../shared/data/val/mcmaster --sigma 15 25 50 --out eval.json
+    python -m benchmarks.eval_denoise --data ../shared/data/val/kodak24 --gray --steps 1 2 3 5 \\
+        --pairs ../shared/data/val/polyu_real/noisy ../shared/data/val/polyu_real/clean --write-recommended m.onnx
 """
 
 from __future__ import annotations
@@ -16,8 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
+import cv2
+
 from rddm_infer import Restorer, psnr, read_image, ssim
+from rddm_infer.artifact import META_KEY, ArtifactMeta
+from rddm_infer.atomic import atomic_path
+from rddm_infer.errors import RDDMError
 from rddm_infer.tiling import DEFAULT_TILE
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif")
+TOLERANCE_DB = 0.05  # steps within this of the best PSNR count as "as good"
 
 
 def add_noise(clean: np.ndarray, sigma: float, seed: int) -> np.ndarray:
@@ -26,51 +39,142 @@ def add_noise(clean: np.ndarray, sigma: float, seed: int) -> np.ndarray:
 
 
 def _chw(img: np.ndarray) -> np.ndarray:
-    """H×W×C 8-bit (as cv2 reads) -> C×H×W in [0, 1], what rddm_infer.metrics takes."""
-    return np.moveaxis(img, -1, 0).astype(np.float64) / 255.0
+    """H×W×C (or H×W gray) 8-bit, as cv2 reads -> C×H×W in [0, 1], what rddm_infer.metrics takes."""
+    return (img[None] if img.ndim == 2 else np.moveaxis(img, -1, 0)).astype(np.float64) / 255.0
 
 
-def evaluate(restorer: Restorer, folder: Path, sigma: float, limit: int | None = None) -> dict:
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif"))
-    files = files[:limit] if limit else files
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _score(restorer: Restorer, name: str, noisy: np.ndarray, clean: np.ndarray) -> dict:
+    out = restorer.restore_array(noisy)
+    c, n, o = _chw(clean), _chw(noisy), _chw(out)
+    return {"image": name, "psnr_in": psnr(n, c), "psnr": psnr(o, c), "ssim": ssim(o, c)}
+
+
+def _summary(data: str, sigma: float | None, rows: list[dict], seconds: float, **extra) -> dict:
+    n = max(len(rows), 1)
+    return {"data": data, "sigma": sigma, **extra, "images": len(rows),
+            "psnr_in": sum(r["psnr_in"] for r in rows) / n, "psnr": sum(r["psnr"] for r in rows) / n,
+            "ssim": sum(r["ssim"] for r in rows) / n, "seconds_per_image": seconds / n, "per_image": rows}
+
+
+def evaluate(restorer: Restorer, folder: Path, sigma: float, limit: int | None = None, gray: bool = False) -> dict:
+    """Synthetic Gaussian noise on clean images; ``gray``: on their gray (luma) versions, one noise field."""
+    files = _images(folder)[:limit] if limit else _images(folder)
     rows, t0 = [], time.perf_counter()
     for i, f in enumerate(files):
         clean = read_image(f).pixels
-        noisy = add_noise(clean, sigma, seed=1000 * int(sigma) + i)
-        out = restorer.restore_array(noisy)
-        c, n, o = _chw(clean), _chw(noisy), _chw(out)
-        rows.append({"image": f.name, "psnr_in": psnr(n, c), "psnr": psnr(o, c), "ssim": ssim(o, c)})
-    n = max(len(rows), 1)
-    return {"data": folder.name, "sigma": sigma, "images": len(rows),
-            "psnr_in": sum(r["psnr_in"] for r in rows) / n, "psnr": sum(r["psnr"] for r in rows) / n,
-            "ssim": sum(r["ssim"] for r in rows) / n, "seconds_per_image": (time.perf_counter() - t0) / n,
-            "per_image": rows}
+        if gray and clean.ndim == 3:
+            clean = cv2.cvtColor(clean[..., :3], cv2.COLOR_BGR2GRAY)
+        rows.append(_score(restorer, f.name, add_noise(clean, sigma, seed=1000 * int(sigma) + i), clean))
+    return _summary(folder.name + (" gray" if gray else ""), sigma, rows, time.perf_counter() - t0)
+
+
+def evaluate_pairs(restorer: Restorer, noisy_dir: Path, clean_dir: Path, limit: int | None = None) -> dict:
+    """Real noisy/clean pairs matched by file name (e.g. one shot vs the mean of many of a static scene)."""
+    clean = {p.name: p for p in _images(clean_dir)}
+    noisy = _images(noisy_dir)[:limit] if limit else _images(noisy_dir)
+    missing = [p.name for p in noisy if p.name not in clean]
+    if missing or not noisy:
+        raise RDDMError(f"{noisy_dir}: {len(missing)} image(s) without a clean image of the same name in {clean_dir}"
+                        + (f", e.g. {missing[0]}" if missing else " (no images)"))
+    rows, t0 = [], time.perf_counter()
+    for p in noisy:
+        rows.append(_score(restorer, p.name, read_image(p).pixels, read_image(clean[p.name]).pixels))
+    return _summary(f"{noisy_dir.parent.name}/{noisy_dir.name}", None, rows, time.perf_counter() - t0)
+
+
+def recommend_steps(results: list[dict], tolerance: float = TOLERANCE_DB) -> tuple[int, dict[int, float]]:
+    """The fewest steps whose PSNR, averaged over every (set, σ) measured, is within ``tolerance`` of the best."""
+    by_steps: dict[int, list[float]] = {}
+    for r in results:
+        by_steps.setdefault(r["steps"], []).append(r["psnr"])
+    means = {k: float(np.mean(v)) for k, v in sorted(by_steps.items())}
+    best = max(means.values())
+    return min(k for k, m in means.items() if m >= best - tolerance), means
+
+
+def write_recommended(model: Path, steps: int) -> None:
+    """Stamp ``recommended_steps`` into an ONNX model's ``rddm`` metadata (other keys kept as they are), atomically."""
+    import json
+
+    import onnx
+
+    m = onnx.load(str(model))
+    prop = next((p for p in m.metadata_props if p.key == META_KEY), None)
+    if prop is None:
+        raise RDDMError(f"{model}: no '{META_KEY}' metadata (not exported by rddm-export)")
+    meta = ArtifactMeta.from_json(prop.value, where=str(model))
+    if meta.graph == "fused":
+        raise RDDMError(f"{model}: a fused graph has its {meta.steps} steps built in; stamp a 'step' or 'unet' graph")
+    raw = json.loads(prop.value)
+    raw["recommended_steps"] = int(steps)
+    prop.value = json.dumps(raw, sort_keys=True)
+    ArtifactMeta.from_json(prop.value, where=str(model))  # still a valid description
+    with atomic_path(model) as tmp:
+        onnx.save(m, str(tmp))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="ONNX / engine / checkpoint (default: the built-in model)")
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--data", nargs="+", required=True, type=Path)
+    ap.add_argument("--data", nargs="*", default=[], type=Path, help="clean folders (synthetic Gaussian noise)")
+    ap.add_argument("--gray", action="store_true", help="also the gray (luma) versions of --data, one noise field")
+    ap.add_argument("--pairs", nargs=2, type=Path, metavar=("NOISY", "CLEAN"), help="real pairs, matched by name")
     ap.add_argument("--sigma", nargs="+", type=float, default=[25.0])
-    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--steps", nargs="+", type=int, default=None,
+                    help="step counts to measure (default: the model's); several: PSNR per count + the recommended")
     ap.add_argument("--limit", type=int, default=None, help="first N images of each folder")
     ap.add_argument("--threads", type=int, default=None, help="backend intra-op threads (default: all cores)")
     ap.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile size (the runtime's default unless given)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--write-recommended", type=Path, default=None, metavar="MODEL.onnx",
+                    help="stamp the recommended steps into this ONNX model's metadata (needs 2+ --steps)")
     a = ap.parse_args(argv)
+    if not a.data and not a.pairs:
+        ap.error("nothing to measure: give --data folders and/or --pairs NOISY CLEAN")
+    if a.write_recommended and len(a.steps or []) < 2:
+        ap.error("--write-recommended needs at least two --steps to compare")
+    missing = [f for f in [*a.data, *(a.pairs or [])] if not f.is_dir()]
+    if missing:
+        ap.error(f"{missing[0]}: no such folder")
     results = []
     opts = {"threads": a.threads} if a.threads else {}
-    with Restorer(a.model, a.backend, steps=a.steps, tile=a.tile, **opts) as r:
-        print(f"model {a.model or 'built-in'} on {r.backend}, {r.plan.steps} steps, tile {a.tile}")
-        for folder in a.data:
-            for s in a.sigma:
-                res = evaluate(r, folder, s, a.limit)
-                results.append(res)
-                print(f"{res['data']:10s} σ={s:4.0f}: PSNR {res['psnr']:.2f} dB (input {res['psnr_in']:.2f}), "
-                      f"SSIM {res['ssim']:.4f}, {res['seconds_per_image']:.2f} s/image", flush=True)
+    try:
+        with Restorer(a.model, a.backend, steps=(a.steps or [None])[0], tile=a.tile, **opts) as r:
+            print(f"model {a.model or 'built-in'} on {r.backend}, tile {a.tile}")
+            for k in a.steps or [None]:
+                r.plan = r.sampler.plan(k)  # same session, another step count
+                runs = [lambda f=f, s=s, g=g: evaluate(r, f, s, a.limit, g)
+                        for f in a.data for g in ((False, True) if a.gray else (False,)) for s in a.sigma]
+                runs += [lambda: evaluate_pairs(r, *a.pairs, a.limit)] if a.pairs else []
+                for run in runs:
+                    res = {**run(), "steps": r.plan.steps}
+                    results.append(res)
+                    sigma = "real " if res["sigma"] is None else f"σ={res['sigma']:4.0f}"
+                    print(f"{res['data']:16s} {sigma} {res['steps']:2d} steps: PSNR {res['psnr']:.2f} dB "
+                          f"(input {res['psnr_in']:.2f}), SSIM {res['ssim']:.4f}, "
+                          f"{res['seconds_per_image']:.2f} s/image", flush=True)
+    except RDDMError as e:
+        raise SystemExit(f"error: {e}") from None
+    report = {"results": results}
+    if len(a.steps or []) > 1:
+        best, means = recommend_steps(results)
+        report.update(psnr_by_steps=means, recommended_steps=best)
+        print("mean PSNR by steps: " + ", ".join(f"{k}: {m:.3f} dB" for k, m in means.items()))
+        print(f"recommended steps: {best} (the fewest within {TOLERANCE_DB} dB of the best)")
+        if a.write_recommended:
+            try:
+                write_recommended(a.write_recommended, best)
+            except RDDMError as e:
+                raise SystemExit(f"error: {e}") from None
+            print(f"{a.write_recommended}: recommended_steps = {best} written")
     if a.out:
-        a.out.write_text(json.dumps(results, indent=2) + "\n")
+        # A plain list as before when one step count was measured (older readers), else the report.
+        a.out.write_text(json.dumps(report if len(a.steps or []) > 1 else results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -31,10 +31,16 @@ class ArtifactMeta:
     source: str = ""
     format: str = FORMAT
     extra: dict = field(default_factory=dict)
+    # unet/step: the fewest steps within 0.05 dB of the best, measured (benchmarks.eval_denoise --steps);
+    # the run-time default when set. None: not measured (older artifacts), ``steps`` is the default.
+    recommended_steps: int | None = None
 
     def __post_init__(self):
         if self.graph not in GRAPH_KINDS:
             raise CheckpointError(f"unknown graph kind {self.graph!r}")
+        if self.recommended_steps is not None and not (isinstance(self.recommended_steps, int)
+                                                       and self.recommended_steps >= 1):
+            raise CheckpointError(f"recommended_steps must be a positive integer, got {self.recommended_steps!r}")
         self.input_range = tuple(self.input_range)
 
     @property
@@ -49,13 +55,19 @@ class ArtifactMeta:
     def num_outputs(self) -> int:
         return 1 if self.unet.get("share_encoder") == -1 else 2
 
+    @property
+    def default_steps(self) -> int:
+        """Steps when none are asked for: the measured recommendation, except where a fused graph bakes them in."""
+        return self.steps if self.graph == "fused" or self.recommended_steps is None else self.recommended_steps
+
     def plan(self, steps: int | None = None, eta: float | None = None) -> SamplingPlan:
-        return SamplingPlan.create(self.config, self.steps if steps is None else steps, self.eta if eta is None else eta)
+        return SamplingPlan.create(self.config, self.default_steps if steps is None else steps,
+                                   self.eta if eta is None else eta)
 
     def to_json(self) -> str:
         d = asdict(self)
         d["input_range"] = list(self.input_range)
-        d["times"] = list(self.plan().times)
+        d["times"] = list(self.plan(self.steps).times)
         return json.dumps(d, sort_keys=True)
 
     @classmethod

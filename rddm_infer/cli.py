@@ -51,7 +51,8 @@ def restore(
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="ONNX model, TensorRT engine or checkpoint (default: built-in)."),
     backend: str = typer.Option("auto", help="auto | tensorrt | onnxruntime | torch"),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the model's)."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the model's measured recommendation, "
+                                        "else its export default)."),
     eta: Optional[float] = typer.Option(None, help="DDIM η (default: the model's)."),
     seed: int = typer.Option(0, help="Noise seed (same seed, same result on every backend)."),
     tile: int = typer.Option(DEFAULT_TILE, help="Tile size for large images."),
@@ -79,7 +80,7 @@ def restore(
     with restorer:
         if not quiet:
             err.print(f"backend: [bold]{escape(restorer.backend)}[/bold] ({escape(restorer.choice.reason)}); "
-                      f"{restorer.meta.graph} graph, {restorer.plan.steps} steps")
+                      f"{restorer.meta.graph} graph, {_steps_note(steps, restorer.meta, restorer.plan.steps)}")
         summary = _run_with_progress(restorer, inputs, output, quiet=quiet or json_out, suffix=suffix, ext=ext,
                                      skip_existing=skip_existing, recursive=recursive, gt_dir=gt)
         if report:
@@ -97,6 +98,15 @@ def restore(
                       f"(per image: {escape(str(output / 'metrics.csv'))})")
         out.print(f"{summary.line()} ({summary.images_per_s:.2f} images/s)")
     raise typer.Exit(1 if summary.count("failed") else 0)
+
+
+def _steps_note(asked: int | None, meta, steps: int) -> str:
+    """Where the step count came from: the user, the model's measured recommendation, or its export default."""
+    if asked is not None:
+        return f"--steps {steps}"
+    measured = meta.recommended_steps is not None and meta.graph != "fused"
+    count = f"{steps} step{'s' * (steps != 1)}"
+    return f"{count} (the model's recommended)" if measured else count
 
 
 def _run_with_progress(restorer, inputs, output, *, quiet: bool, **kw):
@@ -153,9 +163,11 @@ def info(model: str = typer.Argument(..., help="ONNX model, TensorRT engine or c
 
     path = Path(model)
     meta = read_artifact_meta(path)
-    plan = meta.plan()
+    plan = meta.plan(meta.steps)
     rows = [("file", f"{path} ({path.stat().st_size / 1e6:.2f} MB)"), ("format", meta.format),
             ("graph", meta.graph), ("steps", meta.steps), ("eta", meta.eta), ("times", list(plan.times)),
+            ("recommended", f"{meta.recommended_steps} (measured; the default)" if meta.recommended_steps
+             else "not measured"),
             ("precision", meta.precision), ("size multiple", meta.size_multiple), ("channels", meta.channels),
             ("channel order", meta.channel_order), ("input range", list(meta.input_range)),
             ("diffusion", json.dumps(meta.diffusion)), ("unet", json.dumps(meta.unet)), ("source", meta.source)]

@@ -119,3 +119,115 @@ def test_bits_rounds_the_degraded_input_to_8_bit_levels_like_a_saved_photo():
     assert np.abs(eight - floats).max() <= 0.5 / 255 + 1e-6 and eight.min() >= 0 and eight.max() <= 1
     with pytest.raises(DegradationError, match="data.bits"):
         Pipeline.from_specs(spec, bits=17)
+
+
+# --- real-photo noise: camera pipeline, channel-correlated, gray, mixtures ---------------------------------------
+
+def test_camera_pipeline_round_trips_a_clean_photo():
+    from rddm_train.degradations import Camera, demosaic, mosaic
+
+    img = photo(64).astype(np.float64)
+    smooth = np.ones(img.shape[:2], bool)
+    smooth[12:36, 12:36] = False  # the bright square's edges: there bilinear demosaicking blurs, as cameras do
+    smooth[:2], smooth[-2:], smooth[:, :2], smooth[:, -2:] = False, False, False, False
+    for seed in range(3):
+        cam = Camera.draw(np.random.default_rng(seed))
+        assert np.allclose(cam.cam2rgb.sum(axis=1), 1.0)  # white stays white
+        back = cam.process(demosaic(mosaic(cam.unprocess(img))))
+        assert np.abs(back - img)[smooth].max() < 3e-3  # bilinear demosaic of smooth content is near exact
+
+
+def test_camera_noise_variance_grows_with_the_signal_in_linear_raw_space():
+    from rddm_train.degradations import Camera, camera_noise, raw_noise_levels
+
+    img = np.zeros((128, 256, 3), np.float32)
+    img[:, :128], img[:, 128:] = 0.25, 0.7
+    for seed in range(3):
+        rng = np.random.default_rng(seed)  # the draws camera_noise makes, in its order
+        cam = Camera.draw(rng)
+        shot, read = raw_noise_levels(rng, 1e-3)
+        out = camera_noise(img, np.random.default_rng(seed), shot=1e-3)
+        assert out.dtype == np.float32 and out.min() >= 0 and out.max() <= 1
+        clean_lin = cam.unprocess(img.astype(np.float64))
+        noise = (cam.unprocess(out.astype(np.float64)) - clean_lin)[4:-4, :, 1]  # green: half the Bayer sites
+        dark, bright = noise[:, 4:124].var(), noise[:, 132:252].var()
+        g_dark, g_bright = clean_lin[0, 0, 1], clean_lin[0, 255, 1]
+        expected = (read + shot * g_bright) / (read + shot * g_dark)  # variance = read + shot · signal
+        assert expected > 2.5 and abs(bright / dark / expected - 1) < 0.15, (bright / dark, expected)
+        assert abs(noise[:, 4:124].mean()) < 0.1 * np.sqrt(dark)  # zero-mean: the colours are kept
+
+
+def test_camera_noise_levels_follow_the_papers_log_linear_read_shot_relation():
+    from rddm_train.degradations import raw_noise_levels
+
+    levels = np.array([raw_noise_levels(np.random.default_rng(s)) for s in range(400)])
+    log_shot, log_read = np.log(levels[:, 0]), np.log(levels[:, 1])
+    assert np.log(1e-4) <= log_shot.min() and log_shot.max() <= np.log(1.2e-2)
+    slope, intercept = np.polyfit(log_shot, log_read, 1)
+    assert abs(slope - 2.18) < 0.1 and abs(intercept - 1.20) < 0.5
+    assert abs((log_read - (2.18 * log_shot + 1.20)).std() - 0.26) < 0.04
+
+
+def test_gray_gaussian_puts_one_noise_field_in_all_channels_and_grays_the_target():
+    img = 0.25 + 0.5 * photo(64)  # away from 0 and 1: nothing clipped
+    noisy, clean = Pipeline.from_specs([{"name": "gray_gaussian", "sigma": 25}]).apply(img, np.random.default_rng(3))
+    assert noisy.dtype == clean.dtype == np.float32 and noisy.shape == clean.shape == img.shape
+    assert np.array_equal(clean[..., 0], clean[..., 1]) and np.array_equal(clean[..., 0], clean[..., 2])
+    assert np.allclose(clean[..., 0], img @ np.array([0.299, 0.587, 0.114]), atol=1e-6)
+    noise = noisy - clean
+    assert np.array_equal(noise[..., 0], noise[..., 1]) and np.array_equal(noise[..., 0], noise[..., 2])
+    assert abs(noise.std() * 255 - 25) < 1.5
+
+
+def test_correlated_gaussian_has_the_drawn_channel_covariance():
+    from rddm_train.degradations import correlated_gaussian, random_covariance
+
+    flat = np.full((256, 256, 3), 0.5, np.float32)
+    for seed in range(3):
+        cov = random_covariance(np.random.default_rng(seed), 20)  # the first draw correlated_gaussian makes
+        noise = (correlated_gaussian(flat, np.random.default_rng(seed), 20) - flat).reshape(-1, 3)
+        assert np.abs(np.cov(noise.T) - cov).max() < 0.03 * np.trace(cov) / 3
+        assert abs(np.sqrt(np.trace(cov) / 3) * 255 - 20) < 1e-6  # mean per-channel σ is the drawn σ
+    corr = [abs(np.corrcoef(random_covariance(np.random.default_rng(s), 20))[0, 1]) for s in range(50)]
+    assert min(corr) < 0.2 and max(corr) > 0.8  # from nearly independent to nearly identical channels
+
+
+def test_one_of_mixes_noise_models_with_their_weights():
+    pipe = Pipeline.from_specs([{"one_of": [{"name": "gaussian", "sigma": 20}, {"name": "gray_gaussian", "sigma": 20}],
+                                 "weights": [1, 3]}])
+    img = 0.25 + 0.5 * photo(32)
+    gray = 0
+    for s in range(200):
+        noisy, clean = pipe.apply(img, np.random.default_rng(s))
+        same = np.array_equal(noisy[..., 0] - clean[..., 0], noisy[..., 1] - clean[..., 1])
+        assert same == np.array_equal(clean[..., 0], clean[..., 2])  # gray target <=> gray noise
+        gray += same
+    assert 130 < gray < 170  # 3 of 4
+    a, b = (pipe.apply(img, np.random.default_rng(9)) for _ in range(2))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("specs, message", [
+    ([{"one_of": []}], "one_of must be a non-empty list"),
+    ([{"one_of": [{"name": "gaussian"}], "weights": [1, 2]}], "weights must be 1 non-negative"),
+    ([{"one_of": [{"name": "gaussian", "p": 0.5}]}], "use weights"),
+    ([{"one_of": [{"name": "gaussian"}], "mode": 1}], "unknown key(s) 'mode'"),
+    ([{"name": "jpeg"}, {"name": "gray_gaussian"}], "must be the first step"),
+    ([{"name": "camera_noise", "shot": 0}], "camera_noise.shot"),
+])
+def test_bad_mixtures_are_refused_with_a_clear_message(specs, message):
+    with pytest.raises(DegradationError) as e:
+        Pipeline.from_specs(specs, source="my.toml data.degradations")
+    assert message in str(e.value) and "data.degradations" in str(e.value)
+
+
+def test_the_real_denoiser_config_mixes_todays_gaussian_with_real_photo_noise():
+    from rddm_train import config
+
+    cfg = config.load("real_denoiser")
+    pipe = Pipeline.from_specs(cfg.data.degradations, bits=cfg.data.bits)
+    names = {c.name for c in pipe.steps[0].choices}
+    assert {"gaussian", "camera_noise", "correlated_gaussian", "gray_gaussian"} <= names
+    gauss = next(c for c in pipe.steps[0].choices if c.name == "gaussian")
+    assert gauss.params["sigma"] == [0, 50]
+    assert cfg.model == config.load("default_denoiser").model  # fine-tunes the built-in model (--init)

@@ -116,3 +116,18 @@ def test_print_config_and_resume_without_a_run(tmp_path):
     assert "lr = 0.0001" in r.stdout and "bf16 = true" in r.stdout and "dim_mults = [1, 2, 4, 8]" in r.stdout
     r = rddm_train(*TINY_ARGS, "--out", tmp_path / "nothing", "--resume")
     assert r.returncode == 2 and "state.pt: no checkpoint to resume from" in r.stderr
+
+
+def test_real_denoiser_config_fine_tunes_the_built_in_model(tmp_path, photos):
+    """The packaged mixture (camera / correlated / gray / Gaussian noise, JPEG) runs as shipped, from --init."""
+    out = tmp_path / "real"
+    weights = Path(__file__).parents[1] / "rddm_infer" / "weights" / "default.safetensors"
+    small = ["data.crop=32", "val.crop=32", "val.count=2", "run.batch_size=2", "data.num_workers=0", "run.threads=1"]
+    r = rddm_train("--config", "real_denoiser", "--init", weights, *[a for s in small for a in ("--set", s)],
+                   "--data", photos, "--val", photos, "--out", out, "--steps", 2, "--val-every", 2, "--device", "cpu",
+                   "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "step 2/2 (done), val PSNR" in r.stdout
+    saved = config.load(out / "config.toml")
+    assert saved.data.degradations[0]["one_of"][1]["name"] == "camera_noise" and saved.model.dim == 16
+    assert load_checkpoint(out / "ema.safetensors").info == {"weights": "ema", "step": 2}

@@ -117,3 +117,12 @@ def test_validation_set_is_fixed(photos):
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], c[1]) and not np.array_equal(a[0], c[0])
     gt0 = cv2.imread(str(photos / "img00.png"))[4:36, 8:40, ::-1].transpose(2, 0, 1) / 255.0
     assert np.allclose(a[1][0], gt0, atol=1e-6)  # centre crop of a 40×48 photo
+
+
+def test_a_gray_step_grays_the_training_and_validation_targets_too(photos):
+    gray = Pipeline.from_specs([{"name": "gray_gaussian", "sigma": 25}])
+    inp, gt = TrainSet(ImageBank.load(list_images(photos)), 32, seed=0, pipeline=gray)[3]
+    assert torch.equal(gt[0], gt[1]) and torch.equal(gt[0], gt[2])  # the model must keep a gray photo gray
+    assert not torch.equal(inp, gt) and torch.equal(inp[0] - gt[0], inp[1] - gt[1])  # one noise field
+    ins, gts, _ = validation_set(32, 2, seed=9, clean=str(photos), pipeline=gray)
+    assert np.array_equal(gts[:, 0], gts[:, 2]) and not np.array_equal(ins, gts)

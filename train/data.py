@@ -152,7 +152,7 @@ class TrainSet(Dataset):
         if self.inputs is not None:
             inp = cut(_fit(self.inputs[k], self.crop)).astype(np.float32) / 255.0
         else:
-            inp = self.pipeline(gt_crop, rng)
+            inp, gt_crop = self.pipeline.apply(gt_crop, rng)
         return inp, gt_crop
 
     def __getitem__(self, i: int):
@@ -213,8 +213,9 @@ def validation_set(crop: int, count: int, seed: int, clean: str = "", inputs: st
         names = [b.name for _, b in pairs]
     else:
         files = list_images(clean)[:count]
-        gts = [center_crop(read_rgb(f), crop).astype(np.float32) / 255 for f in files]
-        ins = [pipeline(g, np.random.default_rng([seed, i])) for i, g in enumerate(gts)]
+        crops = [center_crop(read_rgb(f), crop).astype(np.float32) / 255 for f in files]
+        degraded = [pipeline.apply(g, np.random.default_rng([seed, i])) for i, g in enumerate(crops)]
+        ins, gts = [d[0] for d in degraded], [d[1] for d in degraded]  # a gray step grays the target too
         names = [f.name for f in files]
     stack = lambda xs: np.stack([x.transpose(2, 0, 1) for x in xs]).astype(np.float32)  # noqa: E731
     return stack(ins), stack(gts), names

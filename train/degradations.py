@@ -105,6 +105,149 @@ def low_light(img: np.ndarray, rng: np.random.Generator, gamma: Range = (1.5, 3.
     return dark + (draw(rng, sigma) / 255.0) * rng.standard_normal(img.shape, dtype=np.float32)
 
 
+def _luma(img: np.ndarray) -> np.ndarray:
+    """ITU-R BT.601 luma, the weights OpenCV (and most scanners) use to make a gray image from RGB."""
+    return img @ np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def gray_gaussian(img: np.ndarray, rng: np.random.Generator,
+                  sigma: Range = (0, 50)) -> tuple[np.ndarray, np.ndarray]:
+    """A gray photo as the runtime sees one (luma copied into R, G and B) with ONE noise field for all three.
+
+    Changes the target too (returns ``(noisy, clean)``): the model must learn to keep a gray image gray, and
+    that noise identical across channels is noise, not content (trained only on i.i.d. per-channel noise,
+    the model leaves it in).
+    """
+    gray = np.repeat(_luma(img)[..., None], img.shape[2], axis=2)
+    noise = (draw(rng, sigma) / 255.0) * rng.standard_normal(img.shape[:2], dtype=np.float32)
+    return gray + noise[..., None], gray
+
+
+def random_covariance(rng: np.random.Generator, sigma: Range = (0, 50), channels: int = 3) -> np.ndarray:
+    """A random channel covariance (0-1 units): ``A·Aᵀ`` of a Gaussian matrix, scaled so that the mean
+    per-channel variance is σ² — correlations anywhere from none to nearly total, of either sign."""
+    a = rng.standard_normal((channels, channels))
+    cov = a @ a.T
+    return cov * (draw(rng, sigma) / 255.0) ** 2 / (np.trace(cov) / channels)
+
+
+def correlated_gaussian(img: np.ndarray, rng: np.random.Generator, sigma: Range = (0, 50)) -> np.ndarray:
+    """Gaussian noise correlated across channels (a drawn 3×3 covariance, ``random_covariance``), white in space:
+    what colour processing (the camera's colour matrix, YCbCr chroma handling) does to sensor noise."""
+    cov = random_covariance(rng, sigma, img.shape[2])
+    w, v = np.linalg.eigh(cov)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T  # symmetric square root: exact for rank-deficient draws too
+    z = rng.standard_normal(img.shape, dtype=np.float32)
+    return img + z @ root.astype(np.float32).T
+
+
+# --- a simple camera (Brooks et al. 2019, "Unprocessing Images for Learned Raw Denoising") -----------------
+# sRGB photo -> (inverse tone curve, inverse gamma, inverse colour matrix, inverse white balance) -> linear raw,
+# mosaicked RGGB -> shot + read noise (variance read + shot·x) -> bilinear demosaic -> white balance, colour
+# matrix, gamma, tone curve -> sRGB again. The noise ends up signal-dependent and correlated in space and colour,
+# as in a real photo. Written from the paper's description.
+
+GAMMA = 2.2
+
+
+def _tone(x: np.ndarray) -> np.ndarray:
+    """The paper's global tone curve, a smoothstep 3x² - 2x³."""
+    x = np.clip(x, 0.0, 1.0)
+    return 3 * x ** 2 - 2 * x ** 3
+
+
+def _untone(y: np.ndarray) -> np.ndarray:
+    """Inverse of the smoothstep on [0, 1]."""
+    return 0.5 - np.sin(np.arcsin(1.0 - 2.0 * np.clip(y, 0.0, 1.0)) / 3.0)
+
+
+@dataclass(frozen=True)
+class Camera:
+    """One drawn camera: colour matrix (camera RGB -> linear sRGB, rows sum to 1) and white-balance gains."""
+
+    cam2rgb: np.ndarray  # 3×3
+    gains: np.ndarray  # (r, g, b) multipliers applied to the raw channels (red, blue > 1; all × brightness)
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> "Camera":
+        # Real colour matrices amplify saturation: diagonal > 1, negative off-diagonal terms, rows summing to 1
+        # so that white stays white. Off-diagonals drawn in the range of common cameras' matrices.
+        off = -rng.uniform(0.0, 0.5, (3, 3))
+        np.fill_diagonal(off, 0.0)
+        cam2rgb = off + np.diag(1.0 - off.sum(axis=1))
+        # The paper's gains: red in [1.9, 2.4], blue in [1.5, 1.9], an overall brightness gain 1 / N(0.8, 0.1).
+        bright = 1.0 / np.clip(rng.normal(0.8, 0.1), 0.5, 1.1)
+        gains = np.array([rng.uniform(1.9, 2.4), 1.0, rng.uniform(1.5, 1.9)]) * bright
+        return cls(cam2rgb, gains)
+
+    def unprocess(self, img: np.ndarray) -> np.ndarray:
+        """sRGB [0, 1] -> linear camera RGB (white balance removed), still H×W×3."""
+        lin = np.power(np.maximum(_untone(img), 1e-8), GAMMA)
+        cam = np.clip(lin @ np.linalg.inv(self.cam2rgb).T, 0.0, None)
+        # Dividing by the gains would turn clipped whites grey-ish pink; keep the brightest pixels saturated by
+        # fading the inverse gain to 1 above 0.9 (the paper's highlight-preserving inversion).
+        inv = 1.0 / self.gains
+        mask = (np.clip(cam.mean(axis=2, keepdims=True) - 0.9, 0.0, None) / 0.1) ** 2
+        return cam * np.maximum(mask + (1.0 - mask) * inv, inv)
+
+    def process(self, cam: np.ndarray) -> np.ndarray:
+        """Linear camera RGB -> sRGB [0, 1]: white balance, colour matrix, gamma, tone curve."""
+        lin = np.clip((cam * self.gains) @ self.cam2rgb.T, 0.0, 1.0)
+        return _tone(np.power(np.maximum(lin, 1e-8), 1.0 / GAMMA))
+
+
+def mosaic(rgb: np.ndarray) -> np.ndarray:
+    """H×W×3 -> H×W RGGB Bayer plane (red at (0, 0), blue at (1, 1))."""
+    raw = rgb[..., 1].copy()
+    raw[0::2, 0::2] = rgb[0::2, 0::2, 0]
+    raw[1::2, 1::2] = rgb[1::2, 1::2, 2]
+    return raw
+
+
+_RB_KERNEL = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float32) / 4
+_G_KERNEL = np.array([[0, 1, 0], [1, 4, 1], [0, 1, 0]], np.float32) / 4
+
+
+def demosaic(raw: np.ndarray) -> np.ndarray:
+    """Bilinear demosaic of an RGGB plane (float, negative values kept; same result as OpenCV's
+    ``COLOR_BayerBG2RGB`` away from the border, which needs 8/16-bit input and would clip the noise)."""
+    h, w = raw.shape
+    masks = np.zeros((3, h, w), np.float32)
+    masks[0, 0::2, 0::2] = masks[2, 1::2, 1::2] = 1
+    masks[1] = 1 - masks[0] - masks[2]
+    # Reflect-101 keeps the Bayer phase at the border (row -1 mirrors row 1, the same colour).
+    chans = [cv2.filter2D(raw.astype(np.float32) * m, -1, k, borderType=cv2.BORDER_REFLECT_101)
+             for m, k in zip(masks, (_RB_KERNEL, _G_KERNEL, _RB_KERNEL))]
+    return np.stack(chans, axis=-1)
+
+
+def raw_noise_levels(rng: np.random.Generator, shot: Range = (1e-4, 1.2e-2)) -> tuple[float, float]:
+    """(shot, read) variance factors: shot log-uniform over ``shot``, log(read) = 2.18·log(shot) + 1.20 + N(0, 0.26)
+    (the paper's fit to real sensors: darker scenes, higher ISO, more of both)."""
+    lo, hi = (shot, shot) if not isinstance(shot, (list, tuple)) else shot
+    s = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+    return s, float(np.exp(2.18 * np.log(s) + 1.20 + rng.normal(0.0, 0.26)))
+
+
+def add_raw_noise(raw: np.ndarray, rng: np.random.Generator, shot: float, read: float) -> np.ndarray:
+    """Heteroscedastic Gaussian approximation of Poisson-Gaussian noise: variance ``read + shot·x``."""
+    std = np.sqrt(read + shot * np.clip(raw, 0.0, None))
+    return raw + std * rng.standard_normal(raw.shape, dtype=np.float32)
+
+
+def camera_noise(img: np.ndarray, rng: np.random.Generator, shot: Range = (1e-4, 1.2e-2)) -> np.ndarray:
+    """Real-photo noise: the image taken back to a linear RGGB raw through a drawn camera, given shot + read
+    noise there, then developed again (demosaic, white balance, colour matrix, gamma, tone curve).
+
+    ``shot``: the shot-noise factor's range (drawn log-uniformly; variance = read + shot·x in linear raw units),
+    read noise follows from it. Add a ``jpeg`` step after it for compressed photos.
+    """
+    cam = Camera.draw(rng)
+    raw = mosaic(cam.unprocess(img.astype(np.float64)))
+    noisy = add_raw_noise(raw.astype(np.float32), rng, *raw_noise_levels(rng, shot))
+    return cam.process(demosaic(noisy).astype(np.float64)).astype(np.float32)
+
+
 # name -> (function, {param: (lo, hi)} bounds for validation)
 REGISTRY: dict[str, tuple[Callable, dict[str, tuple[float, float]]]] = {
     "gaussian": (gaussian_noise, {"sigma": (0, 255)}),
@@ -114,7 +257,12 @@ REGISTRY: dict[str, tuple[Callable, dict[str, tuple[float, float]]]] = {
     "defocus_blur": (defocus_blur, {"radius": (0, 64)}),
     "rain": (rain, {"density": (0, 1), "length": (1, 255), "angle": (-90, 90), "intensity": (0, 1)}),
     "low_light": (low_light, {"gamma": (0.05, 10), "scale": (0, 1), "sigma": (0, 255)}),
+    "camera_noise": (camera_noise, {"shot": (1e-8, 1.0)}),
+    "correlated_gaussian": (correlated_gaussian, {"sigma": (0, 255)}),
+    "gray_gaussian": (gray_gaussian, {"sigma": (0, 255)}),
 }
+# These return (degraded, clean): they change the target as well, so they may only come first in a pipeline.
+CHANGES_TARGET = {"gray_gaussian"}
 
 
 @dataclass(frozen=True)
@@ -125,8 +273,71 @@ class Degradation:
     p: float
     params: dict
 
-    def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         return REGISTRY[self.name][0](img, rng, **self.params)
+
+    @property
+    def changes_target(self) -> bool:
+        return self.name in CHANGES_TARGET
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """A mixture: with probability ``p``, exactly one of ``choices``, drawn with ``weights`` (blind training
+    over several noise models, e.g. i.i.d. Gaussian or camera noise or a gray photo's noise)."""
+
+    choices: tuple[Degradation, ...]
+    weights: tuple[float, ...]
+    p: float = 1.0
+
+    def __call__(self, img: np.ndarray, rng: np.random.Generator):
+        return self.choices[int(rng.choice(len(self.choices), p=self.weights))](img, rng)
+
+    @property
+    def changes_target(self) -> bool:
+        return any(c.changes_target for c in self.choices)
+
+
+def _parse_step(spec, where: str) -> Degradation:
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise DegradationError(f"{where}: expected a table with a 'name', got {spec!r}")
+    spec = dict(spec)
+    name, p = spec.pop("name"), spec.pop("p", 1.0)
+    if name not in REGISTRY:
+        raise DegradationError(f"{where}: unknown degradation {name!r} (known: {', '.join(REGISTRY)})")
+    if not isinstance(p, (int, float)) or not 0 <= p <= 1:
+        raise DegradationError(f"{where} {name}: p must be in [0, 1], got {p!r}")
+    bounds = REGISTRY[name][1]
+    for key, value in spec.items():
+        if key not in bounds:
+            raise DegradationError(f"{where} {name}: unknown parameter {key!r} (known: {', '.join(bounds)})")
+        _check_range(f"{where} {name}.{key}", value, *bounds[key])
+    return Degradation(name, float(p), spec)
+
+
+def _parse_one_of(spec: dict, where: str) -> OneOf:
+    """``{one_of = [{name = ...}, ...], weights = [...], p = 1.0}``: weights default to equal."""
+    spec = dict(spec)
+    choices, weights, p = spec.pop("one_of"), spec.pop("weights", None), spec.pop("p", 1.0)
+    if spec:
+        raise DegradationError(f"{where}: unknown key(s) {', '.join(map(repr, spec))} beside one_of "
+                               f"(known: one_of, weights, p)")
+    if not isinstance(choices, list) or not choices:
+        raise DegradationError(f"{where}: one_of must be a non-empty list of degradation tables")
+    steps = []
+    for j, c in enumerate(choices):
+        if isinstance(c, dict) and "p" in c:
+            raise DegradationError(f"{where}.one_of[{j}]: a choice has no p of its own (use weights)")
+        steps.append(_parse_step(c, f"{where}.one_of[{j}]"))
+    weights = [1.0] * len(steps) if weights is None else weights
+    if (not isinstance(weights, list) or len(weights) != len(steps) or sum(weights) <= 0
+            or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights)):
+        raise DegradationError(f"{where}: weights must be {len(steps)} non-negative numbers with a positive sum, "
+                               f"got {weights!r}")
+    if not isinstance(p, (int, float)) or not 0 <= p <= 1:
+        raise DegradationError(f"{where} one_of: p must be in [0, 1], got {p!r}")
+    total = float(sum(weights))
+    return OneOf(tuple(steps), tuple(float(w) / total for w in weights), float(p))
 
 
 class Pipeline:
@@ -134,43 +345,40 @@ class Pipeline:
 
     ``bits`` > 0 also rounds the output to that many bits per channel: inputs saved as 8-bit photos are
     clipped *and* quantised, and a model trained on float noise misreads the clipped shadows and highlights.
+    A step that changes the target (``CHANGES_TARGET``, e.g. a gray photo) must come first: ``apply`` then
+    returns the target it made.
     """
 
-    def __init__(self, steps: list[Degradation], bits: int = 0):
+    def __init__(self, steps: list[Degradation | OneOf], bits: int = 0):
         if not 0 <= bits <= 16:
             raise DegradationError(f"data.bits must be 0 (no rounding) or 1-16, got {bits!r}")
         self.steps, self.levels = list(steps), float(2 ** bits - 1) if bits else 0.0
 
     @classmethod
     def from_specs(cls, specs: list[dict], source: str = "data.degradations", bits: int = 0) -> "Pipeline":
-        steps = []
-        for i, spec in enumerate(specs):
-            if not isinstance(spec, dict) or "name" not in spec:
-                raise DegradationError(f"{source}[{i}]: expected a table with a 'name', got {spec!r}")
-            spec = dict(spec)
-            name, p = spec.pop("name"), spec.pop("p", 1.0)
-            if name not in REGISTRY:
-                raise DegradationError(f"{source}[{i}]: unknown degradation {name!r} (known: {', '.join(REGISTRY)})")
-            if not isinstance(p, (int, float)) or not 0 <= p <= 1:
-                raise DegradationError(f"{source}[{i}] {name}: p must be in [0, 1], got {p!r}")
-            bounds = REGISTRY[name][1]
-            for key, value in spec.items():
-                if key not in bounds:
-                    raise DegradationError(f"{source}[{i}] {name}: unknown parameter {key!r} "
-                                           f"(known: {', '.join(bounds)})")
-                _check_range(f"{source}[{i}] {name}.{key}", value, *bounds[key])
-            steps.append(Degradation(name, float(p), spec))
+        steps = [_parse_one_of(spec, f"{source}[{i}]") if isinstance(spec, dict) and "one_of" in spec
+                 else _parse_step(spec, f"{source}[{i}]") for i, spec in enumerate(specs)]
+        for i, step in enumerate(steps[1:], 1):
+            if step.changes_target:
+                raise DegradationError(f"{source}[{i}]: {', '.join(sorted(CHANGES_TARGET))} change the clean "
+                                       f"target too, so they must be the first step")
         return cls(steps, bits)
 
-    def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        out = img.astype(np.float32, copy=True)
+    def apply(self, img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(degraded input, target): the target is ``img`` unless the first step changed it."""
+        out, clean = img.astype(np.float32, copy=True), img
         for step in self.steps:
             if rng.random() < step.p:  # always drawn, so one step's p never shifts another's randomness
                 out = step(out, rng)
+                if isinstance(out, tuple):
+                    out, clean = out
         out = np.clip(out, 0.0, 1.0)
         if self.levels:
             out = np.round(out * self.levels) / self.levels
-        return out.astype(np.float32, copy=False)
+        return out.astype(np.float32, copy=False), np.clip(clean, 0.0, 1.0).astype(np.float32, copy=False)
+
+    def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return self.apply(img, rng)[0]
 
     def __len__(self) -> int:
         return len(self.steps)

@@ -1,0 +1,138 @@
+"""The model's recommended steps: measured by benchmarks.eval_denoise, carried in the artifact, used by restore."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+
+import _runtime_models as models
+from benchmarks import eval_denoise
+from rddm_infer.artifact import META_KEY, ArtifactMeta
+from rddm_infer.errors import CheckpointError, RDDMError
+
+SCRIPT = Path(sys.executable).parent / "rddm-infer"
+
+
+def _meta(**kw) -> ArtifactMeta:
+    return ArtifactMeta(graph=kw.pop("graph", "step"), unet={"share_encoder": -1}, diffusion={}, **kw)
+
+
+def _props(path: Path) -> dict:
+    return json.loads(next(p.value for p in onnx.load(str(path), load_external_data=False).metadata_props
+                           if p.key == META_KEY))
+
+
+def test_recommended_steps_round_trip_and_older_artifacts_keep_their_default():
+    m = ArtifactMeta.from_json(_meta(steps=5, recommended_steps=2).to_json())
+    assert m.recommended_steps == 2 and m.default_steps == 2 and m.plan().steps == 2 and m.plan(3).steps == 3
+    assert json.loads(m.to_json())["times"] == [999, 799, 599, 399, 199]  # `times` still describes `steps`
+    old = json.loads(_meta(steps=5).to_json())
+    del old["recommended_steps"]  # as written before the field existed
+    m = ArtifactMeta.from_json(json.dumps(old))
+    assert m.recommended_steps is None and m.default_steps == 5 and m.plan().steps == 5
+    assert _meta(graph="fused", steps=5, recommended_steps=1).plan().steps == 5  # baked in: not ours to change
+    for bad in (0, 2.5, "3"):
+        with pytest.raises(CheckpointError, match="recommended_steps"):
+            _meta(recommended_steps=bad)
+
+
+@pytest.mark.parametrize("means, best", [({1: 29.88, 2: 29.90, 5: 29.89}, 1),  # the issue's numbers
+                                         ({1: 30.00, 2: 30.04, 5: 30.06}, 2),
+                                         ({1: 27.0, 3: 28.0, 5: 28.2}, 5)])
+def test_recommended_is_the_fewest_steps_within_0_05_db_of_the_best(means, best):
+    rows = [{"steps": k, "psnr": m + d} for k, m in means.items() for d in (-0.5, 0.5)]  # two sets per count
+    got, by_steps = eval_denoise.recommend_steps(rows)
+    assert got == best and by_steps == pytest.approx(means)
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    """Tiny clean photos, plus 'real' pairs (a fixed noisy shot of each)."""
+    root = tmp_path_factory.mktemp("sets")
+    rng = np.random.default_rng(0)
+    for name in ("clean", "pairs/noisy", "pairs/clean"):
+        (root / name).mkdir(parents=True)
+    for i in range(2):
+        y, x = np.mgrid[0:24, 0:32] / 32
+        img = (np.stack([0.2 + 0.5 * x, 0.3 + 0.4 * y, 0.6 - 0.3 * x], -1) * 255).astype(np.uint8)
+        cv2.imwrite(str(root / "clean" / f"c{i}.png"), img)
+        cv2.imwrite(str(root / "pairs/clean" / f"p{i}.png"), img)
+        cv2.imwrite(str(root / "pairs/noisy" / f"p{i}.png"), eval_denoise.add_noise(img, 20, seed=i))
+    return root
+
+
+def test_eval_measures_steps_gray_and_real_pairs_and_stamps_the_model(sets, tmp_path):
+    model = tmp_path / "m.onnx"
+    shutil.copy(models.onnx_model("step"), model)
+    before = _props(model)
+    out = tmp_path / "eval.json"
+    eval_denoise.main(["--model", str(model), "--data", str(sets / "clean"), "--gray", "--sigma", "25",
+                       "--pairs", str(sets / "pairs/noisy"), str(sets / "pairs/clean"), "--steps", "1", "2",
+                       "--threads", "1", "--tile", "64", "--out", str(out), "--write-recommended", str(model)])
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    assert [(r["data"], r["steps"]) for r in rows] == [
+        (d, k) for k in (1, 2) for d in ("clean", "clean gray", "pairs/noisy")]
+    assert all(r["images"] == 2 and np.isfinite(r["psnr"]) for r in rows)
+    assert rows[2]["psnr_in"] == pytest.approx(rows[5]["psnr_in"]) and rows[2]["sigma"] is None  # same real inputs
+    assert rows[0]["psnr"] != rows[3]["psnr"]  # 1 and 2 steps really ran
+    assert 19 < rows[1]["psnr_in"] < 22 and rows[1]["psnr_in"] != rows[0]["psnr_in"]  # σ = 25 on the gray images
+    means = {int(k): v for k, v in report["psnr_by_steps"].items()}
+    assert means == pytest.approx({k: np.mean([r["psnr"] for r in rows if r["steps"] == k]) for k in (1, 2)})
+    assert report["recommended_steps"] == eval_denoise.recommend_steps(rows)[0]
+    after = _props(model)
+    assert after.pop("recommended_steps") == report["recommended_steps"]
+    before.pop("recommended_steps", None)
+    assert after == before  # every other key as it was
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json", "m.onnx"]  # written in place, no temp left
+
+
+def test_stamping_refuses_fused_graphs_and_foreign_files(tmp_path):
+    fused = tmp_path / "f.onnx"
+    shutil.copy(models.onnx_model("fused"), fused)
+    with pytest.raises(RDDMError, match="fused graph has its 5 steps built in"):
+        eval_denoise.write_recommended(fused, 1)
+    plain = tmp_path / "plain.onnx"
+    m = onnx.load(str(fused))
+    del m.metadata_props[:]
+    onnx.save(m, str(plain))
+    with pytest.raises(RDDMError, match="no 'rddm' metadata"):
+        eval_denoise.write_recommended(plain, 1)
+
+
+def _cli(*args):
+    cmd = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "rddm_infer.cli"]
+    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=300,
+                          env={"COLUMNS": "200", "PYTHONIOENCODING": "utf-8", "PATH": "/usr/bin:/bin"})
+
+
+def test_restore_uses_the_recommended_steps_by_default_and_says_so(sets, tmp_path):
+    model = tmp_path / "m.onnx"
+    shutil.copy(models.onnx_model("step"), model)
+    eval_denoise.write_recommended(model, 2)  # the export default stays 5
+    src = sets / "pairs/noisy"
+    r = _cli("restore", src, "-o", tmp_path / "default", "--model", model)
+    assert r.returncode == 0, r.stderr
+    assert "step graph, 2 steps (the model's recommended)" in r.stderr
+    r = _cli("restore", src, "-o", tmp_path / "two", "--model", model, "--steps", 2)
+    assert r.returncode == 0 and "step graph, --steps 2" in r.stderr, r.stderr
+    r = _cli("restore", src, "-o", tmp_path / "five", "--model", model, "--steps", 5)
+    assert r.returncode == 0 and "step graph, --steps 5" in r.stderr, r.stderr
+    read = lambda d: cv2.imread(str(tmp_path / d / "p0.png")).astype(int)  # noqa: E731
+    assert np.array_equal(read("default"), read("two")) and not np.array_equal(read("default"), read("five"))
+    r = _cli("info", model)
+    assert r.returncode == 0 and "recommended: 2 (measured; the default)" in r.stdout and "steps: 5" in r.stdout
+    r = _cli("info", models.onnx_model("step"))
+    assert "recommended: not measured" in r.stdout
+
+
+def test_eval_refuses_missing_folders_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        eval_denoise.main(["--data", str(tmp_path / "nope"), "--steps", "1", "2"])
+    assert e.value.code == 2 and "nope: no such folder" in capsys.readouterr().err
