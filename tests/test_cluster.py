@@ -135,8 +135,8 @@ def test_killed_job_resumes_with_skip_existing(ray_cluster, tmp_path):
     from rddm_infer import restore_folder
 
     src, out, ref = tmp_path / "in", tmp_path / "out", tmp_path / "ref"
-    n = 16
-    _images(src, n, size=(96, 96), seed=2)
+    n = 10
+    _images(src, n, size=(80, 80), seed=2)
     assert restore_folder(src, ref, seed=3).count("restored") == n
     cmd = [sys.executable, "-m", "rddm_infer.cli", "restore", str(src), "-o", str(out), "--seed", "3", "-q",
            "--ray-address", ray_cluster, "--workers", "1"]
@@ -171,10 +171,10 @@ def test_workers_that_would_starve_ray_data_are_refused(ray_cluster, tmp_path):
 
 def test_local_runtime_same_bytes(tmp_path):
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'rddm-infer[cluster]')")
-    _images(tmp_path / "in", 3, size=(32, 40), seed=4)
+    _images(tmp_path / "in", 2, size=(32, 40), seed=4)
     one = _cli(tmp_path / "in", "-o", tmp_path / "one", "--seed", "5", "-q")
     ray = _cli(tmp_path / "in", "-o", tmp_path / "ray", "--seed", "5", "--ray", "--workers", "2",
                "--cpus-per-worker", "0.5")
     assert one.returncode == ray.returncode == 0, ray.stderr[-2000:]
     assert "2 workers × 0.5 CPU on a local Ray runtime" in ray.stderr
-    assert _outputs(tmp_path / "ray") == _outputs(tmp_path / "one") and len(_outputs(tmp_path / "one")) == 3
+    assert _outputs(tmp_path / "ray") == _outputs(tmp_path / "one") and len(_outputs(tmp_path / "one")) == 2
