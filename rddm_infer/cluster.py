@@ -23,7 +23,7 @@ import re
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -51,7 +51,14 @@ class RestoreBatch:
     """
 
     def __init__(self, model: str | os.PathLike | None = None, backend: str = "auto", *,
-                 skip_existing: bool = False, gt_dir: str | os.PathLike | None = None, **options):
+                 skip_existing: bool = False, gt_dir: str | os.PathLike | None = None, cwd: str | None = None,
+                 **options):
+        if cwd:  # relative paths (and so the error lines) mean what they meant on the driver
+            try:
+                os.chdir(cwd)
+            except OSError as e:
+                raise RDDMError(f"{cwd}: the driver's working directory is not reachable on this Ray node "
+                                f"({e.strerror or e}); pass absolute paths on a shared file system") from None
         self.restorer = Restorer(model, backend, **options)
         self.skip_existing, self.gt_dir = skip_existing, (str(gt_dir) if gt_dir else None)
 
@@ -84,10 +91,12 @@ class Pool:
     workers: int
     cpus: float
     gpus: float
+    threads: int | None = None  # engine threads per actor, when chosen here
 
     def describe(self) -> str:
         gpu = f", {self.gpus:g} GPU" if self.gpus else ""
-        return f"{self.workers} worker{'s' if self.workers != 1 else ''} × {self.cpus:g} CPU{gpu}"
+        threads = f" ({self.threads} engine thread{'s' if self.threads != 1 else ''} each)" if self.threads else ""
+        return f"{self.workers} worker{'s' if self.workers != 1 else ''} × {self.cpus:g} CPU{gpu}{threads}"
 
 
 def size_pool(total_cpus: float, total_gpus: float = 0.0, *, workers: int | None = None,
@@ -244,10 +253,11 @@ def restore_paths(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
         sizes = dict(workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
         with ray_runtime(address) as ray:
             pool = cluster_pool(ray, **sizes)
-            if on_pool:
-                on_pool(pool)
             if not pool.gpus and options.get("threads") is None and backend in ("auto", "onnxruntime"):
                 options["threads"] = max(1, math.ceil(pool.cpus))  # as many engine threads as CPUs reserved
+                pool = replace(pool, threads=options["threads"])
+            if on_pool:
+                on_pool(pool)
             for row in _stream(ray, [dict(r, index=i) for i, r in zip(todo, job_rows([jobs[i] for i in todo]))],
                                pool, model, backend, skip_existing, gt_dir, options):
                 j = jobs[row["index"]]
@@ -277,7 +287,7 @@ def _stream(ray, rows: list[dict], pool: Pool, model, backend: str, skip_existin
                         compute=ray.data.ActorPoolStrategy(size=pool.workers),
                         num_cpus=pool.cpus, num_gpus=pool.gpus or None,
                         fn_constructor_kwargs=dict(model=model, backend=backend, skip_existing=skip_existing,
-                                                   gt_dir=gt_dir, **options))
+                                                   gt_dir=gt_dir, cwd=os.getcwd(), **options))
     try:
         for row in ds.iter_rows():
             yield {k: row[k] for k in RESULT_COLUMNS}

@@ -66,9 +66,9 @@ def ray_cluster():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _cli(*args, timeout=180) -> subprocess.CompletedProcess:
+def _cli(*args, timeout=180, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "rddm_infer.cli", "restore", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **RAY_ENV})
+                          text=True, timeout=timeout, env={**os.environ, **RAY_ENV}, cwd=cwd)
 
 
 def _images(folder: Path, n: int, size=(40, 40), seed=0) -> None:
@@ -169,12 +169,11 @@ def test_workers_that_would_starve_ray_data_are_refused(ray_cluster, tmp_path):
     assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
 
 
-def test_local_runtime_same_bytes(tmp_path):
+def test_local_runtime_same_bytes_relative_paths(tmp_path):
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'rddm-infer[cluster]')")
     _images(tmp_path / "in", 2, size=(32, 40), seed=4)
-    one = _cli(tmp_path / "in", "-o", tmp_path / "one", "--seed", "5", "-q")
-    ray = _cli(tmp_path / "in", "-o", tmp_path / "ray", "--seed", "5", "--ray", "--workers", "2",
-               "--cpus-per-worker", "0.5")
+    one = _cli("in", "-o", "one", "--seed", "5", "-q", cwd=tmp_path)
+    ray = _cli("in", "-o", "ray", "--seed", "5", "--ray", "--workers", "2", "--cpus-per-worker", "0.5", cwd=tmp_path)
     assert one.returncode == ray.returncode == 0, ray.stderr[-2000:]
-    assert "2 workers × 0.5 CPU on a local Ray runtime" in ray.stderr
+    assert "2 workers × 0.5 CPU (1 engine thread each) on a local Ray runtime" in ray.stderr
     assert _outputs(tmp_path / "ray") == _outputs(tmp_path / "one") and len(_outputs(tmp_path / "one")) == 2
