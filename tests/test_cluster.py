@@ -177,3 +177,9 @@ def test_local_runtime_same_bytes_relative_paths(tmp_path):
     assert one.returncode == ray.returncode == 0, ray.stderr[-2000:]
     assert "2 workers × 0.5 CPU (1 engine thread each) on a local Ray runtime" in ray.stderr
     assert _outputs(tmp_path / "ray") == _outputs(tmp_path / "one") and len(_outputs(tmp_path / "one")) == 2
+
+
+def test_ray_options_without_ray_are_refused(tmp_path):
+    _images(tmp_path / "in", 1)
+    r = _cli(tmp_path / "in", "-o", tmp_path / "out", "--workers", "2")
+    assert r.returncode == 2 and "need --ray or --ray-address" in r.stderr and not (tmp_path / "out").exists()
