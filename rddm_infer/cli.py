@@ -69,22 +69,41 @@ def restore(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors."),
     json_out: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
     report: bool = typer.Option(False, "--report", help="Write OUTPUT/report.html (before/after) and run.json."),
+    ray: bool = typer.Option(False, "--ray", help="Run on Ray Data (a local Ray runtime unless --ray-address)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address",
+                                              help="Ray cluster to attach to: auto | host:port | ray://host:port."),
+    workers: Optional[int] = typer.Option(None, help="Ray: restore actors (default: sized from the cluster)."),
+    cpus_per_worker: Optional[float] = typer.Option(None, help="Ray: CPUs each actor reserves."),
+    gpus_per_worker: Optional[float] = typer.Option(None, help="Ray: GPUs each actor reserves (0.5: two share one)."),
 ):
     """Restore images; one bad file is reported and skipped, the run goes on."""
     from .pipeline import Restorer
 
     if gt is not None and not gt.is_dir():
         raise RDDMError(f"{gt}: ground-truth folder not found")
-    restorer = Restorer(model, backend, steps=steps, eta=eta, seed=seed, tile=tile, overlap=tile_overlap,
-                        batch=batch, threads=threads, providers=providers, compile=compile or None)
+    options = dict(steps=steps, eta=eta, seed=seed, tile=tile, overlap=tile_overlap, batch=batch, threads=threads,
+                   providers=providers, compile=compile or None)
+    ray_sizes = dict(workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+    if ray or ray_address is not None:
+        from .cluster import RayRestorer
+
+        restorer = RayRestorer(model, backend, address=ray_address, quiet=quiet, **ray_sizes, **options)
+    elif any(v is not None for v in ray_sizes.values()):
+        raise RDDMError("--workers, --cpus-per-worker and --gpus-per-worker need --ray or --ray-address")
+    else:
+        restorer = Restorer(model, backend, **options)
     with restorer:
-        if not quiet:
+        if not quiet and isinstance(restorer, Restorer):
             err.print(f"backend: [bold]{escape(restorer.backend)}[/bold] ({escape(restorer.choice.reason)}); "
                       f"{restorer.meta.graph} graph, {_steps_note(steps, restorer.meta, restorer.plan.steps)}")
         summary = _run_with_progress(restorer, inputs, output, quiet=quiet or json_out, suffix=suffix, ext=ext,
                                      skip_existing=skip_existing, recursive=recursive, gt_dir=gt)
         if report:
             from .report import write_restore_report
+
+            if restorer.meta is None:
+                raise RDDMError("--report needs the model loadable on this machine (the Ray driver could not load "
+                                "it here); restore without --report, or run the driver where the backend is installed")
 
             page = write_restore_report(summary, restorer, output, gt_dir=gt, command=["rddm-infer", *sys.argv[1:]])
             if not quiet:

@@ -295,6 +295,11 @@ class Restorer:
             write_metrics_csv(Path(out_dir) / "metrics.csv", summary)
         return summary
 
+    def run_jobs(self, jobs: list[Job], skip_existing: bool = False, gt_dir: str | os.PathLike | None = None,
+                 on_tile: Callable[[int, int], None] | None = None) -> Iterator[Result]:
+        """Planned jobs -> results, in order: the loop ``restore_paths`` and the Ray actors share."""
+        return self._run_jobs(jobs, skip_existing, Path(gt_dir) if gt_dir else None, on_tile)
+
     def _run_jobs(self, jobs: list[Job], skip_existing: bool, gt_dir: Path | None, on_tile) -> Iterator[Result]:
         pending: list[tuple[Job, Image, float]] = []  # consecutive same-size small images, batched
         pending_key: list = [None]
