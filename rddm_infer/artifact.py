@@ -7,6 +7,8 @@ length-prefixed header of our TensorRT engine files.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from dataclasses import dataclass, field, asdict
 
 from .errors import CheckpointError
@@ -15,6 +17,17 @@ from .schedule import DiffusionConfig, SamplingPlan
 META_KEY = "rddm"
 FORMAT = "rddm-infer/1"
 GRAPH_KINDS = ("unet", "step", "fused")
+MAX_TIMESTEPS = 100_000  # the schedule tables are this long; metadata beyond it is corrupt or hostile
+MAX_STEPS = 1000
+MAX_SIZE_MULTIPLE = 4096
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
@@ -33,9 +46,47 @@ class ArtifactMeta:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.graph not in GRAPH_KINDS:
+        if not isinstance(self.graph, str) or self.graph not in GRAPH_KINDS:
             raise CheckpointError(f"unknown graph kind {self.graph!r}")
+        problem = self._problem()
+        if problem:
+            raise CheckpointError(f"invalid '{META_KEY}' metadata: {problem}")
         self.input_range = tuple(self.input_range)
+        try:
+            self.plan()
+        except (ValueError, TypeError, IndexError, OverflowError) as e:
+            raise CheckpointError(f"invalid '{META_KEY}' metadata: {e}") from None
+
+    def _problem(self) -> str:
+        """The first field with a wrong type or an absurd value ('' when all are sane)."""
+        for name in ("unet", "diffusion", "extra"):
+            if not isinstance(getattr(self, name), dict):
+                return f"{name} must be an object, got {type(getattr(self, name)).__name__}"
+        for name in ("precision", "channel_order", "source", "format"):
+            if not isinstance(getattr(self, name), str):
+                return f"{name} must be a string, got {type(getattr(self, name)).__name__}"
+        d = self.diffusion
+        checks = [
+            (_is_int(self.steps) and 1 <= self.steps <= MAX_STEPS, f"steps must be an integer in [1, {MAX_STEPS}]",
+             self.steps),
+            (_is_number(self.eta) and self.eta >= 0, "eta must be a finite number >= 0", self.eta),
+            (_is_int(self.size_multiple) and 1 <= self.size_multiple <= MAX_SIZE_MULTIPLE,
+             f"size_multiple must be an integer in [1, {MAX_SIZE_MULTIPLE}]", self.size_multiple),
+            (isinstance(self.input_range, (list, tuple)) and len(self.input_range) == 2
+             and all(_is_number(v) for v in self.input_range), "input_range must be two numbers", self.input_range),
+            (_is_int(self.unet.get("channels", 3)) and self.unet.get("channels", 3) in (1, 3),
+             "unet.channels must be 1 or 3", self.unet.get("channels")),
+            (_is_int(d.get("timesteps", 1000)) and 1 <= d.get("timesteps", 1000) <= MAX_TIMESTEPS,
+             f"diffusion.timesteps must be an integer in [1, {MAX_TIMESTEPS}]", d.get("timesteps")),
+            (_is_number(d.get("sum_scale", 0.01)) and d.get("sum_scale", 0.01) > 0,
+             "diffusion.sum_scale must be a finite number > 0", d.get("sum_scale")),
+        ]
+        checks += [(isinstance(d.get(k, ""), str), f"diffusion.{k} must be a string", d.get(k))
+                   for k in ("objective", "alpha_schedule", "beta_schedule")]
+        for ok, msg, value in checks:
+            if not ok:
+                return f"{msg}, got {value!r}"
+        return ""
 
     @property
     def config(self) -> DiffusionConfig:
@@ -72,3 +123,5 @@ class ArtifactMeta:
             return cls(**known)
         except TypeError as e:
             raise CheckpointError(f"{where}: incomplete '{META_KEY}' metadata ({e})") from None
+        except CheckpointError as e:
+            raise CheckpointError(f"{where}: {e}") from None
