@@ -172,7 +172,7 @@ def collect_inputs(inputs: Sequence[str | os.PathLike], recursive: bool = False,
             matches = sorted(_glob(str(item), recursive))
             files = [m for m in matches if m.is_file() and not _in_output(m, _glob_root(str(item)), skip)]
             if not files:
-                add(p, error=f"{item}: no images found (no file matches this pattern)")
+                add(p, error=f"{item}: no images found (no files match this pattern)")
             for f in files:
                 add(f)
         else:
