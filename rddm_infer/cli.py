@@ -188,8 +188,9 @@ def _report_failure(r, console: Console = err) -> None:
 def info(model: str = typer.Argument(..., help="ONNX model, TensorRT engine or checkpoint.")):
     """Print an artifact's metadata (graph kind, steps, η, precision, architecture, diffusion)."""
     from .backends import read_artifact_meta
+    from .pipeline import resolve_model
 
-    path = Path(model)
+    path = resolve_model(model)
     meta = read_artifact_meta(path)
     plan = meta.plan()
     rows = [("file", f"{path} ({path.stat().st_size / 1e6:.2f} MB)"), ("format", meta.format),

@@ -28,6 +28,7 @@ from .atomic import remove_stale_temps
 from .imageio import (DEFAULT_MAX_PIXELS, IMAGE_EXTS, Image, check_float_range, encode_image, from_model,
                       is_complete_image, read_image, to_model, write_atomic)
 from .metrics import psnr, ssim
+from .onnx_external import check_external_data
 from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE, Tile, pad_to_multiple, run_tiled
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "default.onnx"
@@ -39,6 +40,8 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
         path = Path(model)
         if not path.exists():
             raise CheckpointError(f"{path}: no such model file")
+        if path.suffix.lower() == ".onnx" and path.is_file():
+            check_external_data(path)  # before ONNX Runtime opens it: older releases follow any path
         return path
     if not DEFAULT_MODEL.is_file():
         raise CheckpointError(f"no built-in model is installed ({DEFAULT_MODEL} is missing); "

@@ -524,3 +524,23 @@ def test_restoring_a_folder_of_odd_files_never_touches_inputs_or_leaves_partial_
         pix = cv2.imdecode(np.fromfile(str(p), np.uint8), cv2.IMREAD_UNCHANGED)
         src = cv2.imdecode(np.frombuffer(files[p.name], np.uint8), cv2.IMREAD_UNCHANGED)
         assert pix is not None and pix.shape == src.shape and pix.dtype == src.dtype
+
+
+def test_external_data_outside_the_model_folder_is_refused_before_onnx_runtime_reads_it(model, tmp_path):
+    import onnx
+
+    m = onnx.load(str(model))
+    (tmp_path / "models").mkdir()
+    onnx.save(m, str(tmp_path / "models" / "ext.onnx"), save_as_external_data=True, location="ext.data",
+              size_threshold=0)
+    (tmp_path / "secret.bin").write_bytes(b"\0" * (1 << 20))
+    ok = run("rddm-infer", "info", tmp_path / "models" / "ext.onnx")
+    assert ok.returncode == 0, ok.stderr  # external data beside the model is fine
+    m = onnx.load(str(tmp_path / "models" / "ext.onnx"), load_external_data=False)
+    entry = next(e for t in m.graph.initializer for e in t.external_data if e.key == "location")
+    entry.value = "../secret.bin"
+    (tmp_path / "models" / "evil.onnx").write_bytes(m.SerializeToString())
+    for args in (["info", tmp_path / "models" / "evil.onnx"],
+                 ["restore", tmp_path, "-m", tmp_path / "models" / "evil.onnx"]):
+        r = run("rddm-infer", *args)
+        assert r.returncode == 2 and "'../secret.bin' lies outside the model's folder" in one_line(r.stderr)
