@@ -457,7 +457,8 @@ def test_unreadable_training_images_are_skipped_with_a_warning_up_to_a_limit(tmp
     (tmp_path / "p" / "broken.png").write_text("not pixels")
     bank = ImageBank.load([*files, tmp_path / "p" / "broken.png"])
     assert len(bank) == 3 and "broken.png" not in " ".join(bank.names)
-    assert "warning" in capsys.readouterr().err and "broken.png" in capsys.readouterr().err + "broken.png"
+    err = capsys.readouterr().err
+    assert "rddm-train: warning:" in err and "broken.png: cannot be read as an image; skipped" in err
     bad = []
     for i in range(MAX_BAD_IMAGES + 1):
         (tmp_path / f"bad{i}.png").write_bytes(b"")
