@@ -11,13 +11,12 @@ behind; :func:`remove_stale_temps` deletes those of processes that no longer exi
 
 from __future__ import annotations
 
-import glob
 import itertools
 import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 _counter = itertools.count()  # next() on itertools.count is atomic under the GIL
 
@@ -56,22 +55,32 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
-    """Delete our own temporaries of ``path`` (``.name.tmpPID[-N].ext``) whose process is gone."""
-    path = Path(path)
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.tmp(\d+)(?:-\d+)?{re.escape(path.suffix)}")
-    removed = []
-    try:
-        entries = list(path.parent.glob(f".{glob.escape(path.name)}.tmp*"))
-    except OSError:
-        return removed
-    for p in entries:
-        m = pattern.fullmatch(p.name)
-        if m and not _alive(int(m.group(1))) and p.is_file() and not p.is_symlink():
-            try:
-                p.unlink()
-                removed.append(p)
-            except OSError:
-                pass
-    return removed
+_TEMP = re.compile(r"\.(?P<name>.+)\.tmp(?P<pid>\d+)(?:-\d+)?(?P<ext>\.[^./]*)?")
 
+
+def remove_stale_temps(targets: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """Delete our own temporaries of ``targets`` (``.name.tmpPID[-N].ext``) whose process is gone.
+
+    Each folder is listed once, however many targets it holds."""
+    targets = [targets] if isinstance(targets, (str, os.PathLike)) else targets
+    by_folder: dict[Path, set[str]] = {}
+    for t in map(Path, targets):
+        by_folder.setdefault(t.parent, set()).add(t.name)
+    removed = []
+    for folder, names in by_folder.items():
+        try:
+            entries = [e.name for e in os.scandir(folder) if e.name.startswith(".") and ".tmp" in e.name]
+        except OSError:
+            continue
+        for entry in entries:
+            m = _TEMP.fullmatch(entry)
+            if not m or m["name"] not in names or (m["ext"] or "") != Path(m["name"]).suffix:
+                continue
+            p = folder / entry
+            if not _alive(int(m["pid"])) and p.is_file() and not p.is_symlink():
+                try:
+                    p.unlink()
+                    removed.append(p)
+                except OSError:
+                    pass
+    return removed

@@ -384,9 +384,7 @@ class Restorer:
         jobs = collect_inputs(inputs, recursive, exclude=out_dir)
         plan_outputs(jobs, out_dir, suffix, ext)
         check_writable(Path(out_dir))
-        for job in jobs:
-            if job.dst is not None:
-                remove_stale_temps(job.dst)  # left by a run killed between write and rename
+        remove_stale_temps(j.dst for j in jobs if j.dst is not None)  # left by runs killed between write and rename
         if on_start:
             on_start(jobs)
         summary = Summary(backend=self.backend)
