@@ -136,14 +136,16 @@ _stderr_lock = threading.Lock()
 def quiet_stderr():
     """Silence the C libraries (libpng, libjpeg, libtiff) that print straight to file descriptor 2:
     we report a bad file ourselves, in one line."""
-    try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):
-        yield
-        return
+    fd = 2  # the C libraries write to the process's stderr, whatever Python's sys.stderr is now
     with _stderr_lock:
-        saved = os.dup(fd)
         try:
+            saved = os.dup(fd)
+        except OSError:  # no stderr at all
+            yield
+            return
+        try:
+            with contextlib.suppress(AttributeError, OSError, ValueError):
+                sys.stderr.flush()  # what Python already wrote must not vanish with the libraries' noise
             with open(os.devnull, "wb") as null:
                 os.dup2(null.fileno(), fd)
             yield
