@@ -190,6 +190,7 @@ def info(model: str = typer.Argument(..., help="ONNX model, TensorRT engine or c
     from .backends import read_artifact_meta
     from .pipeline import resolve_model
 
+    _quiet_onnxruntime()
     path = resolve_model(model)
     meta = read_artifact_meta(path)
     plan = meta.plan()
