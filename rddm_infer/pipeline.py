@@ -367,7 +367,8 @@ class Restorer:
     def restore_file(self, src: str | os.PathLike, dst: str | os.PathLike) -> Path:
         """Restore one file into ``dst`` (written atomically); ``dst`` may not be ``src``."""
         dst = Path(dst)
-        if Path(src).resolve() == dst.resolve() or (dst.exists() and Path(src).exists() and os.path.samefile(src, dst)):
+        same = Path(src).resolve() == dst.resolve()
+        if same or (dst.exists() and Path(src).exists() and os.path.samefile(src, dst)):
             raise ImageError(f"{dst}: the output would overwrite the input {src}; choose another name")
         img = read_image(src, self.max_pixels)
         y = self.restore_images([img], ext=dst.suffix)[0]
