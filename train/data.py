@@ -247,13 +247,12 @@ def validation_set(crop: int, count: int, seed: int, clean: str = "", inputs: st
         if not (inputs and gt):
             raise DataError("a paired validation set needs both val.input and val.gt")
         pairs = pair_files(inputs, gt)[:count]
-        (ins, gts), (_, files) = read_all([[a for a, _ in pairs], [b for _, b in pairs]])
-        ins = [center_crop(x, crop).astype(np.float32) / 255 for x in ins]
-        gts = [center_crop(x, crop).astype(np.float32) / 255 for x in gts]
-        names = [f.name for f in files]
+        ins = [center_crop(read_rgb(a), crop).astype(np.float32) / 255 for a, _ in pairs]
+        gts = [center_crop(read_rgb(b), crop).astype(np.float32) / 255 for _, b in pairs]
+        names = [b.name for _, b in pairs]
     else:
-        (images,), (files,) = read_all([list_images(clean)[:count]])
-        gts = [center_crop(x, crop).astype(np.float32) / 255 for x in images]
+        files = list_images(clean)[:count]
+        gts = [center_crop(read_rgb(f), crop).astype(np.float32) / 255 for f in files]
         ins = [pipeline(g, np.random.default_rng([seed, i])) for i, g in enumerate(gts)]
         names = [f.name for f in files]
     stack = lambda xs: np.stack([x.transpose(2, 0, 1) for x in xs]).astype(np.float32)  # noqa: E731
