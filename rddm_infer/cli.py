@@ -44,6 +44,16 @@ def _error(msg: str) -> None:
     err.print(f"[red]error:[/red] {escape(msg)}")
 
 
+def _quiet_onnxruntime() -> None:
+    """ONNX Runtime logs warnings (e.g. unused initializers) straight to stderr: keep errors only."""
+    try:
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)
+    except (ImportError, AttributeError):
+        pass
+
+
 @app.command()
 def restore(
     inputs: List[str] = typer.Argument(..., help="Image files, folders (sorted) or glob patterns."),
@@ -92,18 +102,12 @@ def restore(
     restorer = Restorer(model, backend, steps=steps, eta=eta, seed=seed, tile=tile, overlap=tile_overlap,
                         batch=batch, max_pixels=max_pixels, threads=threads, providers=providers,
                         compile=compile or None)
-    restored: list = []
     with restorer:
         if not quiet:
             err.print(f"backend: [bold]{escape(restorer.backend)}[/bold] ({escape(restorer.choice.reason)}); "
                       f"{restorer.meta.graph} graph, {restorer.plan.steps} steps")
-        try:
-            summary = _run_with_progress(restorer, inputs, output, quiet=quiet or json_out, restored=restored,
-                                         suffix=suffix, ext=ext, skip_existing=skip_existing, recursive=recursive,
-                                         gt_dir=gt)
-        except KeyboardInterrupt:
-            _error(f"interrupted: {len(restored)} restored; rerun with --skip-existing to continue")
-            raise typer.Exit(130) from None
+        summary = _run_with_progress(restorer, inputs, output, quiet=quiet or json_out, suffix=suffix, ext=ext,
+                                     skip_existing=skip_existing, recursive=recursive, gt_dir=gt)
     if json_out:
         print(json.dumps(summary.to_dict(), indent=2))
     elif not quiet or summary.count("failed"):
@@ -115,17 +119,17 @@ def restore(
     raise typer.Exit(1 if summary.count("failed") else 0)
 
 
-def _quiet_onnxruntime() -> None:
-    """ONNX Runtime logs warnings (e.g. unused initializers) straight to stderr: keep errors only."""
+def _run_with_progress(restorer, inputs, output, *, quiet: bool, **kw):
+    """Ctrl-C exits 130 with what was done, instead of a traceback."""
+    restored: list = []
     try:
-        import onnxruntime
+        return _restore_reporting(restorer, inputs, output, quiet, restored, **kw)
+    except KeyboardInterrupt:
+        _error(f"interrupted: {len(restored)} restored; rerun with --skip-existing to continue")
+        raise typer.Exit(130) from None
 
-        onnxruntime.set_default_logger_severity(3)
-    except (ImportError, AttributeError):
-        pass
 
-
-def _run_with_progress(restorer, inputs, output, *, quiet: bool, restored: list, **kw):
+def _restore_reporting(restorer, inputs, output, quiet: bool, restored: list, **kw):
     """A live bar on a terminal; one line per image otherwise (logs and pipes see progress too)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
