@@ -7,6 +7,8 @@ length-prefixed header of our TensorRT engine files.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from dataclasses import dataclass, field, asdict
 
 from .errors import CheckpointError
@@ -15,6 +17,50 @@ from .schedule import DiffusionConfig, SamplingPlan
 META_KEY = "rddm"
 FORMAT = "rddm-infer/1"
 GRAPH_KINDS = ("unet", "step", "fused")
+MAX_TIMESTEPS = 100_000  # the schedule tables are this long; metadata beyond it is corrupt or hostile
+MAX_STEPS = 1000
+MAX_SIZE_MULTIPLE = 4096
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def metadata_problem(d: dict) -> str:
+    """The first field of a metadata dict with a wrong type or an absurd value ('' when all are sane):
+    artifacts come from files, and a list where a number belongs must be one line, not a traceback."""
+    for name in ("unet", "diffusion", "extra"):
+        if name in d and not isinstance(d[name], dict):
+            return f"{name} must be an object, got {type(d[name]).__name__}"
+    for name in ("graph", "precision", "channel_order", "source", "format"):
+        if name in d and not isinstance(d[name], str):
+            return f"{name} must be a string, got {type(d[name]).__name__}"
+    unet, diff = d.get("unet", {}), d.get("diffusion", {})
+    steps, eta, multiple = d.get("steps", 5), d.get("eta", 0.0), d.get("size_multiple", 8)
+    in_range, channels = d.get("input_range", (-1.0, 1.0)), unet.get("channels", 3)
+    timesteps, sum_scale = diff.get("timesteps", 1000), diff.get("sum_scale", 0.01)
+    checks = [
+        (_is_int(steps) and 1 <= steps <= MAX_STEPS, f"steps must be an integer in [1, {MAX_STEPS}]", steps),
+        (_is_number(eta) and eta >= 0, "eta must be a finite number >= 0", eta),
+        (_is_int(multiple) and 1 <= multiple <= MAX_SIZE_MULTIPLE,
+         f"size_multiple must be an integer in [1, {MAX_SIZE_MULTIPLE}]", multiple),
+        (isinstance(in_range, (list, tuple)) and len(in_range) == 2 and all(_is_number(v) for v in in_range),
+         "input_range must be two numbers", in_range),
+        (_is_int(channels) and channels in (1, 3), "unet.channels must be 1 or 3", channels),
+        (_is_int(timesteps) and 1 <= timesteps <= MAX_TIMESTEPS,
+         f"diffusion.timesteps must be an integer in [1, {MAX_TIMESTEPS}]", timesteps),
+        (_is_number(sum_scale) and sum_scale > 0, "diffusion.sum_scale must be a finite number > 0", sum_scale),
+    ]
+    checks += [(isinstance(diff.get(k, ""), str), f"diffusion.{k} must be a string", diff.get(k))
+               for k in ("objective", "alpha_schedule", "beta_schedule")]
+    for ok, msg, value in checks:
+        if not ok:
+            return f"{msg}, got {value!r}"
+    return ""
 
 
 @dataclass
@@ -80,7 +126,16 @@ class ArtifactMeta:
             raise CheckpointError(f"{where}: not an rddm-infer artifact (no '{META_KEY}' format tag)")
         d.pop("times", None)
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        problem = metadata_problem(known)
+        if problem:
+            raise CheckpointError(f"{where}: invalid '{META_KEY}' metadata: {problem}")
         try:
-            return cls(**known)
+            meta = cls(**known)
+            meta.plan()  # the schedule and time grid must exist for these values
         except TypeError as e:
             raise CheckpointError(f"{where}: incomplete '{META_KEY}' metadata ({e})") from None
+        except (ValueError, IndexError, OverflowError) as e:
+            raise CheckpointError(f"{where}: invalid '{META_KEY}' metadata: {e}") from None
+        except CheckpointError as e:
+            raise CheckpointError(f"{where}: {e}") from None
+        return meta

@@ -3,23 +3,33 @@
 Every writer in the project (images, checkpoints, ONNX graphs, engines, configs, reports) goes
 through :func:`atomic_path`: it hands out a temporary path beside the target, renames it into
 place only if the block succeeds, and removes it in every case. The temporary name keeps the
-target's suffix last (``.name.tmpPID.ext``) because some writers (OpenCV, ONNX Runtime) choose
-their format from it.
+target's suffix last (``.name.tmpPID-N.ext``) because some writers (OpenCV, ONNX Runtime) choose
+their format from it; ``N`` is a per-process counter, so two threads writing the same target
+never share a temporary file. A run killed between write and rename leaves its temporary
+behind; :func:`remove_stale_temps` deletes those of processes that no longer exist.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
+
+_counter = itertools.count()  # next() on itertools.count is atomic under the GIL
+
+
+def temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}-{next(_counter)}{path.suffix}")
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
+    tmp = temp_name(path)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -31,3 +41,46 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes | memoryview) -> Pat
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's) or cannot tell: leave its file alone
+    return True
+
+
+_TEMP = re.compile(r"\.(?P<name>.+)\.tmp(?P<pid>\d+)(?:-\d+)?(?P<ext>\.[^./]*)?")
+
+
+def remove_stale_temps(targets: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """Delete our own temporaries of ``targets`` (``.name.tmpPID[-N].ext``) whose process is gone.
+
+    Each folder is listed once, however many targets it holds."""
+    targets = [targets] if isinstance(targets, (str, os.PathLike)) else targets
+    by_folder: dict[Path, set[str]] = {}
+    for t in map(Path, targets):
+        by_folder.setdefault(t.parent, set()).add(t.name)
+    removed = []
+    for folder, names in by_folder.items():
+        try:
+            entries = [e.name for e in os.scandir(folder) if e.name.startswith(".") and ".tmp" in e.name]
+        except OSError:
+            continue
+        for entry in entries:
+            m = _TEMP.fullmatch(entry)
+            if not m or m["name"] not in names or (m["ext"] or "") != Path(m["name"]).suffix:
+                continue
+            p = folder / entry
+            if not _alive(int(m["pid"])) and p.is_file() and not p.is_symlink():
+                try:
+                    p.unlink()
+                    removed.append(p)
+                except OSError:
+                    pass
+    return removed

@@ -18,11 +18,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from . import __version__
+from . import __version__, clihelp  # noqa: F401  (clihelp: flags render as flags in --help)
 from .errors import RDDMError
 from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fast image restoration with Residual Denoising Diffusion Models.")
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -44,6 +44,16 @@ def _error(msg: str) -> None:
     err.print(f"[red]error:[/red] {escape(msg)}")
 
 
+def _quiet_onnxruntime() -> None:
+    """ONNX Runtime logs warnings (e.g. unused initializers) straight to stderr: keep errors only."""
+    try:
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)
+    except (ImportError, AttributeError):
+        pass
+
+
 @app.command()
 def restore(
     inputs: List[str] = typer.Argument(..., help="Image files, folders (sorted) or glob patterns."),
@@ -61,7 +71,10 @@ def restore(
     gt: Optional[Path] = typer.Option(None, help="Ground-truth folder: PSNR/SSIM per image, saved as CSV."),
     suffix: str = typer.Option("", help="Appended to output file names."),
     ext: Optional[str] = typer.Option(None, help="Output format, e.g. png (default: the input's)."),
-    skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip inputs whose output exists."),
+    skip_existing: bool = typer.Option(False, "--skip-existing",
+                                       help="Skip inputs whose output exists and decodes (resumes a stopped run)."),
+    max_pixels: int = typer.Option(100_000_000, "--max-pixels",
+                                   help="Refuse images whose header claims more pixels (checked before decoding)."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into subfolders."),
     threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),
     providers: Optional[str] = typer.Option(None, help="onnxruntime providers, e.g. cuda,cpu (default: fastest)."),
@@ -76,13 +89,26 @@ def restore(
     cpus_per_worker: Optional[float] = typer.Option(None, help="Ray: CPUs each actor reserves."),
     gpus_per_worker: Optional[float] = typer.Option(None, help="Ray: GPUs each actor reserves (0.5: two share one)."),
 ):
-    """Restore images; one bad file is reported and skipped, the run goes on."""
-    from .pipeline import Restorer
+    """Restore images; one bad file is reported and skipped, the run goes on.
+
+    Examples:
+
+      rddm-infer restore photos/ -o restored/
+
+      rddm-infer restore 'scans/**/*.tif' -r --batch 4 --tile 512
+
+      rddm-infer restore noisy/ --gt clean/ --json
+
+      rddm-infer restore big/ -o out/ --skip-existing --max-pixels 400000000
+    """
+    from .pipeline import Restorer, check_suffix
 
     if gt is not None and not gt.is_dir():
         raise RDDMError(f"{gt}: ground-truth folder not found")
-    options = dict(steps=steps, eta=eta, seed=seed, tile=tile, overlap=tile_overlap, batch=batch, threads=threads,
-                   providers=providers, compile=compile or None)
+    check_suffix(suffix)
+    _quiet_onnxruntime()
+    options = dict(steps=steps, eta=eta, seed=seed, tile=tile, overlap=tile_overlap, batch=batch,
+                   max_pixels=max_pixels, threads=threads, providers=providers, compile=compile or None)
     ray_sizes = dict(workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
     if ray or ray_address is not None:
         from .cluster import RayRestorer
@@ -129,10 +155,40 @@ def _steps_note(asked: int | None, meta, steps: int) -> str:
 
 
 def _run_with_progress(restorer, inputs, output, *, quiet: bool, **kw):
+    """Ctrl-C exits 130 with what was done, instead of a traceback."""
+    restored: list = []
+    try:
+        return _restore_reporting(restorer, inputs, output, quiet, restored, **kw)
+    except KeyboardInterrupt:
+        _error(f"interrupted: {len(restored)} restored; rerun with --skip-existing to continue")
+        raise typer.Exit(130) from None
+
+
+def _restore_reporting(restorer, inputs, output, quiet: bool, restored: list, **kw):
+    """A live bar on a terminal; one line per image otherwise (logs and pipes see progress too)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    def tally(r):
+        if r.status == "restored":
+            restored.append(r)
+
     if quiet:
-        return restorer.restore_paths(inputs, output, on_result=_report_failure, **kw)
+        return restorer.restore_paths(inputs, output, on_result=lambda r: (tally(r), _report_failure(r)), **kw)
+    if not err.is_terminal:
+        total = [0]
+        seen = [0]
+
+        def on_line(r):
+            tally(r)
+            seen[0] += 1
+            _report_failure(r)
+            if r.status != "failed":
+                what = f"{r.job.dst} ({r.seconds:.1f} s)" if r.status == "restored" else "skipped (output exists)"
+                metrics = f", PSNR {r.metrics['psnr']:.2f} dB, SSIM {r.metrics['ssim']:.4f}" if r.metrics else ""
+                err.print(f"[{seen[0]}/{total[0]}] {escape(str(r.job.src))} -> {escape(what)}{metrics}")
+
+        return restorer.restore_paths(inputs, output, on_start=lambda jobs: total.__setitem__(0, len(jobs)),
+                                      on_result=on_line, **kw)
     t0 = time.perf_counter()
     speed = TextColumn("{task.fields[speed]}")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), speed, TimeElapsedColumn(),
@@ -148,6 +204,7 @@ def _run_with_progress(restorer, inputs, output, *, quiet: bool, **kw):
             bar.update(tiles, completed=n, total=total, visible=total > 1 and n < total)
 
         def on_result(r):
+            tally(r)
             _report_failure(r, bar.console)
             done[0] += r.status == "restored"
             rate = done[0] / max(time.perf_counter() - t0, 1e-9)
@@ -179,8 +236,10 @@ def report(output: Path = typer.Argument(..., help="An output folder of `restore
 def info(model: str = typer.Argument(..., help="ONNX model, TensorRT engine or checkpoint.")):
     """Print an artifact's metadata (graph kind, steps, η, precision, architecture, diffusion)."""
     from .backends import read_artifact_meta
+    from .pipeline import resolve_model
 
-    path = Path(model)
+    _quiet_onnxruntime()
+    path = resolve_model(model)
     meta = read_artifact_meta(path)
     plan = meta.plan(meta.steps)
     rows = [("file", f"{path} ({path.stat().st_size / 1e6:.2f} MB)"), ("format", meta.format),
@@ -223,6 +282,10 @@ def bench(
         m = max(int(runner.meta.size_multiple), 1)
         side = -(-size // m) * m
         shape = (batch, runner.meta.channels, side, side)
+        if batch * side * side > BENCH_MAX_PIXELS:
+            raise RDDMError(f"--size {size} --batch {batch}: {batch * side * side / 1e6:.0f} MP in one engine call is "
+                            f"over bench's {BENCH_MAX_PIXELS / 1e6:.0f} MP limit (restore tiles large images; bench "
+                            f"times one call: use --size <= {int((BENCH_MAX_PIXELS / batch) ** 0.5) // m * m})")
         x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
         noise = Noise.draw(plan, shape, 0)
         times = []
@@ -241,6 +304,9 @@ def bench(
         out.print(f"{escape(result['backend'])}: {runner.meta.graph} graph, {plan.steps} steps, batch {batch} × "
                   f"{side}²: median {result['median_ms']:.2f} ms (min {result['min_ms']:.2f}), "
                   f"{result['images_per_s']:.2f} images/s")
+
+
+BENCH_MAX_PIXELS = 4096 * 4096  # one untiled call on a 4096² image already takes several GB of activations
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -1,7 +1,7 @@
 """Restore on a Ray cluster (Ray Data): the same files, names, pixels and error lines as one process.
 
-The driver plans the jobs exactly as ``Restorer.restore_paths`` does (``collect_inputs``,
-``plan_outputs``); Ray Data streams them through a pool of actors, each holding one ``Restorer``
+The driver plans the jobs exactly as ``Restorer.restore_paths`` does (``prepare_jobs``:
+inputs, names, writability, stale temps); Ray Data streams them through a pool of actors, each holding one ``Restorer``
 (one runner, loaded once) and running the same ``Restorer.run_jobs`` loop on its share: read and
 decode with opencv, restore, write atomically under the real name. Noise is drawn per image from
 the seed, so which worker ran an image, and beside which others, changes no pixel.
@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .errors import BackendUnavailable, RDDMError
-from .pipeline import Job, Restorer, Result, Summary, collect_inputs, plan_outputs, write_metrics_csv
+from .pipeline import Job, Restorer, Result, Summary, is_done, prepare_jobs, write_metrics_csv
 
 RESULT_COLUMNS = ("index", "status", "error", "seconds", "psnr", "ssim", "backend")
 
@@ -231,8 +231,7 @@ def restore_paths(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     Paths must be visible to every node (local runtime, or a shared file system)."""
     if check_first:
         check_options(model, backend, options)
-    jobs = collect_inputs(inputs, recursive)
-    plan_outputs(jobs, out_dir, suffix, ext)
+    jobs = prepare_jobs(inputs, out_dir, recursive=recursive, suffix=suffix, ext=ext)
     if on_start:
         on_start(jobs)
     summary = Summary()
@@ -247,7 +246,7 @@ def restore_paths(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     for i, j in enumerate(jobs):
         if j.error:
             done(i, Result(j, "failed", j.error))
-        elif skip_existing and j.dst.exists():
+        elif skip_existing and is_done(j):
             done(i, Result(j, "skipped"))
         else:
             todo.append(i)

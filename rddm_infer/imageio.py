@@ -9,8 +9,12 @@ half-written output.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import struct
+import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +23,13 @@ import numpy as np
 
 from .atomic import write_bytes_atomic
 from .errors import ImageError
+from .imageheader import read_header
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 _NO_ALPHA = (".jpg", ".jpeg")  # formats that cannot store alpha or 16-bit samples
 _8BIT_ONLY = (".jpg", ".jpeg", ".bmp", ".webp")
 _MAX = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+DEFAULT_MAX_PIXELS = 100_000_000  # a 100 MP image needs ~4 GB of float buffers; --max-pixels raises it
 _GRAY_W = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # RGB weights, as cv2's BGR2GRAY
 
 if hasattr(cv2, "utils") and hasattr(cv2.utils, "logging"):  # bad files are reported by us, once
@@ -52,22 +58,37 @@ class Image:
 
 # ---------------------------------------------------------------------------------------------- reading
 
-def read_image(path: str | os.PathLike) -> Image:
-    """Read any supported file; raises ImageError naming the file and the cause."""
+def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image:
+    """Read any supported file; raises ImageError naming the file and the cause.
+
+    Refused before decoding: special files (a FIFO would block forever), images whose header
+    claims more than ``max_pixels`` pixels, and animated or multi-page files (only the first
+    frame would be decoded: refusing says so instead of silently dropping the rest).
+    """
     path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(f"{path}: is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(f"{path}: not a regular file (a FIFO, socket or device); only image files are read")
     try:
         data = np.fromfile(str(path), dtype=np.uint8)
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory") from None
     except OSError as e:
         raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
     if data.size == 0:
         raise ImageError(f"{path}: empty file (0 bytes)")
     raw = data.tobytes()
+    _check_header(path, raw, max_pixels)
     _check_complete(path, raw)
-    pix = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    with quiet_stderr():
+        pix = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if pix is None or pix.size == 0:
         raise ImageError(f"{path}: not a readable image (unknown format or corrupt data)")
     if pix.ndim == 3 and pix.shape[2] == 1:
@@ -76,7 +97,70 @@ def read_image(path: str | os.PathLike) -> Image:
         raise ImageError(f"{path}: unsupported channel count {pix.shape[2]}")
     if pix.dtype not in (np.uint8, np.uint16, np.float32):
         raise ImageError(f"{path}: unsupported sample type {pix.dtype}")
+    check_float_range(pix, str(path))
     return Image(np.ascontiguousarray(apply_orientation(pix, exif_orientation(raw))), str(path))
+
+
+def check_float_range(pix: np.ndarray, where: str) -> None:
+    """Float images must hold finite values in [0, 1]: clipping HDR or NaN data would lose it silently."""
+    if pix.dtype.kind != "f" or pix.size == 0:
+        return
+    if not np.isfinite(pix).all():
+        raise ImageError(f"{where}: float image holds NaN or infinite values")
+    lo, hi = float(pix.min()), float(pix.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ImageError(f"{where}: float samples span [{lo:.4g}, {hi:.4g}], outside [0, 1]; rddm-infer does not "
+                         f"clip them (that would lose data): scale the image to [0, 1] first")
+
+
+def _check_header(path: Path, raw: bytes, max_pixels: int | None) -> None:
+    head = read_header(raw)
+    if head is None:
+        return
+    if max_pixels is not None and head.pixels > max_pixels:
+        raise ImageError(f"{path}: {head.kind} header claims {head.width}×{head.height} = {head.pixels / 1e6:.0f} MP, "
+                         f"over the {max_pixels / 1e6:g} MP limit (raise it with --max-pixels)")
+    if head.frames > 1:
+        what = "multi-page TIFF" if head.kind == "TIFF" else f"animated {head.kind}"
+        unit = "pages" if head.kind == "TIFF" else "frames"
+        raise ImageError(f"{path}: {what} with {head.frames} {unit}; only single images are restored "
+                         f"(split it into one file per {unit[:-1]} first)")
+    if head.kind == "TIFF" and head.channels == 2:
+        raise ImageError(f"{path}: 2-channel (gray + alpha) TIFF is not supported; save it as gray or RGBA")
+
+
+_stderr_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence the C libraries (libpng, libjpeg, libtiff) that print straight to file descriptor 2:
+    we report a bad file ourselves, in one line."""
+    fd = 2  # the C libraries write to the process's stderr, whatever Python's sys.stderr is now
+    with _stderr_lock:
+        try:
+            saved = os.dup(fd)
+        except OSError:  # no stderr at all
+            yield
+            return
+        try:
+            with contextlib.suppress(AttributeError, OSError, ValueError):
+                sys.stderr.flush()  # what Python already wrote must not vanish with the libraries' noise
+            with open(os.devnull, "wb") as null:
+                os.dup2(null.fileno(), fd)
+            yield
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
+def is_complete_image(path: str | os.PathLike) -> bool:
+    """True when ``path`` holds a whole, decodable image (what ``--skip-existing`` trusts as done)."""
+    try:
+        read_image(path, max_pixels=None)
+        return True
+    except ImageError:
+        return False
 
 
 def _check_complete(path: Path, raw: bytes) -> None:

@@ -24,8 +24,11 @@ import numpy as np
 
 from .backends import Choice, EngineSampler, Noise, Runner, load_runner
 from .errors import CheckpointError, ImageError, RDDMError
-from .imageio import IMAGE_EXTS, Image, from_model, read_image, to_model, write_atomic, encode_image
+from .atomic import remove_stale_temps
+from .imageio import (DEFAULT_MAX_PIXELS, IMAGE_EXTS, Image, check_float_range, encode_image, from_model,
+                      is_complete_image, read_image, to_model, write_atomic)
 from .metrics import psnr, ssim
+from .onnx_external import check_external_data
 from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE, Tile, pad_to_multiple, run_tiled
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "default.onnx"
@@ -37,6 +40,8 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
         path = Path(model)
         if not path.exists():
             raise CheckpointError(f"{path}: no such model file")
+        if path.suffix.lower() == ".onnx" and path.is_file():
+            check_external_data(path)  # before ONNX Runtime opens it: older releases follow any path
         return path
     if not DEFAULT_MODEL.is_file():
         raise CheckpointError(f"no built-in model is installed ({DEFAULT_MODEL} is missing); "
@@ -100,10 +105,52 @@ def _is_image(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
 
 
-def collect_inputs(inputs: Sequence[str | os.PathLike], recursive: bool = False) -> list[Job]:
-    """Files, folders (sorted; image extensions only) and globs -> jobs, in order, without repeats."""
+def _glob(pattern: str, recursive: bool) -> list[Path]:
+    """``glob.glob`` follows symlinked folders under ``**`` and never ends in a symlink loop; pathlib's
+    ``**`` does not descend into symlinks, so a recursive pattern is split into a plain root and a
+    pathlib pattern below it."""
+    if not recursive or "**" not in pattern:
+        return [Path(m) for m in glob.glob(pattern, recursive=recursive)]
+    parts = Path(pattern).parts
+    k = _magic_index(parts)
+    return list(_glob_root(pattern).glob(str(Path(*parts[k:]))))
+
+
+def _within(p: Path, folder: Path) -> bool:
+    try:
+        p.resolve().relative_to(folder)
+        return True
+    except (ValueError, OSError, RuntimeError):
+        return False
+
+
+def _in_output(f: Path, root: Path, out: Path | None) -> bool:
+    """True for a file under the output folder when that folder lies inside the input ``root``
+    (``-o in/out``); when the output folder is the input folder itself (``-o in --suffix _r``) nothing is left out."""
+    return out is not None and _within(f, out) and not _within(root, out)
+
+
+def _magic_index(parts: tuple[str, ...]) -> int:
+    return next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+
+
+def _glob_root(pattern: str) -> Path:
+    """The plain folder a glob pattern starts from (``a/b`` of ``a/b/**/*.png``)."""
+    parts = Path(pattern).parts
+    k = _magic_index(parts)
+    return Path(*parts[:k]) if k else Path(".")
+
+
+def collect_inputs(inputs: Sequence[str | os.PathLike], recursive: bool = False,
+                   exclude: str | os.PathLike | None = None) -> list[Job]:
+    """Files, folders (sorted; image extensions only) and globs -> jobs, in order, without repeats.
+
+    Files that folders and globs find under ``exclude`` (the output folder) are left out, so
+    restoring ``in/`` into ``in/out`` never picks up its own earlier outputs.
+    """
     jobs: list[Job] = []
     seen: set[Path] = set()
+    skip = Path(exclude).resolve() if exclude is not None else None
 
     def add(p: Path, rel: Path | None = None, error: str = ""):
         key = p.resolve() if not error else p
@@ -115,15 +162,20 @@ def collect_inputs(inputs: Sequence[str | os.PathLike], recursive: bool = False)
         p = Path(item)
         if p.is_dir():
             files = p.rglob("*") if recursive else p.iterdir()
-            for f in sorted((f for f in files if _is_image(f)), key=lambda f: f.relative_to(p).as_posix()):
+            found = sorted((f for f in files if _is_image(f) and not _in_output(f, p, skip)),
+                           key=lambda f: f.relative_to(p).as_posix())
+            if not found:
+                add(p, error=f"{p}: no images found in this folder (extensions {', '.join(IMAGE_EXTS)}"
+                             f"{'' if recursive else '; -r descends into subfolders'})")
+            for f in found:
                 add(f, f.relative_to(p))
-        elif p.exists():
+        elif p.exists() or p.is_symlink():
             add(p)
         elif glob.has_magic(str(item)):
-            matches = sorted(Path(m) for m in glob.glob(str(item), recursive=recursive))
-            files = [m for m in matches if m.is_file()]
+            matches = sorted(_glob(str(item), recursive))
+            files = [m for m in matches if m.is_file() and not _in_output(m, _glob_root(str(item)), skip)]
             if not files:
-                add(p, error=f"{item}: no files match this pattern")
+                add(p, error=f"{item}: no images found (no files match this pattern)")
             for f in files:
                 add(f)
         else:
@@ -133,6 +185,7 @@ def collect_inputs(inputs: Sequence[str | os.PathLike], recursive: bool = False)
 
 def plan_outputs(jobs: list[Job], out_dir: str | os.PathLike, suffix: str = "", ext: str | None = None) -> None:
     """Destination of each job: ``out_dir/[subfolders/]stem+suffix.ext``; never an input, never shared."""
+    check_suffix(suffix)
     out_dir = Path(out_dir)
     inputs = {j.src.resolve() for j in jobs if not j.error}
     taken: dict[Path, Path] = {}
@@ -152,6 +205,39 @@ def plan_outputs(jobs: list[Job], out_dir: str | os.PathLike, suffix: str = "", 
             j.error = f"{j.src}: output {j.dst} is also the output of {taken[key]}; use --suffix or --ext"
         else:
             taken[key] = j.src
+
+
+def check_suffix(suffix: str) -> None:
+    """A suffix is part of a file name: a separator in it would write outside the output folder."""
+    if any(c in suffix for c in ("/", "\\", "\0")) or (os.altsep and os.altsep in suffix):
+        raise RDDMError(f"--suffix {suffix!r}: must not contain path separators (it is appended to file names)")
+
+
+def check_writable(out_dir: Path) -> None:
+    """Create the output folder and prove a file can be written there, before any inference."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(out_dir / ".rddm-write-test", b"")
+        (out_dir / ".rddm-write-test").unlink()
+    except (OSError, ImageError) as e:
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split(": ")[-1]
+        raise RDDMError(f"{out_dir}: output folder is not writable ({cause})") from None
+
+
+def prepare_jobs(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, recursive: bool = False,
+                 suffix: str = "", ext: str | None = None) -> list[Job]:
+    """Inputs -> planned jobs, before any inference: the output tree is never an input, the output folder is
+    writable, and temp files of runs killed between write and rename are cleaned (every executor calls this)."""
+    jobs = collect_inputs(inputs, recursive, exclude=out_dir)
+    plan_outputs(jobs, out_dir, suffix, ext)
+    check_writable(Path(out_dir))
+    remove_stale_temps(j.dst for j in jobs if j.dst is not None)
+    return jobs
+
+
+def is_done(job: Job) -> bool:
+    """``--skip-existing``: an output counts as done only when it is a complete image (a 0-byte or cut file is redone)."""
+    return job.dst is not None and job.dst.exists() and is_complete_image(job.dst)
 
 
 def find_gt(gt_dir: Path, job: Job) -> Path | None:
@@ -178,7 +264,12 @@ class Restorer:
 
     def __init__(self, model: str | os.PathLike | Runner | None = None, backend: str = "auto", *,
                  steps: int | None = None, eta: float | None = None, seed: int | None = 0, tile: int = DEFAULT_TILE,
-                 overlap: int = DEFAULT_OVERLAP, batch: int = 1, **backend_options):
+                 overlap: int = DEFAULT_OVERLAP, batch: int = 1, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 **backend_options):
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise RDDMError(f"--seed {seed}: must be an integer >= 0")
+        if max_pixels is not None and max_pixels < 1:
+            raise RDDMError(f"--max-pixels {max_pixels}: must be >= 1")
         if isinstance(model, Runner):
             self.runner, self.choice = model, Choice(model.name, Path(getattr(model, "path", "")), reason="given")
         else:
@@ -192,6 +283,7 @@ class Restorer:
         if overlap < 0 or batch < 1:
             raise RDDMError("--tile-overlap must be >= 0 and --batch >= 1")
         self.tile, self.overlap, self.batch = tile, overlap, batch
+        self.max_pixels = max_pixels
 
     @property
     def meta(self):
@@ -231,15 +323,22 @@ class Restorer:
         return run_tiled(fn, x, tile=self.tile, overlap=self.overlap, multiple=self.multiple, batch=self.batch,
                          on_tile=on_tile)
 
-    def _finish(self, y: np.ndarray, img: Image, ext: str | None) -> np.ndarray:
+    def _finish(self, y: np.ndarray, img: Image, ext: str | None) -> np.ndarray | ImageError:
+        """Model output -> pixels; a non-finite output is an error for this image, never a black file."""
         h, w = img.size
-        return from_model(y[:, :h, :w], img, ext)
+        y = y[:, :h, :w]
+        bad = int(np.count_nonzero(~np.isfinite(y)))
+        if bad:
+            return ImageError(f"{img.path or 'image'}: the model produced {bad} non-finite (NaN/Inf) values; "
+                              f"nothing was written (a broken model or an fp16 overflow)")
+        return from_model(y, img, ext)
 
-    def restore_images(self, images: Sequence[Image], ext: str | None = None,
-                       on_tile: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
-        """Restore several decoded images; same-size small ones run as one batch, large ones tiled."""
+    def _restore_each(self, images: Sequence[Image], ext: str | None = None,
+                      on_tile: Callable[[int, int], None] | None = None) -> list[np.ndarray | ImageError]:
+        """Restore several decoded images; same-size small ones run as one batch, large ones tiled.
+        Each entry is the restored pixels or the error of that image alone."""
         prepared = [self._prepare(img) for img in images]
-        out: list[np.ndarray | None] = [None] * len(images)
+        out: list = [None] * len(images)
         groups: dict[tuple, list[int]] = {}
         for i, (x, noise) in enumerate(prepared):
             if self._fits(x):
@@ -254,21 +353,40 @@ class Restorer:
                     out[i] = self._finish(y, images[i], ext)
         return out
 
+    def restore_images(self, images: Sequence[Image], ext: str | None = None,
+                       on_tile: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+        """Restore several decoded images; raises the first image's error (see ``_restore_each``)."""
+        out = self._restore_each(images, ext, on_tile)
+        for y in out:
+            if isinstance(y, ImageError):
+                raise y
+        return out
+
     def restore_array(self, pixels: np.ndarray, on_tile: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """H×W gray, H×W×3 BGR or H×W×4 BGRA (uint8/uint16/float32 in [0, 1], as cv2 reads them)
-        -> the restored image in the same layout and dtype (alpha untouched)."""
+        """H×W gray, H×W×3 BGR or H×W×4 BGRA -> the restored image in the same layout and dtype
+        (alpha untouched). Samples are uint8, uint16, or float32/float64 in [0, 1] (as cv2 reads
+        float TIFFs); floats outside [0, 1] or not finite are refused, never clipped."""
+        if pixels is None:
+            raise ImageError("expected an image array, got None (did cv2.imread fail to read the file?)")
         pixels = np.asarray(pixels)
         if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] not in (1, 3, 4)):
             raise ImageError(f"expected an H×W, H×W×3 or H×W×4 image, got shape {pixels.shape}")
-        if pixels.dtype not in (np.uint8, np.uint16, np.float32):
-            raise ImageError(f"unsupported dtype {pixels.dtype} (uint8, uint16 or float32 in [0, 1])")
+        if pixels.shape[0] == 0 or pixels.shape[1] == 0:
+            raise ImageError(f"empty image (shape {pixels.shape})")
+        if pixels.dtype not in (np.uint8, np.uint16, np.float32, np.float64):
+            raise ImageError(f"unsupported dtype {pixels.dtype} (uint8, uint16, or float32/float64 in [0, 1])")
+        check_float_range(pixels, "restore_array")
         img = Image(pixels[..., 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels)
         out = self.restore_images([img], ext=".png" if pixels.dtype != np.float32 else ".tif", on_tile=on_tile)[0]
         return out[..., None] if pixels.ndim == 3 and pixels.shape[2] == 1 else out
 
     def restore_file(self, src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-        img = read_image(src)
+        """Restore one file into ``dst`` (written atomically); ``dst`` may not be ``src``."""
         dst = Path(dst)
+        same = Path(src).resolve() == dst.resolve()
+        if same or (dst.exists() and Path(src).exists() and os.path.samefile(src, dst)):
+            raise ImageError(f"{dst}: the output would overwrite the input {src}; choose another name")
+        img = read_image(src, self.max_pixels)
         y = self.restore_images([img], ext=dst.suffix)[0]
         return write_atomic(dst, encode_image(y, dst.suffix))
 
@@ -280,8 +398,7 @@ class Restorer:
                       on_result: Callable[[Result], None] | None = None,
                       on_tile: Callable[[int, int], None] | None = None) -> Summary:
         """Restore files/folders/globs into ``out_dir``; one bad file never stops the run."""
-        jobs = collect_inputs(inputs, recursive)
-        plan_outputs(jobs, out_dir, suffix, ext)
+        jobs = prepare_jobs(inputs, out_dir, recursive=recursive, suffix=suffix, ext=ext)
         if on_start:
             on_start(jobs)
         summary = Summary(backend=self.backend)
@@ -311,26 +428,29 @@ class Restorer:
             pending.clear()
             t = time.perf_counter()
             try:
-                ys = self.restore_images([img for _, img, _ in batch], ext=batch[0][0].dst.suffix, on_tile=on_tile)
+                ys = self._restore_each([img for _, img, _ in batch], ext=batch[0][0].dst.suffix, on_tile=on_tile)
             except RDDMError as e:
                 for job, _, _ in batch:
                     yield Result(job, "failed", str(e))
                 return
             share = (time.perf_counter() - t) / len(batch)
             for (job, _, t_read), y in zip(batch, ys):
-                yield self._save(job, y, gt_dir, t_read + share)
+                if isinstance(y, ImageError):
+                    yield Result(job, "failed", str(y))
+                else:
+                    yield self._save(job, y, gt_dir, t_read + share)
 
         for job in jobs:
             if job.error:
                 yield from flush()
                 yield Result(job, "failed", job.error)
                 continue
-            if skip_existing and job.dst.exists():
+            if skip_existing and is_done(job):
                 yield Result(job, "skipped")
                 continue
             t = time.perf_counter()
             try:
-                img = read_image(job.src)
+                img = read_image(job.src, self.max_pixels)
             except RDDMError as e:
                 yield from flush()
                 yield Result(job, "failed", str(e))

@@ -9,6 +9,7 @@ Images live in one packed uint8 buffer that forked DataLoader workers share for 
 from __future__ import annotations
 
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from rddm_infer.errors import ImageError, RDDMError
 from .degradations import Pipeline
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+MAX_BAD_IMAGES = 10  # unreadable files skipped with a warning; more than this stops the run (a wrong folder?)
 
 
 class DataError(RDDMError):
@@ -67,10 +69,37 @@ def pair_files(inputs: str | os.PathLike, gts: str | os.PathLike) -> list[tuple[
 
 def read_rgb(path: Path) -> np.ndarray:
     """uint8 HWC RGB (grey and 16-bit files converted); a one-line error names an unreadable file."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    from rddm_infer.imageio import quiet_stderr
+
+    with quiet_stderr():
+        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
         raise ImageError(f"{path}: cannot be read as an image")
     return np.ascontiguousarray(img[..., ::-1])
+
+
+def _try_read(path: Path) -> np.ndarray | ImageError:
+    try:
+        return read_rgb(path)
+    except ImageError as e:
+        return e
+
+
+def read_all(groups: list[list[Path]], threads: int | None = None) -> tuple[list[list[np.ndarray]], list[list[Path]]]:
+    """Decode parallel lists of files (one list, or inputs and ground truths of pairs); an entry any of
+    whose files is unreadable is dropped from every list with a warning naming it, up to MAX_BAD_IMAGES."""
+    with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:  # cv2 decodes without the GIL
+        decoded = [list(pool.map(_try_read, files)) for files in groups]
+    bad = [k for k in range(len(groups[0])) if any(isinstance(d[k], ImageError) for d in decoded)]
+    for k in bad[:MAX_BAD_IMAGES]:
+        err = next(d[k] for d in decoded if isinstance(d[k], ImageError))
+        print(f"rddm-train: warning: {err}; skipped", file=sys.stderr)
+    if len(bad) > MAX_BAD_IMAGES or len(bad) == len(groups[0]):
+        first = next(d[bad[0]] for d in decoded if isinstance(d[bad[0]], ImageError))
+        raise DataError(f"{len(bad)} of {len(groups[0])} training images cannot be read (more than "
+                        f"{MAX_BAD_IMAGES} or all), e.g. {first}")
+    keep = [k for k in range(len(groups[0])) if k not in set(bad)]
+    return [[d[k] for k in keep] for d in decoded], [[files[k] for k in keep] for files in groups]
 
 
 class ImageBank:
@@ -87,9 +116,15 @@ class ImageBank:
 
     @classmethod
     def load(cls, files: list[Path], threads: int | None = None) -> "ImageBank":
-        with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:  # cv2 decodes without the GIL
-            images = list(pool.map(read_rgb, files))
+        """Decode ``files``; unreadable ones are skipped with a warning (see :func:`read_all`)."""
+        (images,), (files,) = read_all([files], threads)
         return cls(images, [str(f) for f in files])
+
+    @classmethod
+    def load_pairs(cls, pairs: list[tuple[Path, Path]], threads: int | None = None) -> tuple["ImageBank", "ImageBank"]:
+        """(inputs, ground truths) banks; a pair with an unreadable side is skipped as a whole."""
+        (ins, gts), (a, b) = read_all([[p for p, _ in pairs], [q for _, q in pairs]], threads)
+        return cls(ins, [str(f) for f in a]), cls(gts, [str(f) for f in b])
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -187,6 +222,10 @@ def make_loader(dataset: TrainSet, batch_size: int, start_batch: int, num_worker
     """An endless loader of batches from ``start_batch`` on; workers prefetch so the device never waits."""
     # Spawned, not forked: a child forked from a process whose thread pools (OpenMP, OpenCV, ONNX Runtime) were
     # busy can deadlock on a lock held at fork time (seen here in the test suite).
+    if num_workers < 0:  # -1: chosen from the machine
+        from .cli import auto_workers
+
+        num_workers = auto_workers()
     kw = dict(persistent_workers=True, prefetch_factor=4, multiprocessing_context="spawn") if num_workers > 0 else {}
     # Its own generator: creating the loader then leaves the global torch RNG (saved in checkpoints) untouched.
     gen = torch.Generator().manual_seed(dataset.seed)

@@ -339,8 +339,8 @@ class Trainer:
             if not (d.input and d.gt):
                 raise RDDMError("paired training data needs both --input and --gt")
             pairs = pair_files(d.input, d.gt)
-            return TrainSet(ImageBank.load([b for _, b in pairs]), d.crop, self.cfg.run.seed,
-                            inputs=ImageBank.load([a for a, _ in pairs]), flip=d.flip)
+            inputs, gts = ImageBank.load_pairs(pairs)
+            return TrainSet(gts, d.crop, self.cfg.run.seed, inputs=inputs, flip=d.flip)
         if not d.clean:
             raise RDDMError("no training data: give --data DIR (clean photos) or --input DIR --gt DIR")
         return TrainSet(ImageBank.load(list_images(d.clean)), d.crop, self.cfg.run.seed, self.pipeline(), flip=d.flip)

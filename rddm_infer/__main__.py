@@ -1,0 +1,5 @@
+"""``python -m rddm_infer``: the same as the ``rddm-infer`` command."""
+
+from .cli import main
+
+main()
