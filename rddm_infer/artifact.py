@@ -10,11 +10,11 @@ import json
 from dataclasses import dataclass, field, asdict
 
 from .errors import CheckpointError
+from .graph_kinds import GRAPH_KINDS
 from .schedule import DiffusionConfig, SamplingPlan
 
 META_KEY = "rddm"
 FORMAT = "rddm-infer/1"
-GRAPH_KINDS = ("unet", "step", "fused")
 
 
 @dataclass
