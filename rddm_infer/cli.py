@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
+from .backends.registry import backend_help
 from .errors import RDDMError
 from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 
@@ -40,6 +41,14 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """Fast image restoration with Residual Denoising Diffusion Models."""
 
 
+BACKEND_HELP = backend_help()
+DEVICE_HELP = "auto | cpu | cuda | cuda:N (onnxruntime provider + device_id, torch device, TensorRT device_id)."
+PRECISION_HELP = "fp32 | bf16 (torch autocast, OpenVINO inference precision); other backends run the artifact's."
+OBJECTIVE_HELP = ("Checkpoints: what the network predicts (pred_res_noise | pred_res | pred_noise); "
+                  "exported models: must match the one they were exported with.")
+SUM_SCALE_HELP = "Checkpoints: the schedule's sum_scale; exported models: must match the one baked in."
+
+
 def _error(msg: str) -> None:
     err.print(f"[red]error:[/red] {escape(msg)}")
 
@@ -50,7 +59,11 @@ def restore(
     output: Path = typer.Option(Path("restored"), "-o", "--output", help="Output folder."),
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="ONNX model, TensorRT engine or checkpoint (default: built-in)."),
-    backend: str = typer.Option("auto", help="auto | tensorrt | onnxruntime | torch"),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
+    objective: Optional[str] = typer.Option(None, help=OBJECTIVE_HELP),
+    sum_scale: Optional[float] = typer.Option(None, help=SUM_SCALE_HELP),
     steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the model's)."),
     eta: Optional[float] = typer.Option(None, help="DDIM η (default: the model's)."),
     seed: int = typer.Option(0, help="Noise seed (same seed, same result on every backend)."),
@@ -62,7 +75,7 @@ def restore(
     ext: Optional[str] = typer.Option(None, help="Output format, e.g. png (default: the input's)."),
     skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip inputs whose output exists."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into subfolders."),
-    threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (onnxruntime, openvino, torch)."),
     providers: Optional[str] = typer.Option(None, help="onnxruntime providers, e.g. cuda,cpu (default: fastest)."),
     compile: bool = typer.Option(False, "--compile", help="torch backend: torch.compile the network."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors."),
@@ -74,7 +87,8 @@ def restore(
     if gt is not None and not gt.is_dir():
         raise RDDMError(f"{gt}: ground-truth folder not found")
     restorer = Restorer(model, backend, steps=steps, eta=eta, seed=seed, tile=tile, overlap=tile_overlap,
-                        batch=batch, threads=threads, providers=providers, compile=compile or None)
+                        batch=batch, threads=threads, providers=providers, compile=compile or None, device=device,
+                        precision=precision, objective=objective, sum_scale=sum_scale)
     with restorer:
         if not quiet:
             err.print(f"backend: [bold]{escape(restorer.backend)}[/bold] ({escape(restorer.choice.reason)}); "
@@ -131,12 +145,16 @@ def _report_failure(r, console: Console = err) -> None:
 
 
 @app.command()
-def info(model: str = typer.Argument(..., help="ONNX model, TensorRT engine or checkpoint.")):
+def info(model: str = typer.Argument(..., help="ONNX model, TensorRT engine or checkpoint."),
+         objective: Optional[str] = typer.Option(None, help=OBJECTIVE_HELP),
+         sum_scale: Optional[float] = typer.Option(None, help=SUM_SCALE_HELP),
+         steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the model's)."),
+         eta: Optional[float] = typer.Option(None, help="DDIM η (default: the model's).")):
     """Print an artifact's metadata (graph kind, steps, η, precision, architecture, diffusion)."""
     from .backends import read_artifact_meta
 
     path = Path(model)
-    meta = read_artifact_meta(path)
+    meta = read_artifact_meta(path, objective=objective, sum_scale=sum_scale, steps=steps, eta=eta)
     plan = meta.plan()
     rows = [("file", f"{path} ({path.stat().st_size / 1e6:.2f} MB)"), ("format", meta.format),
             ("graph", meta.graph), ("steps", meta.steps), ("eta", meta.eta), ("times", list(plan.times)),
@@ -149,15 +167,21 @@ def info(model: str = typer.Argument(..., help="ONNX model, TensorRT engine or c
 
 @app.command()
 def bench(
-    model: str = typer.Argument(..., help="ONNX model, TensorRT engine or checkpoint."),
-    backend: str = typer.Option("auto", help="auto | tensorrt | onnxruntime | torch"),
+    model: Optional[str] = typer.Argument(None, help="ONNX model, TensorRT engine or checkpoint (default: built-in)."),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
+    objective: Optional[str] = typer.Option(None, help=OBJECTIVE_HELP),
+    sum_scale: Optional[float] = typer.Option(None, help=SUM_SCALE_HELP),
     size: int = typer.Option(256, help="Square input size (rounded up to the model's size multiple)."),
     batch: int = typer.Option(1, help="Images per call."),
     steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the model's)."),
     runs: int = typer.Option(10, help="Timed runs."),
     warmup: int = typer.Option(2, help="Untimed runs first (engine setup, CUDA graph capture)."),
-    threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),
+    eta: Optional[float] = typer.Option(None, help="DDIM η (default: the model's)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (onnxruntime, openvino, torch)."),
     providers: Optional[str] = typer.Option(None, help="onnxruntime providers, e.g. cuda,cpu."),
+    compile: bool = typer.Option(False, "--compile", help="torch backend: torch.compile the network."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ):
     """Time whole restores (all K steps) on random input: median latency and images/s."""
@@ -169,10 +193,12 @@ def bench(
         raise RDDMError("--runs, --batch and --size must be >= 1 and --warmup >= 0")
     from .pipeline import resolve_model
 
-    runner, choice = load_runner(resolve_model(model), backend, threads=threads, providers=providers)
+    runner, choice = load_runner(resolve_model(model, backend), backend, threads=threads, providers=providers,
+                                 device=device, precision=precision, compile=compile or None, objective=objective,
+                                 sum_scale=sum_scale, steps=steps, eta=eta)
     with runner:
         sampler = EngineSampler(runner)
-        plan = sampler.plan(steps)
+        plan = sampler.plan()
         m = max(int(runner.meta.size_multiple), 1)
         side = -(-size // m) * m
         shape = (batch, runner.meta.channels, side, side)

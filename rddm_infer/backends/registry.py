@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,12 @@ ARTIFACT_WORDS = {  # how errors name each kind, and how to make one
     "checkpoint": ("loads checkpoints", ""),
 }
 _DEVICE = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
+
+
+def user_cache_dir(*parts: str) -> Path:
+    """``$XDG_CACHE_HOME/rddm-infer/...`` (default ``~/.cache``): compiled models, calibration tables."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base, "rddm-infer", *parts)
 
 
 def artifact_kind(path: str | Path) -> str | None:
