@@ -104,12 +104,10 @@ def torch_variants(loaded, plan, device: str, compile: bool) -> list[Variant]:
     out = [Variant(BASELINE, _engine(TorchRunner(loaded, device=device), plan), device=device)]
     fast = copy.copy(loaded)
     fast.net = fold_weight_standardization(copy.deepcopy(loaded.net)).to(memory_format=torch.channels_last)
-    low = torch.bfloat16 if device == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-    runner = TorchRunner(fast, device=device)
-    runner._rddm.dtype = low  # TorchRunner takes no dtype; its TorchRDDM autocasts to this one
-    tag = "bf16" if low == torch.bfloat16 else "fp16"
-    out.append(Variant(f"torch eager {tag} autocast + channels_last", _engine(runner, plan), precision=tag,
-                       device=device))
+    if device == "cpu" or torch.cuda.is_bf16_supported():
+        runner = TorchRunner(fast, device=device, precision="bf16")
+        out.append(Variant("torch eager bf16 autocast + channels_last", _engine(runner, plan), precision="bf16",
+                           device=device))
     if compile:
         out.append(Variant("torch.compile fp32", _engine(TorchRunner(loaded, device=device, compile=True), plan),
                            device=device))

@@ -68,10 +68,11 @@ def device_providers(device: str | None, providers, device_id: int | None, avail
     if kind == "auto":
         return providers, device_id
     if providers not in (None, "auto"):
-        full = resolve_providers(providers, available)
-        if (kind == "cpu") != (full[0] == "CPUExecutionProvider"):
-            raise OptionError(f"--device {device} contradicts providers {','.join(full)}")
-        return full, device_id
+        names = [p.strip() for p in providers.split(",")] if isinstance(providers, str) else list(providers)
+        first = PROVIDER_ALIASES.get(names[0].lower(), names[0]) if names else "CPUExecutionProvider"
+        if (kind == "cpu") != (first == "CPUExecutionProvider"):
+            raise OptionError(f"--device {device} contradicts providers {','.join(names)}")
+        return providers, device_id
     if kind == "cpu":
         return ["CPUExecutionProvider"], device_id
     gpu = [p for p in GPU_PROVIDERS if p in available]
