@@ -80,8 +80,9 @@ class OpenVINORunner(Runner):
         if self.compiled_precision != precision:
             raise BackendUnavailable(f"openvino: {precision} was asked for but this CPU runs {got} "
                                      f"(bf16 needs AMX or avx512_bf16); use --precision fp32")
-        self.input_names = [i.any_name for i in self.compiled.inputs]
-        self.output_names = [o.any_name for o in self.compiled.outputs]
+        # A port can carry several tensor names (any_name may pick an internal one): index them all.
+        self._inputs = {n: i for i, port in enumerate(self.compiled.inputs) for n in port.get_names()}
+        self._outputs = {n: port for port in self.compiled.outputs for n in port.get_names()}
         self._request = None
 
     @property
@@ -98,10 +99,11 @@ class OpenVINORunner(Runner):
 
     def infer(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         request = self._request or self.compiled.create_infer_request()
-        feeds = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items() if k in self.input_names}
+        feeds = {self._inputs[k]: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()
+                 if k in self._inputs}
         try:
-            request.infer(feeds)
+            results = request.infer(feeds)
         except Exception as e:  # e.g. out of memory for a huge tile: that image fails, the run goes on
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise RDDMError(f"{self.path.name}: inference failed ({first[:200]})") from None
-        return {n: request.get_tensor(n).data.copy() for n in self.output_names}
+        return {n: np.array(results[port]) for n, port in self._outputs.items()}
