@@ -43,7 +43,8 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 BACKEND_HELP = backend_help()
 DEVICE_HELP = "auto | cpu | cuda | cuda:N (onnxruntime provider + device_id, torch device, TensorRT device_id)."
-PRECISION_HELP = "fp32 | bf16 (torch autocast, OpenVINO inference precision); other backends run the artifact's."
+PRECISION_HELP = ("fp32 | bf16 (torch autocast, OpenVINO inference precision); other backends run the artifact's. "
+                  "auto: with --backend auto, allow a calibrated reduced precision (see bench --calibrate).")
 OBJECTIVE_HELP = ("Checkpoints: what the network predicts (pred_res_noise | pred_res | pred_noise); "
                   "exported models: must match the one they were exported with.")
 SUM_SCALE_HELP = "Checkpoints: the schedule's sum_scale; exported models: must match the one baked in."
@@ -183,6 +184,10 @@ def bench(
     providers: Optional[str] = typer.Option(None, help="onnxruntime providers, e.g. cuda,cpu."),
     compile: bool = typer.Option(False, "--compile", help="torch backend: torch.compile the network."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    calibrate: bool = typer.Option(False, "--calibrate",
+                                   help="Time every installed backend and precision on this CPU (at most 3 runs "
+                                        "each, after a warm-up), check each is >= 40 dB vs fp32, and save the table "
+                                        "that --backend auto reads."),
 ):
     """Time whole restores (all K steps) on random input: median latency and images/s."""
     import numpy as np
@@ -193,9 +198,14 @@ def bench(
         raise RDDMError("--runs, --batch and --size must be >= 1 and --warmup >= 0")
     from .pipeline import resolve_model
 
+    if calibrate:
+        return _calibrate(resolve_model(model, backend), backend, size=size, steps=steps, threads=threads,
+                          runs=min(runs, 3), json_out=json_out)
+
     runner, choice = load_runner(resolve_model(model, backend), backend, threads=threads, providers=providers,
                                  device=device, precision=precision, compile=compile or None, objective=objective,
                                  sum_scale=sum_scale, steps=steps, eta=eta)
+    err.print(f"backend: [bold]{escape(runner.description)}[/bold] ({escape(choice.reason)})")
     with runner:
         sampler = EngineSampler(runner)
         plan = sampler.plan()
@@ -220,6 +230,23 @@ def bench(
         out.print(f"{escape(result['backend'])}: {runner.meta.graph} graph, {plan.steps} steps, batch {batch} × "
                   f"{side}²: median {result['median_ms']:.2f} ms (min {result['min_ms']:.2f}), "
                   f"{result['images_per_s']:.2f} images/s")
+
+
+def _calibrate(model: Path, backend: str, *, json_out: bool, **kw) -> None:
+    from .calibration import MIN_PSNR, calibrate
+
+    if backend != "auto":
+        raise RDDMError("--calibrate measures every installed backend; leave --backend at auto")
+    table, path = calibrate(model, log=lambda s: err.print(escape(s)), **kw)
+    if json_out:
+        print(table.to_json(), end="")
+        return
+    for e in sorted(table.entries, key=lambda e: (e.median_ms is None, e.median_ms or 0)):
+        acc = "identical" if e.psnr_db == float("inf") else f"{e.psnr_db:.1f} dB" if e.psnr_db is not None else ""
+        state = e.error or f"{e.median_ms:.1f} ms, {acc}{'' if e.ok else f' (below {MIN_PSNR:g} dB: never chosen)'}"
+        out.print(f"{escape(e.label()):>22}: {escape(state)}")
+    out.print(f"saved {escape(str(path))} ({escape(table.cpu)}, {table.size}², {table.steps} steps); "
+              f"--backend auto now picks from it (reduced precision only with --precision auto)")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -240,3 +240,45 @@ def test_torch_without_model_uses_the_builtin_checkpoint():
     assert res["backend"].startswith("torch (cpu, fp32") and res["graph"] == "unet"
     r = cli("bench", "--backend", "onnxruntime", "--size", 16, "--runs", 1, "--warmup", 0, "--steps", 1, "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["graph"] == "step", r.stderr  # built-in ONNX model
+
+
+# ------------------------------------------------------------------------------------ calibration
+
+def test_calibrate_then_auto_picks_by_measurement(tmp_path, monkeypatch):
+    """A real calibration run writes the table; auto then reads it (the timings are then edited so the
+    expected pick does not depend on this shared machine's noise)."""
+    from rddm_infer.calibration import load_table, table_path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    step = models.onnx_model("step")
+    r = cli("bench", step, "--runs", 1, "--size", 16)
+    assert r.returncode == 0 and "no calibration table for this model on this CPU" in r.stderr, r.stderr
+    r = cli("bench", step, "--calibrate", "--size", 16, "--threads", 1, "--runs", 1, "--json")
+    assert r.returncode == 0, r.stderr
+    table = json.loads(r.stdout)
+    labels = [(e["backend"], e["options"].get("precision")) for e in table["entries"]]
+    assert labels[0] == ("onnxruntime", None) and table["entries"][0]["psnr_db"] == "inf"  # the exact reference
+    if BY_NAME["openvino"].available():
+        assert ("openvino", "fp32") in labels and ("openvino", "bf16") in labels
+    assert all(e["median_ms"] > 0 for e in table["entries"] if not e["error"])
+    path = table_path(step)
+    assert path.is_file() and load_table(step)[0].size == 16 and table["cpu"] in path.read_text()
+
+    t = load_table(step)[0]
+    speed = {("onnxruntime", None): 30.0, ("openvino", "fp32"): 20.0, ("openvino", "bf16"): 10.0}
+    for e in t.entries:
+        e.median_ms, e.error = speed[(e.backend, e.options.get("precision"))], None
+        e.psnr_db = float("inf") if e.backend == "onnxruntime" else 120.0 if not e.reduced else 50.0
+    t.entries.append(type(t.entries[0])("torch", {"precision": "bf16"}, 1.0, 20.0))  # fastest, inaccurate
+    path.write_text(t.to_json())
+    if not BY_NAME["openvino"].available():
+        pytest.skip("openvino not installed: only one calibrated backend")
+    runner, choice = load_runner(step)
+    assert (choice.backend, runner.precision) == ("openvino", "fp32"), choice.reason
+    assert "calibrated on this CPU" in choice.reason and "--precision auto allows reduced precision" in choice.reason
+    runner, choice = load_runner(step, precision="auto")
+    assert (choice.backend, runner.precision) == ("openvino", "bf16") and "reduced precision bf16" in choice.reason
+    runner, choice = load_runner(step, providers="cpu")  # an onnxruntime option: only onnxruntime entries fit
+    assert choice.backend == "onnxruntime"
+    r = cli("bench", step, "--precision", "auto", "--runs", 1, "--size", 16)
+    assert r.returncode == 0 and "openvino (CPU, bf16" in r.stderr and "--precision auto allows it" in r.stderr

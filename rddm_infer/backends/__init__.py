@@ -98,16 +98,60 @@ def load_runner(model: str | os.PathLike, backend: str = "auto", **options) -> t
     :mod:`.registry`), model options and sampling options; ``None`` means "not given". An unknown option,
     or one that does not apply to the chosen backend or to the artifact, is an :class:`OptionError`."""
     device = options.get("device")
-    if device is not None:
-        parse_device(device)
-    choice = choose_backend(model, backend, device=device)
+    allow_reduced = options.get("precision") == "auto"  # opt-in: a calibrated reduced precision may be picked
+    if allow_reduced:
+        options = {**options, "precision": None}
+    choice = None
+    if backend == "auto":
+        choice, note = _calibrated_choice(model, options, allow_reduced)
+    if choice is None:
+        choice = choose_backend(model, backend, device=device)
+        if backend == "auto":
+            choice.reason += f"; {note}"
+        elif allow_reduced:
+            choice.reason += "; --precision auto: the backend's default (only --backend auto picks by measurement)"
     spec = BY_NAME[choice.backend]
-    own, model_opts, sampling = split_options(spec, options)
+    own, model_opts, sampling = split_options(spec, {**options, **choice.options})
     loader = {k: v for k, v in model_opts.items() if k in spec.model_options}
     runner = spec.runner_class()(choice.model, **own, **loader)
     check_baked_options(runner.meta, {k: v for k, v in model_opts.items() if k not in loader}, str(choice.model))
     runner.meta = with_sampling(runner.meta, **sampling)
     return runner, choice
+
+
+def _calibrated_choice(model, options: dict, allow_reduced: bool) -> tuple[Choice | None, str]:
+    """The fastest accurate entry of this machine's calibration table that fits the given options,
+    or (None, why not) -- then ``auto`` keeps the fixed rule and the reason says so."""
+    from ..calibration import load_table
+
+    path = Path(model)
+    if parse_device(options.get("device"))[0] == "cuda" or not path.is_file() or artifact_kind(path) is None:
+        return None, "fixed rule (calibration tables cover the CPU only)"
+    table, where = load_table(path)
+    if table is None:
+        return None, "fixed rule: no calibration table for this model on this CPU (`rddm-infer bench --calibrate`)"
+    common = {o.name for o in (*MODEL_OPTIONS, *SAMPLING_OPTIONS)} | {"device"}
+    given = {k: v for k, v in options.items() if v is not None and k not in common}
+
+    def usable(e) -> bool:
+        spec = BY_NAME.get(e.backend)
+        return (spec is not None and spec.available() and all(spec.option(k) for k in given)
+                and all(e.options.get(k, v) == v for k, v in given.items()))
+
+    best = table.best(allow_reduced, usable)
+    if best is None:
+        return None, f"fixed rule: no accurate entry in {where} fits the options given"
+    exact = table.best(False, usable)
+    why = f"calibrated on this CPU ({where}): fastest accurate path {best.median_ms:.0f} ms at {table.size}²"
+    if best.reduced:
+        why += (f", reduced precision {best.options['precision']} ({best.psnr_db:.1f} dB vs fp32 on the probe) because "
+                f"--precision auto allows it" + (f"; exact {exact.label()}: {exact.median_ms:.0f} ms" if exact else ""))
+    else:
+        faster = table.best(True, usable)
+        if faster is not None and faster.reduced:
+            why += (f"; {faster.label()} would take {faster.median_ms:.0f} ms at {faster.psnr_db:.1f} dB: "
+                    f"--precision auto allows reduced precision")
+    return Choice(best.backend, path, dict(best.options), why), ""
 
 
 def with_sampling(meta: ArtifactMeta, steps: int | None = None, eta: float | None = None) -> ArtifactMeta:
