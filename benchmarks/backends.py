@@ -147,6 +147,32 @@ def onnx_variants(paths: dict[str, Path], plan, threads: int | None, providers: 
     return out
 
 
+def registry_variants(paths: dict[str, Path], plan, threads: int | None) -> list[Variant]:
+    """Every other installed CPU backend of the registry that runs ONNX graphs (OpenVINO today), at each
+    precision it offers, on the fp32 graphs (and once on the int8 ones); options go through ``load_runner``."""
+    from rddm_infer.backends import BACKENDS, load_runner
+
+    out = []
+    for spec in BACKENDS:
+        if spec.name == "onnxruntime" or "onnx" not in spec.artifacts or "cpu" not in spec.devices \
+                or not spec.available():
+            continue
+        prec = spec.option("precision")
+        for key, path in paths.items():
+            kind, graph_prec = key.split("_")
+            for p in (prec.choices if prec else (None,)) if graph_prec == "fp32" else (prec.default if prec else None,):
+                opts = {"precision": p} if p else {}
+                try:
+                    runner, _ = load_runner(path, spec.name, device="cpu", threads=threads, **opts)
+                except Exception as e:  # e.g. bf16 on a CPU without it: reported, not fatal
+                    print(f"{spec.name} {key} {p}: not run ({e})", flush=True)
+                    continue
+                reduced = graph_prec == "fp32" and p not in (None, "fp32")
+                label = f"{spec.name} {kind} {graph_prec}" + (f" ({p} inference)" if reduced else "")
+                out.append(Variant(label, _engine(runner, plan), kind, p if reduced else graph_prec))
+    return out
+
+
 def tiled(fn: Callable, tile: int, overlap: int, multiple: int) -> Callable:
     """Restore each image of the batch in overlapping tiles, each tile seeing the full image's noise."""
     def restore(x, noise):
@@ -259,7 +285,12 @@ def environment(threads: int | None) -> dict:
         flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
     except OSError:
         pass
-    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu,
+    try:
+        import openvino
+        ov_version = openvino.__version__.split("-")[0]
+    except ImportError:
+        ov_version = None
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu, "openvino": ov_version,
             "cores": os.cpu_count(), "threads": threads,
             "isa": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f" {f}" in flags],
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -270,7 +301,8 @@ def markdown(result: dict) -> str:
     env = result["environment"]
     lines = [f"Machine: {env['cpu']} ({env['cores']} cores, {', '.join(env['isa']) or 'no AVX-512'})"
              f"{', GPU ' + env['gpu'] if env['gpu'] else ''}; threads {env['threads'] or 'default'}; "
-             f"torch {env['torch']}, onnxruntime {env['onnxruntime']}, Python {env['python']}; {env['date']}.",
+             f"torch {env['torch']}, onnxruntime {env['onnxruntime']}"
+             f"{', openvino ' + env['openvino'] if env.get('openvino') else ''}, Python {env['python']}; {env['date']}.",
              f"Model: {result['model']} — {result['params_m']:.2f} M parameters; {result['steps']} steps, "
              f"batch {result['batch']}, {result['runs']} timed runs after {result['warmup']} warm-up, round-robin.",
              "", "| size | variant | p50 ms | p90 ms | p99 ms | img/s | × baseline | PSNR vs baseline | peak RSS MB "
@@ -347,6 +379,9 @@ def run(args) -> dict:
         skipped.append("TensorRT (no TensorRT execution provider here)")
     if device == "cpu":
         skipped.append("CUDA graphs and device memory (no CUDA GPU)")
+    from rddm_infer.backends import BY_NAME
+    if not BY_NAME["openvino"].available():
+        skipped.append("OpenVINO (" + BY_NAME["openvino"].install_hint + ")")
     with tempfile.TemporaryDirectory(prefix="rddm-bench-") as tmp:
         calib = None  # int8 ranges from images other than the benchmarked one: a folder, else synthetic scenes
         if args.int8 and args.calib:
@@ -355,6 +390,7 @@ def run(args) -> dict:
         paths = export_graphs(loaded, Path(tmp), args.graphs, args.steps, args.fp16, args.int8, calib)
         variants = torch_variants(loaded, plan, device, args.compile) + onnx_variants(paths, plan, args.threads,
                                                                                          providers)
+        variants += registry_variants(paths, plan, args.threads)
         base = variants[0]
         sizes = []
         for size in args.sizes:

@@ -55,6 +55,11 @@ def test_bench_writes_consistent_json_markdown_png(bench_run):
     assert 20 < rows["onnxruntime CPU step int8"]["psnr_vs_baseline_db"] < math.inf
     assert 25 < rows["torch eager bf16 autocast + channels_last"]["psnr_vs_baseline_db"] < math.inf
     assert size["gflop_per_image"] > 0 and result["environment"]["onnxruntime"]
+    if result["environment"]["openvino"]:  # registry rows: every installed ONNX backend at each precision
+        assert rows["openvino step fp32"]["psnr_vs_baseline_db"] > 60
+        assert rows["openvino step int8"]["psnr_vs_baseline_db"] > 20
+        bf16 = rows.get("openvino step fp32 (bf16 inference)")
+        assert bf16 is None or 25 < bf16["psnr_vs_baseline_db"] < math.inf
     md = (out / "results.md").read_text()
     assert all(f"| {name} |" in md for name in rows) and "onnxruntime 1." in md
     png = cv2.imread(str(out / "results.png"))

@@ -14,7 +14,10 @@ import numpy as np
 
 from ..artifact import ArtifactMeta
 from ..errors import BackendUnavailable, OptionError
+from ..graph_kinds import KINDS
 from .base import Runner
+
+UNET = KINDS["unet"]  # the torch runner is a unet-kind runner
 
 
 def _torch():
@@ -86,7 +89,7 @@ class TorchRunner(Runner):
     def infer(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         torch = _torch()
         x_t, x_input, t = (f if torch.is_tensor(f) else self.upload(f) for f in
-                           (feeds["x_t"], feeds["x_input"], feeds["t"]))
+                           (feeds[n] for n in UNET.inputs))
         with torch.inference_mode():
             outs = self._rddm.model_fn(x_t, x_input, int(t.reshape(-1)[0]))
-        return {f"out{i}": o for i, o in enumerate(outs)}
+        return dict(zip(UNET.outputs, outs))
