@@ -302,7 +302,8 @@ def markdown(result: dict) -> str:
     lines = [f"Machine: {env['cpu']} ({env['cores']} cores, {', '.join(env['isa']) or 'no AVX-512'})"
              f"{', GPU ' + env['gpu'] if env['gpu'] else ''}; threads {env['threads'] or 'default'}; "
              f"torch {env['torch']}, onnxruntime {env['onnxruntime']}"
-             f"{', openvino ' + env['openvino'] if env.get('openvino') else ''}, Python {env['python']}; {env['date']}.",
+             f"{', openvino ' + env['openvino'] if env.get('openvino') else ''}, "
+             f"Python {env['python']}; {env['date']}.",
              f"Model: {result['model']} — {result['params_m']:.2f} M parameters; {result['steps']} steps, "
              f"batch {result['batch']}, {result['runs']} timed runs after {result['warmup']} warm-up, round-robin.",
              "", "| size | variant | p50 ms | p90 ms | p99 ms | img/s | × baseline | PSNR vs baseline | peak RSS MB "

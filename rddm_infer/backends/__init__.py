@@ -81,7 +81,8 @@ def _choice(spec: BackendSpec, path: Path, kind: str, engine: Path | None, dev: 
     """The choice of ``spec`` with its reason (the artifact it runs and, for ONNX Runtime, the provider)."""
     if spec.name == "tensorrt":
         target = engine or path
-        why = "native TensorRT engine" if kind == "engine" else f"TensorRT engine {target.name} found beside the ONNX model"
+        why = ("native TensorRT engine" if kind == "engine"
+               else f"TensorRT engine {target.name} found beside the ONNX model")
         return Choice(spec.name, target, reason=given or why)
     if spec.name == "onnxruntime":
         from .onnxruntime import FASTEST_FIRST, GPU_PROVIDERS, available_providers
@@ -89,7 +90,8 @@ def _choice(spec: BackendSpec, path: Path, kind: str, engine: Path | None, dev: 
         providers = available_providers() if providers is None else providers
         order = {"cpu": FASTEST_FIRST[-1:], "cuda": GPU_PROVIDERS}.get(dev, FASTEST_FIRST)
         best = next((p for p in order if p in providers), order[0])
-        return Choice(spec.name, path, reason=(given + ", " if given else "ONNX model, ") + f"fastest provider here: {best}")
+        why = (given + ", " if given else "ONNX model, ") + f"fastest provider here: {best}"
+        return Choice(spec.name, path, reason=why)
     return Choice(spec.name, path, reason=given or {"checkpoint": "PyTorch checkpoint"}.get(kind, spec.description))
 
 
