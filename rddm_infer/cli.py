@@ -161,9 +161,19 @@ def info(model: str = typer.Argument(..., help="ONNX model, TensorRT engine or c
             ("graph", meta.graph), ("steps", meta.steps), ("eta", meta.eta), ("times", list(plan.times)),
             ("precision", meta.precision), ("size multiple", meta.size_multiple), ("channels", meta.channels),
             ("channel order", meta.channel_order), ("input range", list(meta.input_range)),
-            ("diffusion", json.dumps(meta.diffusion)), ("unet", json.dumps(meta.unet)), ("source", meta.source)]
+            ("diffusion", json.dumps(meta.diffusion)), ("unet", json.dumps(meta.unet)), ("source", meta.source),
+            ("backends", _runs_on(path))]
     for k, v in rows:
         out.print(f"{k:>14}: {escape(str(v))}")
+
+
+def _runs_on(path: Path) -> str:
+    """The rows of the backend table that run this artifact, and what installs the missing ones."""
+    from .backends.registry import BACKENDS, artifact_kind
+
+    kind = artifact_kind(path)
+    return ", ".join(b.name + ("" if b.available() else f" (not installed: pip install 'rddm-infer[{b.extra}]')")
+                     for b in BACKENDS if kind in b.artifacts)
 
 
 @app.command()

@@ -185,6 +185,7 @@ def test_checkpoint_model_options_reach_the_loader(one_output_checkpoint, tmp_pa
     assert read_artifact_meta(one_output_checkpoint, objective="pred_noise").config.objective == "pred_noise"
     r = cli("info", one_output_checkpoint, "--objective", "pred_noise", "--sum-scale", "0.5")
     assert r.returncode == 0 and "pred_noise" in r.stdout and "0.5" in r.stdout, r.stderr
+    assert "backends: torch" in r.stdout  # the rows of the table that run a checkpoint
     img = tmp_path / "a.png"
     cv2.imwrite(str(img), np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
     outs = {}

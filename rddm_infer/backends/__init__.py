@@ -126,9 +126,14 @@ def _calibrated_choice(model, options: dict, allow_reduced: bool) -> tuple[Choic
     or (None, why not) -- then ``auto`` keeps the fixed rule and the reason says so."""
     from ..calibration import load_table
 
+    from .onnxruntime import GPU_PROVIDERS, available_providers
+
     path = Path(model)
-    if parse_device(options.get("device"))[0] == "cuda" or not path.is_file() or artifact_kind(path) is None:
+    dev = parse_device(options.get("device"))[0]
+    if dev == "cuda" or not path.is_file() or artifact_kind(path) is None:
         return None, "fixed rule (calibration tables cover the CPU only)"
+    if dev == "auto" and (BY_NAME["tensorrt"].available() or set(GPU_PROVIDERS) & set(available_providers())):
+        return None, "fixed rule: a GPU is here (calibration tables cover the CPU: --device cpu uses them)"
     table, where = load_table(path)
     if table is None:
         return None, "fixed rule: no calibration table for this model on this CPU (`rddm-infer bench --calibrate`)"
@@ -153,7 +158,7 @@ def _calibrated_choice(model, options: dict, allow_reduced: bool) -> tuple[Choic
         if faster is not None and faster.reduced:
             why += (f"; {faster.label()} would take {faster.median_ms:.0f} ms at {faster.psnr_db:.1f} dB: "
                     f"--precision auto allows reduced precision")
-    return Choice(best.backend, path, dict(best.options), why), ""
+    return Choice(best.backend, path, {**best.options, "device": "cpu"}, why), ""
 
 
 def with_sampling(meta: ArtifactMeta, steps: int | None = None, eta: float | None = None) -> ArtifactMeta:
