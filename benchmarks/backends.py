@@ -360,6 +360,25 @@ def _write(path: Path, writer) -> Path:
     return path
 
 
+def reference_size_model(seed: int = 0):
+    """The official experiment-2 size (UnetRes dim 64, mults 1-2-4-8, two UNets, pred_res_noise; 72.5 M
+    parameters) with seeded random weights, norms perturbed so every parameter matters: speed does not depend on
+    the weights, and every variant is compared with the eager fp32 output of the same network."""
+    import torch
+
+    from rddm_infer.model import LoadedModel, UNetConfig, UnetRes
+    from rddm_infer.schedule import DiffusionConfig
+
+    torch.manual_seed(seed)
+    cfg = UNetConfig(dim=64, dim_mults=(1, 2, 4, 8), share_encoder=0)
+    net = UnetRes(cfg).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() == 1:
+                p.add_(0.05 * torch.randn_like(p))
+    return LoadedModel(net, cfg, DiffusionConfig(objective="pred_res_noise"), "reference-size (dim 64, random)")
+
+
 def run(args) -> dict:
     import torch
 
@@ -369,7 +388,7 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    loaded = load_checkpoint(args.checkpoint)
+    loaded = reference_size_model() if args.checkpoint is None else load_checkpoint(args.checkpoint)
     plan = SamplingPlan.create(loaded.diffusion, args.steps, 0.0)
     m = loaded.unet.size_multiple
     skipped = []
@@ -412,7 +431,8 @@ def run(args) -> dict:
             print(f"[{label}] " + "; ".join(f"{r['variant']}: {r['p50_ms']:.0f} ms ×{r['speedup_vs_baseline'] or 0:.2f}"
                                             for r in rows if not r["error"]), flush=True)
     params = sum(p.numel() for p in loaded.net.parameters()) / 1e6
-    return {"environment": environment(args.threads), "model": str(args.checkpoint), "unet": loaded.unet.to_dict(),
+    return {"environment": environment(args.threads), "model": str(args.checkpoint or loaded.source),
+            "unet": loaded.unet.to_dict(),
             "params_m": params, "steps": plan.steps, "batch": args.batch, "runs": args.runs, "warmup": args.warmup,
             "sigma": args.sigma, "image": str(args.image) if args.image else "synthetic", "baseline": BASELINE,
             "skipped": skipped, "sizes": sizes}
@@ -420,7 +440,9 @@ def run(args) -> dict:
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", type=Path, required=True, help="checkpoint (.safetensors / .pt) to benchmark")
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="checkpoint (.safetensors / .pt) to benchmark (default: the reference-size model, dim 64 "
+                         "two UNets, random weights: slow, minutes per restore on 2 cores)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=5)

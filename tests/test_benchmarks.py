@@ -133,3 +133,13 @@ def test_int8_command_calibrates_on_a_folder_and_reports_bad_input(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert "junk.onnx: not a readable ONNX model" in proc.stderr
+
+
+def test_reference_size_model_is_the_official_experiment_2_size():
+    from benchmarks.backends import parse, reference_size_model
+
+    m = reference_size_model()
+    assert m.unet.dim == 64 and m.unet.dim_mults == (1, 2, 4, 8) and m.unet.num_outputs == 2
+    assert m.diffusion.objective == "pred_res_noise"
+    assert sum(p.numel() for p in m.net.parameters()) / 1e6 == pytest.approx(72.5, abs=0.5)
+    assert parse(["--sizes", "256"]).checkpoint is None  # no checkpoint: the reference-size model
