@@ -125,7 +125,6 @@ def _calibrated_choice(model, options: dict, allow_reduced: bool) -> tuple[Choic
     """The fastest accurate entry of this machine's calibration table that fits the given options,
     or (None, why not) -- then ``auto`` keeps the fixed rule and the reason says so."""
     from ..calibration import load_table
-
     from .onnxruntime import GPU_PROVIDERS, available_providers
 
     path = Path(model)
