@@ -108,6 +108,8 @@ def torch_variants(loaded, plan, device: str, compile: bool) -> list[Variant]:
         runner = TorchRunner(fast, device=device, precision="bf16")
         out.append(Variant("torch eager bf16 autocast + channels_last", _engine(runner, plan), precision="bf16",
                            device=device))
+    else:
+        print("torch eager bf16 autocast: not run (this GPU has no bf16; the torch backend offers fp32 | bf16)")
     if compile:
         out.append(Variant("torch.compile fp32", _engine(TorchRunner(loaded, device=device, compile=True), plan),
                            device=device))
