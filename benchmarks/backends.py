@@ -106,12 +106,12 @@ def torch_variants(loaded, plan, device: str, compile: bool) -> list[Variant]:
     out = [Variant(BASELINE, _engine(TorchRunner(loaded, device=device), plan), device=device)]
     fast = copy.copy(loaded)
     fast.net = fold_weight_standardization(copy.deepcopy(loaded.net)).to(memory_format=torch.channels_last)
-    low = torch.bfloat16 if device == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
-    runner = TorchRunner(fast, device=device)
-    runner._rddm.dtype = low  # TorchRunner takes no dtype; its TorchRDDM autocasts to this one
-    tag = "bf16" if low == torch.bfloat16 else "fp16"
-    out.append(Variant(f"torch eager {tag} autocast + channels_last", _engine(runner, plan), precision=tag,
-                       device=device))
+    if device == "cpu" or torch.cuda.is_bf16_supported():
+        runner = TorchRunner(fast, device=device, precision="bf16")
+        out.append(Variant("torch eager bf16 autocast + channels_last", _engine(runner, plan), precision="bf16",
+                           device=device))
+    else:
+        print("torch eager bf16 autocast: not run (this GPU has no bf16; the torch backend offers fp32 | bf16)")
     if compile:
         out.append(Variant("torch.compile fp32", _engine(TorchRunner(loaded, device=device, compile=True), plan),
                            device=device))
@@ -148,6 +148,32 @@ def onnx_variants(paths: dict[str, Path], plan, threads: int | None, providers: 
             runner = OnnxRuntimeRunner(path, providers=[prov], threads=threads)
             out.append(Variant(f"onnxruntime {short} {kind} {prec}", _engine(runner, plan), kind, prec,
                                "cpu" if prov == "CPUExecutionProvider" else "cuda"))
+    return out
+
+
+def registry_variants(paths: dict[str, Path], plan, threads: int | None) -> list[Variant]:
+    """Every other installed CPU backend of the registry that runs ONNX graphs (OpenVINO today), at each
+    precision it offers, on the fp32 graphs (and once on the int8 ones); options go through ``load_runner``."""
+    from rddm_infer.backends import BACKENDS, load_runner
+
+    out = []
+    for spec in BACKENDS:
+        if spec.name == "onnxruntime" or "onnx" not in spec.artifacts or "cpu" not in spec.devices \
+                or not spec.available():
+            continue
+        prec = spec.option("precision")
+        for key, path in paths.items():
+            kind, graph_prec = key.split("_")
+            for p in (prec.choices if prec else (None,)) if graph_prec == "fp32" else (prec.default if prec else None,):
+                opts = {"precision": p} if p else {}
+                try:
+                    runner, _ = load_runner(path, spec.name, device="cpu", threads=threads, **opts)
+                except Exception as e:  # e.g. bf16 on a CPU without it: reported, not fatal
+                    print(f"{spec.name} {key} {p}: not run ({e})", flush=True)
+                    continue
+                reduced = graph_prec == "fp32" and p not in (None, "fp32")
+                label = f"{spec.name} {kind} {graph_prec}" + (f" ({p} inference)" if reduced else "")
+                out.append(Variant(label, _engine(runner, plan), kind, p if reduced else graph_prec))
     return out
 
 
@@ -263,7 +289,12 @@ def environment(threads: int | None) -> dict:
         flags = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
     except OSError:
         pass
-    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu,
+    try:
+        import openvino
+        ov_version = openvino.__version__.split("-")[0]
+    except ImportError:
+        ov_version = None
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu, "openvino": ov_version,
             "cores": os.cpu_count(), "threads": threads,
             "isa": [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f" {f}" in flags],
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -274,7 +305,9 @@ def markdown(result: dict) -> str:
     env = result["environment"]
     lines = [f"Machine: {env['cpu']} ({env['cores']} cores, {', '.join(env['isa']) or 'no AVX-512'})"
              f"{', GPU ' + env['gpu'] if env['gpu'] else ''}; threads {env['threads'] or 'default'}; "
-             f"torch {env['torch']}, onnxruntime {env['onnxruntime']}, Python {env['python']}; {env['date']}.",
+             f"torch {env['torch']}, onnxruntime {env['onnxruntime']}"
+             f"{', openvino ' + env['openvino'] if env.get('openvino') else ''}, "
+             f"Python {env['python']}; {env['date']}.",
              f"Model: {result['model']} — {result['params_m']:.2f} M parameters; {result['steps']} steps, "
              f"batch {result['batch']}, {result['runs']} timed runs after {result['warmup']} warm-up, round-robin.",
              "", "| size | variant | p50 ms | p90 ms | p99 ms | img/s | × baseline | PSNR vs baseline | peak RSS MB "
@@ -331,6 +364,25 @@ def _write(path: Path, writer) -> Path:
     return path
 
 
+def reference_size_model(seed: int = 0):
+    """The official experiment-2 size (UnetRes dim 64, mults 1-2-4-8, two UNets, pred_res_noise; 72.5 M
+    parameters) with seeded random weights, norms perturbed so every parameter matters: speed does not depend on
+    the weights, and every variant is compared with the eager fp32 output of the same network."""
+    import torch
+
+    from rddm_infer.model import LoadedModel, UNetConfig, UnetRes
+    from rddm_infer.schedule import DiffusionConfig
+
+    torch.manual_seed(seed)
+    cfg = UNetConfig(dim=64, dim_mults=(1, 2, 4, 8), share_encoder=0)
+    net = UnetRes(cfg).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.dim() == 1:
+                p.add_(0.05 * torch.randn_like(p))
+    return LoadedModel(net, cfg, DiffusionConfig(objective="pred_res_noise"), "reference-size (dim 64, random)")
+
+
 def run(args) -> dict:
     import torch
 
@@ -340,7 +392,7 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    loaded = load_checkpoint(args.checkpoint)
+    loaded = reference_size_model() if args.checkpoint is None else load_checkpoint(args.checkpoint)
     plan = SamplingPlan.create(loaded.diffusion, args.steps, 0.0)
     m = loaded.unet.size_multiple
     skipped = []
@@ -351,6 +403,9 @@ def run(args) -> dict:
         skipped.append("TensorRT (no TensorRT execution provider here)")
     if device == "cpu":
         skipped.append("CUDA graphs and device memory (no CUDA GPU)")
+    from rddm_infer.backends import BY_NAME
+    if not BY_NAME["openvino"].available():
+        skipped.append("OpenVINO (" + BY_NAME["openvino"].install_hint + ")")
     with tempfile.TemporaryDirectory(prefix="rddm-bench-") as tmp:
         calib = None  # int8 ranges from images other than the benchmarked one: a folder, else synthetic scenes
         if args.int8 and args.calib:
@@ -359,6 +414,7 @@ def run(args) -> dict:
         paths = export_graphs(loaded, Path(tmp), args.graphs, args.steps, args.fp16, args.int8, calib)
         variants = torch_variants(loaded, plan, device, args.compile) + onnx_variants(paths, plan, args.threads,
                                                                                          providers)
+        variants += registry_variants(paths, plan, args.threads)
         base = variants[0]
         sizes = []
         for size in args.sizes:
@@ -379,7 +435,8 @@ def run(args) -> dict:
             print(f"[{label}] " + "; ".join(f"{r['variant']}: {r['p50_ms']:.0f} ms ×{r['speedup_vs_baseline'] or 0:.2f}"
                                             for r in rows if not r["error"]), flush=True)
     params = sum(p.numel() for p in loaded.net.parameters()) / 1e6
-    return {"environment": environment(args.threads), "model": str(args.checkpoint), "unet": loaded.unet.to_dict(),
+    return {"environment": environment(args.threads), "model": str(args.checkpoint or loaded.source),
+            "unet": loaded.unet.to_dict(),
             "params_m": params, "steps": plan.steps, "batch": args.batch, "runs": args.runs, "warmup": args.warmup,
             "sigma": args.sigma, "image": str(args.image) if args.image else "synthetic", "baseline": BASELINE,
             "skipped": skipped, "sizes": sizes}
@@ -387,7 +444,9 @@ def run(args) -> dict:
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", type=Path, required=True, help="checkpoint (.safetensors / .pt) to benchmark")
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="checkpoint (.safetensors / .pt) to benchmark (default: the reference-size model, dim 64 "
+                         "two UNets, random weights: slow, minutes per restore on 2 cores)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=5)

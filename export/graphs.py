@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rddm_infer.graph_kinds import KINDS
 from rddm_infer.sampler import step
 from rddm_infer.schedule import COEF_NAMES, DiffusionConfig, SamplingPlan
 
@@ -39,11 +40,11 @@ class _Net(nn.Module):
 class UNetGraph(_Net):
     """``unet``: (x_t, x_input, t) -> out0[, out1]."""
 
-    input_names = ("x_t", "x_input", "t")
+    input_names = KINDS["unet"].inputs
 
     def __init__(self, net, diffusion: DiffusionConfig, num_outputs: int):
         super().__init__(net, diffusion.condition)
-        self.output_names = ("out0", "out1")[:num_outputs]
+        self.output_names = KINDS["unet"].output_names(num_outputs)
 
     def forward(self, x_t, x_input, t):
         out0, out1 = self.call(x_t, x_input, t)
@@ -53,8 +54,8 @@ class UNetGraph(_Net):
 class StepGraph(_Net):
     """``step``: (x_t, x_input, coef (8,), noise) -> (x_next, x0); one network call plus the update."""
 
-    input_names = ("x_t", "x_input", "coef", "noise")
-    output_names = ("x_next", "x0")
+    input_names = KINDS["step"].inputs
+    output_names = KINDS["step"].outputs
 
     def __init__(self, net, diffusion: DiffusionConfig):
         super().__init__(net, diffusion.condition)
@@ -68,12 +69,12 @@ class StepGraph(_Net):
 class FusedGraph(_Net):
     """``fused``: (x_input, noise[, step_noise]) -> x0, all K steps of one plan unrolled."""
 
-    output_names = ("x0",)
+    output_names = KINDS["fused"].outputs
 
     def __init__(self, net, plan: SamplingPlan):
         super().__init__(net, plan.config.condition)
         self.plan = plan
-        self.input_names = ("x_input", "noise", "step_noise") if plan.stochastic else ("x_input", "noise")
+        self.input_names = KINDS["fused"].input_names(plan.stochastic)
 
     def forward(self, x_input, noise, step_noise=None):
         plan = self.plan

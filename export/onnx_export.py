@@ -22,6 +22,7 @@ import torch
 from rddm_infer.atomic import atomic_path
 from rddm_infer.artifact import META_KEY, ArtifactMeta
 from rddm_infer.errors import CheckpointError
+from rddm_infer.graph_kinds import dynamic_axes
 from rddm_infer.model import LoadedModel, to_export_form
 from rddm_infer.schedule import NUM_COEFS, SamplingPlan
 
@@ -82,10 +83,7 @@ def trace(graph: torch.nn.Module, channels: int, size_multiple: int, exporter: s
     # Batch 2: the dynamo exporter silently fixes a batch of 1 even where the graph says otherwise.
     args = example_inputs(graph, (2, channels, 2 * m, 3 * m), getattr(getattr(graph, "plan", None), "steps", 5))
     names, outs = list(graph.input_names), list(graph.output_names)
-    image = {0: "batch", 2: "height", 3: "width"}
-    axes = {n: ({1: "batch", 3: "height", 4: "width"} if n == "step_noise" else {0: "batch"} if n == "t"
-                else {} if n == "coef" else image) for n in names}
-    axes.update({n: image for n in outs})
+    axes = {n: dynamic_axes(n) for n in names + outs}
     import tempfile
 
     with torch.no_grad(), tempfile.TemporaryDirectory(prefix="rddm-export-") as tmp:

@@ -20,6 +20,7 @@ from rddm_infer.atomic import atomic_path, write_bytes_atomic
 from rddm_infer.artifact import ArtifactMeta
 from rddm_infer.engine_file import BuildTarget, local_target, write_engine
 from rddm_infer.errors import BackendUnavailable, RDDMError
+from rddm_infer.graph_kinds import KINDS
 from rddm_infer.schedule import NUM_COEFS
 
 Shape = tuple[int, ...]
@@ -52,14 +53,9 @@ class EngineProfile:
         self.check(meta.size_multiple)
         c = meta.channels
         image = tuple((b, c, h, w) for b, h, w in (self.min, self.opt, self.max))
-        if meta.graph == "unet":
-            return {"x_t": image, "x_input": image, "t": tuple((s[0],) for s in image)}
-        if meta.graph == "step":
-            return {"x_t": image, "x_input": image, "coef": ((NUM_COEFS,),) * 3, "noise": image}
-        shapes = {"x_input": image, "noise": image}
-        if meta.plan().stochastic:
-            shapes["step_noise"] = tuple((meta.steps, *s) for s in image)
-        return shapes
+        other = {"t": tuple((s[0],) for s in image), "coef": ((NUM_COEFS,),) * 3,
+                 "step_noise": tuple((meta.steps, *s) for s in image)}
+        return {n: other.get(n, image) for n in KINDS[meta.graph].input_names(meta.plan().stochastic)}
 
 
 def _parse_shape(text: str, what: str) -> tuple[int, int, int]:

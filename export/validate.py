@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from rddm_infer.errors import RDDMError
+from rddm_infer.graph_kinds import KINDS
 from rddm_infer.metrics import psnr
 from rddm_infer.model import LoadedModel, TorchRDDM
 from rddm_infer.sampler import initial_state, sample, step
@@ -114,17 +115,18 @@ def validate_onnx(path: str | os.PathLike, loaded: LoadedModel, *, shapes=None, 
         x_t = initial_state(plan, x_in, noise=noise)
         if meta.graph == "unet":
             t = np.full(shape[0], plan.times[0], dtype=np.float32)
-            got = sess.run(None, {"x_t": x_t, "x_input": x_in, "t": t})
+            names = KINDS["unet"].inputs
+            got = sess.run(None, dict(zip(names, (x_t, x_in, t))))
             want = torch_rddm.model_fn(torch.from_numpy(x_t), torch.from_numpy(x_in), int(plan.times[0]))
             err = max(_max_abs(g, w.detach().numpy()) for g, w in zip(got, want))
 
             def model(x, xi, tt):
-                return sess.run(None, {"x_t": x, "x_input": xi, "t": np.full(x.shape[0], tt, dtype=np.float32)})
+                return sess.run(None, dict(zip(names, (x, xi, np.full(x.shape[0], tt, dtype=np.float32)))))
 
             image = sample(model, plan, x_in, x_t, lambda i: zs[i])
         elif meta.graph == "step":
-            feeds = lambda x, i: {"x_t": x, "x_input": x_in, "coef": plan.coefs[i].astype(np.float32),  # noqa: E731
-                                  "noise": zs[i] if plan.coefs[i][_SIGMA] > 0 else np.zeros_like(x)}
+            feeds = lambda x, i: dict(zip(KINDS["step"].inputs, (  # noqa: E731
+                x, x_in, plan.coefs[i].astype(np.float32), zs[i] if plan.coefs[i][_SIGMA] > 0 else np.zeros_like(x))))
             got = sess.run(None, feeds(x_t, 0))
             outs = torch_rddm.model_fn(torch.from_numpy(x_t), torch.from_numpy(x_in), int(plan.times[0]))
             outs = [o.detach().numpy() for o in outs] + [None]
@@ -134,9 +136,8 @@ def validate_onnx(path: str | os.PathLike, loaded: LoadedModel, *, shapes=None, 
             for i in range(plan.steps):
                 image = sess.run(None, feeds(image, i))[0]
         else:
-            feeds = {"x_input": x_in, "noise": noise}
-            if "step_noise" in {i.name for i in sess.get_inputs()}:
-                feeds["step_noise"] = np.stack(zs)
+            stochastic = len(sess.get_inputs()) > len(KINDS["fused"].inputs)
+            feeds = dict(zip(KINDS["fused"].input_names(stochastic), (x_in, noise, np.stack(zs))))
             image, err = sess.run(None, feeds)[0], None
         if err is not None:
             result.checks.append(Check("call", shape, "max_abs", err, None if reduced else CALL_MAX_ABS))

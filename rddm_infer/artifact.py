@@ -12,11 +12,11 @@ import numbers
 from dataclasses import dataclass, field, asdict
 
 from .errors import CheckpointError
+from .graph_kinds import GRAPH_KINDS
 from .schedule import DiffusionConfig, SamplingPlan
 
 META_KEY = "rddm"
 FORMAT = "rddm-infer/1"
-GRAPH_KINDS = ("unet", "step", "fused")
 MAX_TIMESTEPS = 100_000  # the schedule tables are this long; metadata beyond it is corrupt or hostile
 MAX_STEPS = 1000
 MAX_SIZE_MULTIPLE = 4096

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__, clihelp  # noqa: F401  (clihelp: flags render as flags in --help)
+from .backends.registry import backend_help
 from .errors import RDDMError
 from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 
@@ -38,6 +39,15 @@ def _version(value: bool):
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version and exit.")):
     """Fast image restoration with Residual Denoising Diffusion Models."""
+
+
+BACKEND_HELP = backend_help()
+DEVICE_HELP = "auto | cpu | cuda | cuda:N (onnxruntime provider + device_id, torch device, TensorRT device_id)."
+PRECISION_HELP = ("fp32 | bf16 (torch autocast, OpenVINO inference precision); other backends run the artifact's. "
+                  "auto: with --backend auto, allow a calibrated reduced precision (see bench --calibrate).")
+OBJECTIVE_HELP = ("Checkpoints: what the network predicts (pred_res_noise | pred_res | pred_noise); "
+                  "exported models: must match the one they were exported with.")
+SUM_SCALE_HELP = "Checkpoints: the schedule's sum_scale; exported models: must match the one baked in."
 
 
 def _error(msg: str) -> None:
@@ -60,7 +70,11 @@ def restore(
     output: Path = typer.Option(Path("restored"), "-o", "--output", help="Output folder."),
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="ONNX model, TensorRT engine or checkpoint (default: built-in)."),
-    backend: str = typer.Option("auto", help="auto | tensorrt | onnxruntime | torch"),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
+    objective: Optional[str] = typer.Option(None, help=OBJECTIVE_HELP),
+    sum_scale: Optional[float] = typer.Option(None, help=SUM_SCALE_HELP),
     steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the model's measured recommendation, "
                                         "else its export default)."),
     eta: Optional[float] = typer.Option(None, help="DDIM η (default: the model's)."),
@@ -76,7 +90,7 @@ def restore(
     max_pixels: int = typer.Option(100_000_000, "--max-pixels",
                                    help="Refuse images whose header claims more pixels (checked before decoding)."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into subfolders."),
-    threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (onnxruntime, openvino, torch)."),
     providers: Optional[str] = typer.Option(None, help="onnxruntime providers, e.g. cuda,cpu (default: fastest)."),
     compile: bool = typer.Option(False, "--compile", help="torch backend: torch.compile the network."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors."),
@@ -108,7 +122,8 @@ def restore(
     check_suffix(suffix)
     _quiet_onnxruntime()
     options = dict(steps=steps, eta=eta, seed=seed, tile=tile, overlap=tile_overlap, batch=batch,
-                   max_pixels=max_pixels, threads=threads, providers=providers, compile=compile or None)
+                   max_pixels=max_pixels, threads=threads, providers=providers, compile=compile or None,
+                   device=device, precision=precision, objective=objective, sum_scale=sum_scale)
     ray_sizes = dict(workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
     if ray or ray_address is not None:
         from .cluster import RayRestorer
@@ -233,14 +248,18 @@ def report(output: Path = typer.Argument(..., help="An output folder of `restore
 
 
 @app.command()
-def info(model: str = typer.Argument(..., help="ONNX model, TensorRT engine or checkpoint.")):
+def info(model: str = typer.Argument(..., help="ONNX model, TensorRT engine or checkpoint."),
+         objective: Optional[str] = typer.Option(None, help=OBJECTIVE_HELP),
+         sum_scale: Optional[float] = typer.Option(None, help=SUM_SCALE_HELP),
+         steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the model's)."),
+         eta: Optional[float] = typer.Option(None, help="DDIM η (default: the model's).")):
     """Print an artifact's metadata (graph kind, steps, η, precision, architecture, diffusion)."""
     from .backends import read_artifact_meta
     from .pipeline import resolve_model
 
     _quiet_onnxruntime()
     path = resolve_model(model)
-    meta = read_artifact_meta(path)
+    meta = read_artifact_meta(path, objective=objective, sum_scale=sum_scale, steps=steps, eta=eta)
     plan = meta.plan(meta.steps)
     rows = [("file", f"{path} ({path.stat().st_size / 1e6:.2f} MB)"), ("format", meta.format),
             ("graph", meta.graph), ("steps", meta.steps), ("eta", meta.eta), ("times", list(plan.times)),
@@ -248,23 +267,43 @@ def info(model: str = typer.Argument(..., help="ONNX model, TensorRT engine or c
              else "not measured"),
             ("precision", meta.precision), ("size multiple", meta.size_multiple), ("channels", meta.channels),
             ("channel order", meta.channel_order), ("input range", list(meta.input_range)),
-            ("diffusion", json.dumps(meta.diffusion)), ("unet", json.dumps(meta.unet)), ("source", meta.source)]
+            ("diffusion", json.dumps(meta.diffusion)), ("unet", json.dumps(meta.unet)), ("source", meta.source),
+            ("backends", _runs_on(path))]
     for k, v in rows:
         out.print(f"{k:>14}: {escape(str(v))}")
 
 
+def _runs_on(path: Path) -> str:
+    """The rows of the backend table that run this artifact, and what installs the missing ones."""
+    from .backends.registry import BACKENDS, artifact_kind
+
+    kind = artifact_kind(path)
+    return ", ".join(b.name + ("" if b.available() else f" (not installed: pip install 'rddm-infer[{b.extra}]')")
+                     for b in BACKENDS if kind in b.artifacts)
+
+
 @app.command()
 def bench(
-    model: str = typer.Argument(..., help="ONNX model, TensorRT engine or checkpoint."),
-    backend: str = typer.Option("auto", help="auto | tensorrt | onnxruntime | torch"),
+    model: Optional[str] = typer.Argument(None, help="ONNX model, TensorRT engine or checkpoint (default: built-in)."),
+    backend: str = typer.Option("auto", help=BACKEND_HELP),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
+    precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
+    objective: Optional[str] = typer.Option(None, help=OBJECTIVE_HELP),
+    sum_scale: Optional[float] = typer.Option(None, help=SUM_SCALE_HELP),
     size: int = typer.Option(256, help="Square input size (rounded up to the model's size multiple)."),
     batch: int = typer.Option(1, help="Images per call."),
     steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the model's)."),
     runs: int = typer.Option(10, help="Timed runs."),
     warmup: int = typer.Option(2, help="Untimed runs first (engine setup, CUDA graph capture)."),
-    threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads."),
+    eta: Optional[float] = typer.Option(None, help="DDIM η (default: the model's)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (onnxruntime, openvino, torch)."),
     providers: Optional[str] = typer.Option(None, help="onnxruntime providers, e.g. cuda,cpu."),
+    compile: bool = typer.Option(False, "--compile", help="torch backend: torch.compile the network."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    calibrate: bool = typer.Option(False, "--calibrate",
+                                   help="Time every installed backend and precision on this CPU (at most 3 runs "
+                                        "each, after a warm-up), check each is >= 40 dB vs fp32, and save the table "
+                                        "that --backend auto reads."),
 ):
     """Time whole restores (all K steps) on random input: median latency and images/s."""
     import numpy as np
@@ -275,10 +314,17 @@ def bench(
         raise RDDMError("--runs, --batch and --size must be >= 1 and --warmup >= 0")
     from .pipeline import resolve_model
 
-    runner, choice = load_runner(resolve_model(model), backend, threads=threads, providers=providers)
+    if calibrate:
+        return _calibrate(resolve_model(model, backend), backend, size=size, steps=steps, threads=threads,
+                          runs=min(runs, 3), json_out=json_out)
+
+    runner, choice = load_runner(resolve_model(model, backend), backend, threads=threads, providers=providers,
+                                 device=device, precision=precision, compile=compile or None, objective=objective,
+                                 sum_scale=sum_scale, steps=steps, eta=eta)
+    err.print(f"backend: [bold]{escape(runner.description)}[/bold] ({escape(choice.reason)})")
     with runner:
         sampler = EngineSampler(runner)
-        plan = sampler.plan(steps)
+        plan = sampler.plan()
         m = max(int(runner.meta.size_multiple), 1)
         side = -(-size // m) * m
         shape = (batch, runner.meta.channels, side, side)
@@ -307,6 +353,23 @@ def bench(
 
 
 BENCH_MAX_PIXELS = 4096 * 4096  # one untiled call on a 4096² image already takes several GB of activations
+
+
+def _calibrate(model: Path, backend: str, *, json_out: bool, **kw) -> None:
+    from .calibration import MIN_PSNR, calibrate
+
+    if backend != "auto":
+        raise RDDMError("--calibrate measures every installed backend; leave --backend at auto")
+    table, path = calibrate(model, log=lambda s: err.print(escape(s)), **kw)
+    if json_out:
+        print(table.to_json(), end="")
+        return
+    for e in sorted(table.entries, key=lambda e: (e.median_ms is None, e.median_ms or 0)):
+        acc = "identical" if e.psnr_db == float("inf") else f"{e.psnr_db:.1f} dB" if e.psnr_db is not None else ""
+        state = e.error or f"{e.median_ms:.1f} ms, {acc}{'' if e.ok else f' (below {MIN_PSNR:g} dB: never chosen)'}"
+        out.print(f"{escape(e.label()):>22}: {escape(state)}")
+    out.print(f"saved {escape(str(path))} ({escape(table.cpu)}, {table.size}², {table.steps} steps); "
+              f"--backend auto now picks from it (reduced precision only with --precision auto)")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -15,3 +15,7 @@ class ImageError(RDDMError):
 
 class BackendUnavailable(RDDMError):
     """A backend whose package or hardware is absent on this machine."""
+
+
+class OptionError(RDDMError, ValueError):
+    """An option that is unknown, mistyped, or does not apply to the chosen backend or artifact."""

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from .backends import Choice, EngineSampler, Noise, Runner, load_runner
-from .errors import CheckpointError, ImageError, RDDMError
+from .errors import CheckpointError, ImageError, OptionError, RDDMError
 from .atomic import remove_stale_temps
 from .imageio import (DEFAULT_MAX_PIXELS, IMAGE_EXTS, Image, check_float_range, encode_image, from_model,
                       is_complete_image, read_image, to_model, write_atomic)
@@ -32,10 +32,12 @@ from .onnx_external import check_external_data
 from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE, Tile, pad_to_multiple, run_tiled
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "default.onnx"
+DEFAULT_CHECKPOINT = DEFAULT_MODEL.with_suffix(".safetensors")  # what the built-in ONNX model was exported from
 
 
-def resolve_model(model: str | os.PathLike | None) -> Path:
-    """The given model path, or the built-in default (a clear error when none is installed)."""
+def resolve_model(model: str | os.PathLike | None, backend: str = "auto") -> Path:
+    """The given model path, or the built-in default (a clear error when none is installed): the
+    checkpoint for a backend that loads only checkpoints (``--backend torch``), else the ONNX model."""
     if model is not None:
         path = Path(model)
         if not path.exists():
@@ -43,6 +45,13 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
         if path.suffix.lower() == ".onnx" and path.is_file():
             check_external_data(path)  # before ONNX Runtime opens it: older releases follow any path
         return path
+    from .backends.registry import BY_NAME
+
+    if backend in BY_NAME and BY_NAME[backend].artifacts == ("checkpoint",):
+        if not DEFAULT_CHECKPOINT.is_file():
+            raise CheckpointError(f"no built-in checkpoint is installed ({DEFAULT_CHECKPOINT} is missing); "
+                                  f"pass --model PATH")
+        return DEFAULT_CHECKPOINT
     if not DEFAULT_MODEL.is_file():
         raise CheckpointError(f"no built-in model is installed ({DEFAULT_MODEL} is missing); "
                               f"pass --model PATH (an .onnx model, a TensorRT .engine or a checkpoint)")
@@ -271,9 +280,12 @@ class Restorer:
         if max_pixels is not None and max_pixels < 1:
             raise RDDMError(f"--max-pixels {max_pixels}: must be >= 1")
         if isinstance(model, Runner):
+            given = [k for k, v in backend_options.items() if v is not None]
+            if given:
+                raise OptionError(f"option {given[0]!r} does not apply to an already loaded runner")
             self.runner, self.choice = model, Choice(model.name, Path(getattr(model, "path", "")), reason="given")
         else:
-            self.runner, self.choice = load_runner(resolve_model(model), backend, **backend_options)
+            self.runner, self.choice = load_runner(resolve_model(model, backend), backend, **backend_options)
         self.sampler = EngineSampler(self.runner)
         self.plan = self.sampler.plan(steps, eta)
         self.seed = seed
@@ -497,7 +509,11 @@ def write_metrics_csv(path: Path, summary: Summary) -> Path:
 
 
 def load_model(model: str | os.PathLike | None = None, backend: str = "auto", **options) -> Restorer:
-    """Load a model (default: the built-in one) for restoring arrays, files and folders."""
+    """Load a model (default: the built-in one) for restoring arrays, files and folders.
+
+    ``options``: Restorer settings (steps, eta, seed, tile, overlap, batch), model options
+    (objective, sum_scale, timesteps) and the backend's own options (``rddm_infer.backends.registry``);
+    an unknown option, or one that does not apply, is an error naming it."""
     return Restorer(model, backend, **options)
 
 

@@ -37,6 +37,14 @@ def rng():
 
 
 def pytest_configure(config):
+    # The user's cache (calibration tables steer --backend auto; compiled OpenVINO models) stays out of tests.
+    import atexit
+    import os
+    import shutil
+    import tempfile
+
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="rddm-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
     try:
         import torch
 

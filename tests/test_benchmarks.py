@@ -55,6 +55,11 @@ def test_bench_writes_consistent_json_markdown_png(bench_run):
     assert 20 < rows["onnxruntime CPU step int8"]["psnr_vs_baseline_db"] < math.inf
     assert 25 < rows["torch eager bf16 autocast + channels_last"]["psnr_vs_baseline_db"] < math.inf
     assert size["gflop_per_image"] > 0 and result["environment"]["onnxruntime"]
+    if result["environment"]["openvino"]:  # registry rows: every installed ONNX backend at each precision
+        assert rows["openvino step fp32"]["psnr_vs_baseline_db"] > 60
+        assert rows["openvino step int8"]["psnr_vs_baseline_db"] > 20
+        bf16 = rows.get("openvino step fp32 (bf16 inference)")
+        assert bf16 is None or 25 < bf16["psnr_vs_baseline_db"] < math.inf
     md = (out / "results.md").read_text()
     assert all(f"| {name} |" in md for name in rows) and "onnxruntime 1." in md
     png = cv2.imread(str(out / "results.png"))
@@ -132,3 +137,13 @@ def test_int8_command_calibrates_on_a_folder_and_reports_bad_input(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
     assert "junk.onnx: not a readable ONNX model" in proc.stderr
+
+
+def test_reference_size_model_is_the_official_experiment_2_size():
+    from benchmarks.backends import parse, reference_size_model
+
+    m = reference_size_model()
+    assert m.unet.dim == 64 and m.unet.dim_mults == (1, 2, 4, 8) and m.unet.num_outputs == 2
+    assert m.diffusion.objective == "pred_res_noise"
+    assert sum(p.numel() for p in m.net.parameters()) / 1e6 == pytest.approx(72.5, abs=0.5)
+    assert parse(["--sizes", "256"]).checkpoint is None  # no checkpoint: the reference-size model

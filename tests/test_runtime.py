@@ -18,8 +18,11 @@ X = np.random.default_rng(1).uniform(-1, 1, (2, 3, 16, 24)).astype(np.float32)
 
 def test_runtime_never_imports_torch():
     code = ("import sys, rddm_infer, rddm_infer.cli, rddm_infer.pipeline, rddm_infer.backends.onnxruntime, "
-            "rddm_infer.backends.tensorrt, rddm_infer.imageio, rddm_infer.tiling, rddm_infer.metrics, rddm_infer.report; "
-            "assert 'torch' not in sys.modules, 'torch was imported'")
+            "rddm_infer.backends.tensorrt, rddm_infer.backends.openvino, rddm_infer.backends.registry, "
+            "rddm_infer.graph_kinds, rddm_infer.calibration, rddm_infer.imageio, rddm_infer.tiling, "
+            "rddm_infer.metrics, rddm_infer.report, rddm_infer.cluster; "
+            "rddm_infer.backends.installed_modules(); "
+            "assert not {'torch', 'openvino', 'tensorrt', 'ray'} & set(sys.modules), 'torch/openvino/tensorrt/ray was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -137,7 +140,7 @@ def test_bad_model_files_are_one_line_errors(tmp_path):
 
 # ------------------------------------------------------------------------------ backend choice
 
-ALL = {"tensorrt", "cuda", "torch", "onnxruntime"}
+ALL = {"tensorrt", "cuda.bindings", "torch", "onnxruntime", "openvino"}
 
 
 def test_auto_picks_tensorrt_for_engines_and_explains(tmp_path):
@@ -179,8 +182,8 @@ def test_explicit_backend_mismatches_are_clear(tmp_path):
         choose_backend(p, "tensorrt", modules=ALL, providers=[])
     with pytest.raises(CheckpointError, match="unknown model type"):
         choose_backend(tmp_path / "m.bin", modules=ALL, providers=[])
-    with pytest.raises(BackendUnavailable, match="unknown backend"):
-        choose_backend(p, "openvino", modules=ALL, providers=[])
+    with pytest.raises(BackendUnavailable, match="unknown backend 'nonsense'; choose one of auto, tensorrt"):
+        choose_backend(p, "nonsense", modules=ALL, providers=[])
     assert choose_backend(tmp_path / "m.safetensors", modules=ALL, providers=[]).backend == "torch"
     with pytest.raises(BackendUnavailable, match="onnxruntime-gpu"):
         resolve_providers("cuda", ["CPUExecutionProvider"])
@@ -199,7 +202,7 @@ def test_engine_files_without_tensorrt(tmp_path):
 
 
 def test_load_runner_torch_checkpoint():
-    runner, choice = load_runner(models.checkpoint(), "auto", device="cpu", threads=4)  # threads ignored by torch
+    runner, choice = load_runner(models.checkpoint(), "auto", device="cpu", threads=2)  # torch.set_num_threads
     assert choice.backend == "torch" and runner.meta.graph == "unet"
     np.testing.assert_allclose(EngineSampler(runner)(X[:1], seed=0),
                                EngineSampler(OnnxRuntimeRunner(models.onnx_model("step")))(X[:1], seed=0), atol=2e-4)

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..artifact import ArtifactMeta
 from ..errors import RDDMError
+from ..graph_kinds import KINDS
 from ..sampler import initial_state, sample
 from ..schedule import COEF_NAMES, SamplingPlan
 
@@ -154,20 +155,25 @@ class EngineSampler:
         return self._unet(x_input, x_t, plan, noise)
 
     def _fused(self, x_input, plan, noise):
-        feeds = {"x_input": x_input, "noise": noise.eps}
+        kind = KINDS["fused"]
+        values = [x_input, noise.eps]
         if plan.stochastic:
-            feeds["step_noise"] = np.stack([np.zeros_like(x_input) if z is None else z for z in noise.steps])
+            values.append(np.stack([np.zeros_like(x_input) if z is None else z for z in noise.steps]))
         r = self.runner
-        return r.download(r.infer(feeds)["x0"])
+        return r.download(r.infer(dict(zip(kind.input_names(plan.stochastic), values)))[kind.outputs[0]])
 
     def _step(self, x_input, x_t, plan, noise):
+        kind = KINDS["step"]
+        _, x_in_name, coef_name, noise_name = kind.inputs
         r = self.runner
         zeros = r.upload(np.zeros_like(x_input)) if None in noise.steps else None
-        per_step = [{"coef": plan.coefs[i].astype(np.float32),
-                     "noise": zeros if noise.steps[i] is None else noise.steps[i]} for i in range(plan.steps)]
-        return r.run_chain({"x_input": x_input}, per_step, ("x_t", "x_next"), x_t)
+        per_step = [{coef_name: plan.coefs[i].astype(np.float32),
+                     noise_name: zeros if noise.steps[i] is None else noise.steps[i]} for i in range(plan.steps)]
+        return r.run_chain({x_in_name: x_input}, per_step, kind.carry, x_t)
 
     def _unet(self, x_input, x_t, plan, noise):
+        kind = KINDS["unet"]
+        outputs = kind.output_names(self.meta.num_outputs)
         r = self.runner
         native = r.array_math
         put = r.upload if native else (lambda a: a)
@@ -175,8 +181,8 @@ class EngineSampler:
         batch = x_input.shape[0]
 
         def model(xt, xi, t):
-            outs = r.infer({"x_t": xt, "x_input": xi, "t": put(np.full((batch,), t, dtype=np.float32))})
-            return [get(outs[k]) for k in sorted(outs)]  # out0[, out1]
+            outs = r.infer(dict(zip(kind.inputs, (xt, xi, put(np.full((batch,), t, dtype=np.float32))))))
+            return [get(outs[k]) for k in outputs if k in outs]
 
         out = sample(model, plan, put(x_input), put(x_t), lambda i: put(noise.steps[i]))
         return out if isinstance(out, np.ndarray) else r.download(out)

@@ -14,8 +14,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..artifact import META_KEY, ArtifactMeta
-from ..errors import BackendUnavailable, CheckpointError, RDDMError
+from ..errors import BackendUnavailable, CheckpointError, OptionError, RDDMError
 from .base import Runner
+from .registry import parse_device
 
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                     "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider"}
@@ -57,6 +58,30 @@ def resolve_providers(providers: Sequence[str] | str | None, available: Sequence
     return full
 
 
+def device_providers(device: str | None, providers, device_id: int | None, available: Sequence[str]):
+    """``--device`` onto providers and the CUDA device index: cpu -> the CPU provider, cuda[:N] -> the
+    fastest GPU providers on device N. Explicit providers or device_id that contradict it are an error."""
+    kind, index = parse_device(device)
+    if device_id is not None and index is not None and device_id != index:
+        raise OptionError(f"--device {device} contradicts device_id {device_id}")
+    device_id = index if index is not None else (device_id or 0)
+    if kind == "auto":
+        return providers, device_id
+    if providers not in (None, "auto"):
+        names = [p.strip() for p in providers.split(",")] if isinstance(providers, str) else list(providers)
+        first = PROVIDER_ALIASES.get(names[0].lower(), names[0]) if names else "CPUExecutionProvider"
+        if (kind == "cpu") != (first == "CPUExecutionProvider"):
+            raise OptionError(f"--device {device} contradicts providers {','.join(names)}")
+        return providers, device_id
+    if kind == "cpu":
+        return ["CPUExecutionProvider"], device_id
+    gpu = [p for p in GPU_PROVIDERS if p in available]
+    if not gpu:
+        raise BackendUnavailable(f"--device {device}: onnxruntime has no GPU provider here (available: "
+                                 f"{', '.join(available) or 'none'}); pip install 'rddm-infer[gpu]' on a CUDA machine")
+    return gpu, device_id
+
+
 def read_meta(path: str | os.PathLike, custom: Mapping[str, str]) -> ArtifactMeta:
     raw = custom.get(META_KEY)
     if raw is None:
@@ -70,13 +95,13 @@ class OnnxRuntimeRunner(Runner):
     name = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike, providers: Sequence[str] | str | None = None,
-                 threads: int | None = None, device_id: int = 0):
+                 threads: int | None = None, device_id: int | None = None, device: str | None = None):
         ort = _ort()
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: no such model file")
+        providers, self.device_id = device_providers(device, providers, device_id, ort.get_available_providers())
         self.providers = resolve_providers(providers, ort.get_available_providers())
-        self.device_id = device_id
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if threads:

@@ -76,8 +76,17 @@ class TensorRTRunner(Runner):
 
     name = "tensorrt"
 
-    def __init__(self, path: str | os.PathLike, device_id: int = 0, cuda_graph: bool = True):
+    def __init__(self, path: str | os.PathLike, device_id: int | None = None, cuda_graph: bool = True,
+                 device: str | None = None):
         from ..engine_file import read_engine
+        from .registry import parse_device
+
+        kind, index = parse_device(device)
+        if kind == "cpu":
+            raise BackendUnavailable("--device cpu: TensorRT engines run on an NVIDIA GPU (use an .onnx model)")
+        if device_id is not None and index is not None and index != device_id:
+            raise RDDMError(f"--device {device} contradicts device_id {device_id}")
+        device_id = index if index is not None else (device_id or 0)
 
         self.trt, self.cudart = _imports()
         self.path = Path(path)

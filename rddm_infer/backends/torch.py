@@ -13,8 +13,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..artifact import ArtifactMeta
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, OptionError
+from ..graph_kinds import KINDS
 from .base import Runner
+
+UNET = KINDS["unet"]  # the torch runner is a unet-kind runner
 
 
 def _torch():
@@ -26,26 +29,52 @@ def _torch():
 
 
 class TorchRunner(Runner):
-    """Eager (or ``torch.compile``d) ``UnetRes`` from a checkpoint path or a ``LoadedModel``."""
+    """Eager (or ``torch.compile``d) ``UnetRes`` from a checkpoint path or a ``LoadedModel``.
+
+    ``precision="bf16"`` runs the network under bf16 autocast (CPU with AMX / avx512_bf16, or CUDA);
+    the sampler arithmetic stays fp32. ``threads`` is torch.set_num_threads (process-wide).
+    ``objective`` / ``sum_scale`` / ``timesteps`` go to the checkpoint loader.
+    """
 
     name = "torch"
     array_math = True
 
-    def __init__(self, model: "str | os.PathLike | Any", device: str | None = None, compile: bool = False):
+    def __init__(self, model: "str | os.PathLike | Any", device: str | None = None, compile: bool = False,
+                 precision: str = "fp32", threads: int | None = None, **model_options):
         torch = _torch()
         from ..model import TorchRDDM, load_checkpoint
+        from .registry import PRECISION, parse_device
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        loaded = model if hasattr(model, "net") else load_checkpoint(model, device=self.device)
+        kind, index = parse_device(device)
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailable(f"--device {device}: torch sees no CUDA GPU (torch {torch.__version__})")
+        if precision not in PRECISION:
+            raise OptionError(f"torch option 'precision' must be one of {', '.join(PRECISION)}, got {precision!r}")
+        self.device = {"auto": "cuda" if torch.cuda.is_available() else "cpu", "cpu": "cpu"}.get(
+            kind, f"cuda:{index}" if index is not None else "cuda")
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.threads = threads
+        if hasattr(model, "net"):
+            if any(v is not None for v in model_options.values()):
+                raise OptionError(f"{', '.join(model_options)}: do not apply to an already loaded model")
+            loaded = model
+        else:
+            loaded = load_checkpoint(model, device=self.device, **model_options)
         self.loaded = loaded
         super().__init__(ArtifactMeta(graph="unet", unet=loaded.unet.to_dict(), diffusion=loaded.diffusion.to_dict(),
-                                      size_multiple=loaded.unet.size_multiple, source=loaded.source))
+                                      size_multiple=loaded.unet.size_multiple, precision=precision,
+                                      source=loaded.source))
         self._compile = compile
-        self._rddm = TorchRDDM(loaded.net, loaded.diffusion, self.device)
+        self.precision = precision
+        self._rddm = TorchRDDM(loaded.net, loaded.diffusion, self.device,
+                               dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
 
     @property
     def description(self) -> str:
-        return f"torch ({self.device}{', compiled' if self._compile else ''})"
+        extra = "".join((", bf16 autocast" if self.precision == "bf16" else ", fp32",
+                         ", compiled" if self._compile else "", f", {self.threads} threads" if self.threads else ""))
+        return f"torch ({self.device}{extra})"
 
     def _activate(self) -> None:
         if self._compile:
@@ -60,7 +89,7 @@ class TorchRunner(Runner):
     def infer(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         torch = _torch()
         x_t, x_input, t = (f if torch.is_tensor(f) else self.upload(f) for f in
-                           (feeds["x_t"], feeds["x_input"], feeds["t"]))
+                           (feeds[n] for n in UNET.inputs))
         with torch.inference_mode():
             outs = self._rddm.model_fn(x_t, x_input, int(t.reshape(-1)[0]))
-        return {f"out{i}": o for i, o in enumerate(outs)}
+        return dict(zip(UNET.outputs, outs))

@@ -1,0 +1,234 @@
+"""The backend table: every engine rddm-infer can run on, in one list of small rows.
+
+A row says what a backend is called, which pip extra installs it, how to tell it is
+installed (``importlib.util.find_spec``: nothing is imported), which artifacts it runs,
+its typed options, and where its runner class lives. ``choose_backend``/``load_runner``,
+the CLI (``--backend`` help, option checks) and ``benchmarks.backends`` all read it, so
+adding a backend is one runner module plus one row here.
+
+Model options (``objective``, ``sum_scale``, ``timesteps``) and sampling options
+(``steps``, ``eta``) mean the same for every backend: a backend that builds the model
+from a checkpoint passes the model options to :func:`rddm_infer.model.load_checkpoint`;
+an exported artifact has them baked into its metadata, and a *different* value is an
+error naming the option (the same value is accepted).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import BackendUnavailable, OptionError
+
+ARTIFACTS = {  # artifact kind -> file extensions
+    "onnx": (".onnx",),
+    "engine": (".engine", ".trt", ".plan"),
+    "checkpoint": (".safetensors", ".pt", ".pth", ".ckpt"),
+}
+ARTIFACT_WORDS = {  # how errors name each kind, and how to make one
+    "onnx": ("runs ONNX models", "; export one with `rddm-export CHECKPOINT`"),
+    "engine": ("runs TensorRT engines", "; build one with `rddm-export CHECKPOINT --tensorrt`"),
+    "checkpoint": ("loads checkpoints", ""),
+}
+_DEVICE = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
+
+
+def user_cache_dir(*parts: str) -> Path:
+    """``$XDG_CACHE_HOME/rddm-infer/...`` (default ``~/.cache``): compiled models, calibration tables."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base, "rddm-infer", *parts)
+
+
+def artifact_kind(path: str | Path) -> str | None:
+    ext = Path(path).suffix.lower()
+    return next((k for k, exts in ARTIFACTS.items() if ext in exts), None)
+
+
+def parse_device(device: str | None) -> tuple[str, int | None]:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` -> (kind, index or None)."""
+    m = _DEVICE.match(str(device or "auto").strip().lower())
+    if not m or (m.group(2) is not None and m.group(1) != "cuda"):
+        raise OptionError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+    return m.group(1), None if m.group(2) is None else int(m.group(2))
+
+
+@dataclass(frozen=True)
+class Option:
+    """One typed option: ``None`` always means "not given" (the backend's default applies)."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple = ()
+
+    def check(self, value: Any, owner: str) -> Any:
+        if value is None:
+            return None
+        ok = isinstance(value, self.type) and not (self.type is int and isinstance(value, bool))
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if self.type is object:
+            ok = True
+        if not ok:
+            raise OptionError(f"{owner} option {self.name!r} must be {self.type.__name__}, got {value!r}")
+        if self.choices and value not in self.choices:
+            raise OptionError(f"{owner} option {self.name!r} must be one of {', '.join(map(str, self.choices))}, "
+                              f"got {value!r}")
+        if self.type is int and value < 1:
+            raise OptionError(f"{owner} option {self.name!r} must be >= 1, got {value}")
+        return value
+
+
+DEVICE = Option("device", str, "auto", "auto | cpu | cuda[:N]")
+THREADS = Option("threads", int, None, "CPU threads for inference")
+PRECISION = ("fp32", "bf16")
+
+# The same for every backend (see the module docstring).
+MODEL_OPTIONS = (
+    Option("objective", str, None, "what the network predicts", ("pred_res_noise", "pred_res", "pred_noise")),
+    Option("sum_scale", float, None, "the schedule's Σβ² (noise level of x_T)"),
+    Option("timesteps", int, None, "length of the training schedule"),
+)
+SAMPLING_OPTIONS = (
+    Option("steps", int, None, "sampling steps (default: the model's)"),
+    Option("eta", float, None, "DDIM η (default: the model's)"),
+)
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    description: str
+    extra: str  # pip extra that installs it ("" = the base install)
+    requires: tuple[str, ...]  # modules that must be importable (probed, not imported)
+    artifacts: tuple[str, ...]  # keys of ARTIFACTS it runs
+    runner: str  # "module:Class", module relative to rddm_infer.backends
+    options: tuple[Option, ...]
+    devices: tuple[str, ...] = ("cpu",)
+    model_options: tuple[str, ...] = ()  # MODEL_OPTIONS it passes to the checkpoint loader
+    hardware: str = ""  # what else it needs, for the install hint
+    needs: str = ""  # the packages, as users know them (default: the module names)
+
+    def missing(self, modules: set[str] | None = None) -> list[str]:
+        if modules is not None:
+            return [m for m in self.requires if m not in modules]
+        return [m for m in self.requires if not _importable(m)]
+
+    def available(self, modules: set[str] | None = None) -> bool:
+        return not self.missing(modules)
+
+    @property
+    def install_hint(self) -> str:
+        pkg = f"pip install 'rddm-infer[{self.extra}]'" if self.extra else "pip install rddm-infer"
+        return f"the {self.name} backend needs {self.needs or ', '.join(self.requires)} ({pkg}){self.hardware}"
+
+    def runner_class(self) -> type:
+        module, cls = self.runner.split(":")
+        return getattr(importlib.import_module(module, __package__), cls)
+
+    def option(self, name: str) -> Option | None:
+        return next((o for o in self.options if o.name == name), None)
+
+    def help_line(self) -> str:
+        opts = ", ".join(o.name for o in self.options)
+        return f"{self.name}: {self.description} [{', '.join(self.artifacts)}; options: {opts}]"
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# Order matters: without a calibration table, ``auto`` takes the first available row that runs the artifact.
+BACKENDS: tuple[BackendSpec, ...] = (
+    BackendSpec(
+        "tensorrt", "native TensorRT engines, CUDA graphs", "tensorrt", ("tensorrt", "cuda.bindings"),
+        ("engine",), ".tensorrt:TensorRTRunner",
+        (DEVICE, Option("device_id", int, None, "CUDA device index (same as --device cuda:N)"),
+         Option("cuda_graph", bool, True, "replay step chains as CUDA graphs")),
+        devices=("cuda",), hardware=" and an NVIDIA GPU", needs="tensorrt and cuda-python"),
+    BackendSpec(
+        "onnxruntime", "ONNX Runtime: CPU, CUDA and TensorRT execution providers", "", ("onnxruntime",),
+        ("onnx",), ".onnxruntime:OnnxRuntimeRunner",
+        (DEVICE, THREADS, Option("providers", object, None, "execution providers, e.g. cuda,cpu (default: fastest)"),
+         Option("device_id", int, None, "CUDA device index (same as --device cuda:N)")),
+        devices=("cpu", "cuda")),
+    BackendSpec(
+        "torch", "PyTorch eager (or torch.compile) from a checkpoint", "torch", ("torch",),
+        ("checkpoint",), ".torch:TorchRunner",
+        (DEVICE, Option("threads", int, None, "torch.set_num_threads (process-wide)"),
+         Option("compile", bool, False, "torch.compile the network"),
+         Option("precision", str, "fp32", "fp32, or bf16 autocast", PRECISION)),
+        devices=("cpu", "cuda"), model_options=("objective", "sum_scale", "timesteps")),
+    BackendSpec(
+        "openvino", "OpenVINO on the CPU, exact fp32 or bf16", "openvino", ("openvino",),
+        ("onnx",), ".openvino:OpenVINORunner",
+        (DEVICE, THREADS, Option("precision", str, "fp32", "fp32 (exact) or bf16 (AMX / avx512_bf16)", PRECISION),
+         Option("cache_dir", str, None, "compiled-model cache (default: user cache dir; '' disables)")),
+        devices=("cpu",)),
+)
+BY_NAME = {b.name: b for b in BACKENDS}
+NAMES = ("auto", *BY_NAME)
+
+
+def backend_spec(name: str) -> BackendSpec:
+    if name not in BY_NAME:
+        raise BackendUnavailable(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
+    return BY_NAME[name]
+
+
+def backend_help() -> str:
+    """The ``--backend`` help text, from the table."""
+    return "auto (see the reason printed) | " + " | ".join(b.name for b in BACKENDS) + ". " + "; ".join(
+        f"{b.name}: {b.description}" for b in BACKENDS)
+
+
+def split_options(spec: BackendSpec, options: Mapping[str, Any]) -> tuple[dict, dict, dict]:
+    """(backend options, model options, sampling options) for ``spec``, each checked.
+
+    An unknown name is an error; so is a backend option of another backend given a value
+    (``None`` means "not given", so callers may pass every option they know).
+    """
+    model_names = {o.name: o for o in MODEL_OPTIONS}
+    sampling = {o.name: o for o in SAMPLING_OPTIONS}
+    own, model, samp = {}, {}, {}
+    for name, value in options.items():
+        if name in model_names:
+            if (v := model_names[name].check(value, "model")) is not None:
+                model[name] = v
+        elif name in sampling:
+            if (v := sampling[name].check(value, "sampling")) is not None:
+                samp[name] = v
+        elif (opt := spec.option(name)) is not None:
+            if (v := opt.check(value, spec.name)) is not None:
+                own[name] = v
+        else:
+            owners = [b.name for b in BACKENDS if b.option(name)]
+            if not owners:
+                known = sorted({o.name for b in BACKENDS for o in b.options} | set(model_names) | set(sampling))
+                raise OptionError(f"unknown option {name!r} (known: {', '.join(known)})")
+            if value is not None:
+                raise OptionError(f"option {name!r} does not apply to the {spec.name} backend "
+                                  f"(it is an option of {', '.join(owners)})")
+    return own, model, samp
+
+
+def check_baked_options(meta, given: Mapping[str, Any], where: str) -> None:
+    """Model options against an artifact's metadata: the same value is fine, another is an error."""
+    for name, value in given.items():
+        have = meta.diffusion.get(name)
+        if have is None:
+            raise OptionError(f"{where}: {name} does not apply: the artifact records no {name}")
+        same = abs(float(have) - float(value)) <= 1e-6 * max(1.0, abs(float(have))) if name != "objective" \
+            else have == value
+        if not same:
+            raise OptionError(f"{where}: {name} {value} does not apply: the artifact was exported with "
+                              f"{name} {have} (re-export it from the checkpoint to change it)")

@@ -1,0 +1,174 @@
+"""``--backend auto`` by measurement: time every installed backend and precision on this machine.
+
+``rddm-infer bench --calibrate`` runs one short probe per candidate (each row of the backend
+table that runs the model, at each precision it offers), checks its accuracy against the
+exact fp32 result (>= ``MIN_PSNR`` dB on the probe) and writes a per-machine table, keyed by
+the model file's hash and the CPU model, under the user cache dir. ``auto`` then takes the
+fastest accurate entry. Reduced precision is taken only when the user opted in
+(``precision="auto"`` / ``--precision auto``); the choice and why are always stated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import write_bytes_atomic
+from .backends.registry import BACKENDS, artifact_kind, user_cache_dir
+from .errors import RDDMError
+
+MIN_PSNR = 40.0  # dB vs the exact fp32 result on the probe
+EXACT = (None, "fp32")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def table_path(model: str | os.PathLike, cpu: str | None = None) -> Path:
+    cpu = cpu or cpu_model()
+    key = hashlib.sha256(cpu.encode()).hexdigest()[:12]
+    return user_cache_dir("calibration", f"{file_hash(model)[:24]}-{key}.json")
+
+
+@dataclass
+class Entry:
+    backend: str
+    options: dict  # e.g. {"precision": "bf16"}
+    median_ms: float | None = None
+    psnr_db: float | None = None  # vs the exact fp32 reference (inf: identical)
+    error: str | None = None
+
+    @property
+    def reduced(self) -> bool:
+        return self.options.get("precision") not in EXACT
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.psnr_db is not None and self.psnr_db >= MIN_PSNR
+
+    def label(self) -> str:
+        return self.backend + "".join(f" {v}" for v in self.options.values())
+
+
+@dataclass
+class Table:
+    model: str
+    cpu: str
+    threads: int | None
+    size: int
+    steps: int
+    date: str
+    entries: list[Entry] = field(default_factory=list)
+
+    def best(self, allow_reduced: bool, usable=lambda e: True) -> Entry | None:
+        ok = [e for e in self.entries if e.ok and (allow_reduced or not e.reduced) and usable(e)]
+        return min(ok, key=lambda e: e.median_ms) if ok else None
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        for e, row in zip(self.entries, d["entries"]):
+            row.update(reduced=e.reduced, ok=e.ok)
+            if row["psnr_db"] == float("inf"):
+                row["psnr_db"] = "inf"
+        return json.dumps(d, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "Table":
+        d = json.loads(text)
+        entries = []
+        for e in d.pop("entries"):
+            psnr = float("inf") if e.get("psnr_db") == "inf" else e.get("psnr_db")
+            entries.append(Entry(e["backend"], dict(e["options"]), e.get("median_ms"), psnr, e.get("error")))
+        return cls(**{k: d[k] for k in ("model", "cpu", "threads", "size", "steps", "date")}, entries=entries)
+
+
+def candidates(model: str | os.PathLike) -> list[tuple[str, dict]]:
+    """(backend, options) for every installed CPU-capable row that runs ``model``, at each precision it offers;
+    exact ones first (the first is the reference)."""
+    kind = artifact_kind(model)
+    out = []
+    for spec in BACKENDS:
+        if kind in spec.artifacts and "cpu" in spec.devices and spec.available():
+            prec = spec.option("precision")
+            out += [(spec.name, {"precision": p} if p else {}) for p in (prec.choices if prec else (None,))]
+    return sorted(out, key=lambda c: c[1].get("precision") not in EXACT)
+
+
+def calibrate(model: str | os.PathLike, *, size: int = 128, steps: int | None = None, threads: int | None = None,
+              runs: int = 3, log=lambda s: None) -> tuple[Table, Path]:
+    """Measure every candidate on one probe image; write and return the table."""
+    from .backends import EngineSampler, Noise, load_runner
+    from .metrics import psnr
+
+    path = Path(model)
+    table = Table(str(path.resolve()), cpu_model(), threads, size, 0,
+                  datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    ref = None
+    for name, opts in candidates(path):
+        entry = Entry(name, dict(opts))
+        table.entries.append(entry)
+        try:
+            runner, _ = load_runner(path, name, device="cpu", threads=threads, **opts)
+            with runner:
+                sampler = EngineSampler(runner)
+                plan = sampler.plan(steps)
+                m = max(int(runner.meta.size_multiple), 1)
+                side = -(-size // m) * m
+                shape = (1, runner.meta.channels, side, side)
+                x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+                noise = Noise.draw(plan, shape, 0)
+                y = sampler.run(x, plan, noise)  # warm-up (first-call allocations, lazy compilation)
+                times = []
+                for _ in range(runs):
+                    t = time.perf_counter()
+                    y = sampler.run(x, plan, noise)
+                    times.append(time.perf_counter() - t)
+            table.steps = plan.steps
+            if ref is None:
+                ref = y
+            entry.median_ms = round(float(np.median(times)) * 1e3, 2)
+            entry.psnr_db = psnr((y + 1) / 2, (ref + 1) / 2)
+        except RDDMError as e:  # e.g. bf16 on a CPU without it: a row of the table, not the end
+            entry.error = str(e)
+        log(f"{entry.label()}: " + (entry.error or f"{entry.median_ms:.1f} ms, "
+                                    f"{'identical' if entry.psnr_db == float('inf') else f'{entry.psnr_db:.1f} dB'}"))
+    if ref is None:
+        raise RDDMError(f"{path}: no backend could run the probe: " + "; ".join(
+            f"{e.label()}: {e.error}" for e in table.entries))
+    out = table_path(path, table.cpu)
+    write_bytes_atomic(out, table.to_json().encode())
+    return table, out
+
+
+def load_table(model: str | os.PathLike) -> tuple[Table | None, Path]:
+    """This machine's table for ``model`` (None when it was never calibrated here)."""
+    path = table_path(model)
+    if not path.is_file():
+        return None, path
+    try:
+        return Table.from_json(path.read_text()), path
+    except (ValueError, KeyError, TypeError):
+        return None, path  # unreadable: as if absent (calibrating again rewrites it)

@@ -1,0 +1,94 @@
+"""The OpenVINO backend on the tiny exported graphs, against ONNX Runtime on the same inputs and noise."""
+
+import numpy as np
+import pytest
+
+import _runtime_models as models
+from rddm_infer.backends import EngineSampler, Noise, load_runner
+from rddm_infer.errors import BackendUnavailable, CheckpointError, OptionError
+from rddm_infer.metrics import psnr
+
+pytest.importorskip("openvino", reason="OpenVINO not installed (pip install 'rddm-infer[openvino]')")
+from rddm_infer.backends.openvino import OpenVINORunner  # noqa: E402
+
+X = np.random.default_rng(7).uniform(-1, 1, (2, 3, 16, 24)).astype(np.float32)
+
+
+def _pair(path, tmp_path, **ov):
+    """(ONNX Runtime output, OpenVINO output, OpenVINO runner) for the same input and noise."""
+    ort_sampler = EngineSampler(load_runner(path, "onnxruntime", threads=1)[0])
+    runner = OpenVINORunner(path, threads=1, cache_dir=tmp_path / "ov", **ov)
+    plan = ort_sampler.plan()
+    noise = Noise.draw(plan, X.shape, 3)
+    return ort_sampler.run(X, plan, noise), EngineSampler(runner).run(X, plan, noise), runner
+
+
+@pytest.mark.parametrize("kind", ["unet", "step", "fused"])
+def test_fp32_matches_onnxruntime(kind, tmp_path):
+    a, b, runner = _pair(models.onnx_model(kind), tmp_path, precision="fp32")
+    assert runner.compiled_precision == "fp32" and "fp32 exact" in runner.description
+    np.testing.assert_allclose(b, a, atol=1e-5)
+    assert np.abs(a).max() > 0.1  # a real image, not zeros
+
+
+def test_fp16_and_int8_graphs_run(tmp_path):
+    from rddm_export.int8 import quantize_int8, synthetic_calibration
+
+    a, b, runner = _pair(models.onnx_fp16_step(), tmp_path, precision="fp32")
+    assert runner.meta.precision == "fp16" and "fp16 graph" in runner.description
+    np.testing.assert_allclose(b, a, atol=2e-2)
+    int8 = quantize_int8(models.onnx_model("step"), tmp_path / "step_int8.onnx",
+                         synthetic_calibration((1, 3, 32, 32), count=1))
+    a, b, runner = _pair(int8, tmp_path, precision="fp32")
+    assert runner.meta.precision == "int8" and "int8 graph" in runner.description
+    assert psnr((a + 1) / 2, (b + 1) / 2) > 30
+
+
+def test_bf16_is_stated_and_close(tmp_path):
+    try:
+        a, b, runner = _pair(models.onnx_model("step"), tmp_path, precision="bf16")
+    except BackendUnavailable as e:  # a CPU without AMX / avx512_bf16 refuses, by name, instead of falling back
+        assert "bf16 was asked for" in str(e)
+        pytest.skip(str(e))
+    assert runner.compiled_precision == "bf16" and "bf16" in runner.description
+    assert 30 < psnr((a + 1) / 2, (b + 1) / 2) < np.inf  # reduced precision: close, not identical
+
+
+def test_compiled_model_is_cached_and_options_checked(tmp_path):
+    cache = tmp_path / "cache"
+    r, choice = load_runner(models.onnx_model("step"), "openvino", threads=1, cache_dir=str(cache))
+    assert choice.backend == "openvino" and r.description == "openvino (CPU, fp32 exact, 1 threads)"
+    assert any(cache.iterdir()), "no compiled blob in the cache folder"
+    with pytest.raises(OptionError, match="--device cuda: the openvino backend runs on cpu"):
+        load_runner(models.onnx_model("step"), "openvino", device="cuda")
+    with pytest.raises(BackendUnavailable, match="--device cuda: the openvino backend runs on the CPU"):
+        OpenVINORunner(models.onnx_model("step"), device="cuda")
+    with pytest.raises(CheckpointError, match="the openvino backend runs ONNX models"):
+        load_runner(models.checkpoint(), "openvino")
+    with pytest.raises(CheckpointError, match="no 'rddm' metadata"):
+        import onnx
+        from onnx import TensorProto, helper
+
+        g = helper.make_graph([helper.make_node("Identity", ["a"], ["b"])], "g",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("b", TensorProto.FLOAT, [1])])
+        onnx.save(helper.make_model(g), tmp_path / "plain.onnx")
+        OpenVINORunner(tmp_path / "plain.onnx", cache_dir="")
+
+
+def test_cli_restore_with_openvino_matches_onnxruntime(tmp_path):
+    import cv2
+
+    from test_cli import cli
+
+    img = tmp_path / "a.png"
+    cv2.imwrite(str(img), np.random.default_rng(0).integers(0, 256, (16, 20, 3), dtype=np.uint8))
+    step = models.onnx_model("step")
+    r1 = cli("restore", img, "-o", tmp_path / "ort", "--model", step, "-q")
+    r2 = cli("restore", img, "-o", tmp_path / "ov", "--model", step, "--backend", "openvino", "--precision", "fp32",
+             "--threads", 1)
+    assert r1.returncode == r2.returncode == 0, r1.stderr + r2.stderr
+    assert "openvino (CPU, fp32 exact" in r2.stderr
+    a = cv2.imread(str(tmp_path / "ort" / "a.png")).astype(int)
+    b = cv2.imread(str(tmp_path / "ov" / "a.png")).astype(int)
+    assert np.abs(a - b).max() <= 1
