@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rddm_infer.artifact import ArtifactMeta
 from rddm_infer.errors import RDDMError
 from rddm_infer.metrics import psnr
 from rddm_infer.model import LoadedModel, TorchRDDM
 from rddm_infer.sampler import initial_state, sample, step
 from rddm_infer.schedule import COEF_NAMES
 
-from .onnx_export import read_metadata
+from .artifact import read_metadata
 
 CALL_MAX_ABS = 1e-4
 IMAGE_MAX_ABS = 1e-3
@@ -91,17 +92,18 @@ def default_shapes(channels: int, size_multiple: int) -> list[tuple[int, int, in
 
 
 @torch.no_grad()
-def validate_onnx(path: str | os.PathLike, loaded: LoadedModel, *, shapes=None, seed: int = 0,
-                  raise_on_failure: bool = True, report_as: str | os.PathLike | None = None) -> Validation:
+def validate_onnx(path: str | os.PathLike, loaded: LoadedModel, *, meta: ArtifactMeta | None = None, shapes=None,
+                  seed: int = 0, raise_on_failure: bool = True,
+                  report_as: str | os.PathLike | None = None) -> Validation:
     """Compare ``path`` with the PyTorch sampler of ``loaded``; raises ValidationError above tolerance.
 
-    ``report_as`` names the file in the result and errors (the final name of a file validated
-    under a temporary one).
+    ``meta``: what the writer stamped into the file (read from it when not given). ``report_as``
+    names the file in the result and errors (the final name of a file validated under a temporary one).
     """
     import onnxruntime as ort
 
     path = Path(path)
-    meta = read_metadata(path)
+    meta = meta or read_metadata(path)
     plan = meta.plan()
     reduced = meta.precision in MIN_PSNR
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
