@@ -126,7 +126,11 @@ class _NetCall(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, t, channels: int, num_outputs: int):
-        return g.op(f"{_DOMAIN}::{_NET_OP}", x, t, outputs=num_outputs)
+        outs = g.op(f"{_DOMAIN}::{_NET_OP}", x, t, outputs=num_outputs)
+        sizes = x.type().varyingSizes()
+        for v in outs if num_outputs > 1 else (outs,):  # x's shape with the output channels: no "missing" warning
+            v.setType(x.type().with_sizes([sizes[0], channels, *sizes[2:]]) if sizes else x.type())
+        return outs
 
 
 class NetPlaceholder(nn.Module):
