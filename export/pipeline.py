@@ -20,7 +20,7 @@ from rddm_infer.schedule import SamplingPlan
 from .artifact import Artifact, artifact_name, default_out_dir, prepare_out_dir, save_model, write_validated
 from .onnx_export import GraphBuilder
 from .tensorrt_build import EngineProfile
-from .validate import validate_onnx
+from .validate import reference_sampler, validate_onnx
 
 DEFAULT_GRAPHS = ("step", "fused")
 
@@ -33,7 +33,8 @@ def export_all(checkpoint: str | os.PathLike | LoadedModel, out_dir: str | os.Pa
     """Export (and validate) every requested graph into ``out_dir`` (default ``./<stem>_onnx``); ``int8`` adds
     CPU int8 copies of the fp32 graphs (calibrated on noisy crops of ``calib`` photos, else synthetic scenes);
     ``tensorrt`` (builder options) adds engines."""
-    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_checkpoint(checkpoint, **(load_options or {}))
+    owned = not isinstance(checkpoint, LoadedModel)  # loaded here: its network may be folded in place
+    loaded = load_checkpoint(checkpoint, **(load_options or {})) if owned else checkpoint
     try:
         SamplingPlan.create(loaded.diffusion, steps, eta)
     except ValueError as e:
@@ -47,7 +48,9 @@ def export_all(checkpoint: str | os.PathLike | LoadedModel, out_dir: str | os.Pa
         current_target(import_tensorrt())
     out = prepare_out_dir(Path(out_dir) if out_dir is not None else default_out_dir(loaded.source))
     builder = GraphBuilder(loaded, exporter, log=log)
-    check = (lambda meta: partial(_validate, loaded=loaded, meta=meta)) if validate else (lambda meta: None)
+    reference = reference_sampler(loaded, in_place=owned) if validate else None  # one for every artifact
+    check = (lambda meta: partial(_validate, loaded=loaded, meta=meta, reference=reference)) if validate else \
+        (lambda meta: None)
     artifacts = []
     for precision in ("fp32", "fp16") if fp16 else ("fp32",):
         for graph in graphs:
@@ -74,10 +77,11 @@ def export_all(checkpoint: str | os.PathLike | LoadedModel, out_dir: str | os.Pa
 
         want = "fp16" if fp16 else "fp32"
         for a in [a for a in artifacts if a.precision == want]:
-            artifacts.append(build_engine_artifact(a, loaded, validate=validate, log=log, **tensorrt))
+            artifacts.append(build_engine_artifact(a, loaded, validate=validate, reference=reference, log=log,
+                                                    **tensorrt))
     return artifacts
 
 
 
-def _validate(tmp: Path, final: Path, *, loaded: LoadedModel, meta) -> object:
-    return validate_onnx(tmp, loaded, meta=meta, report_as=final)
+def _validate(tmp: Path, final: Path, *, loaded: LoadedModel, meta, reference) -> object:
+    return validate_onnx(tmp, loaded, meta=meta, report_as=final, reference=reference)

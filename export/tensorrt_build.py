@@ -142,8 +142,10 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, m
 
 def build_engine_artifact(onnx: Artifact, loaded, *, profile: EngineProfile = EngineProfile(), opt_level: int = 3,
                           timing_cache: str | os.PathLike | None = None, workspace_gb: float | None = None,
-                          validate: bool = True, log: Callable[[str], None] = lambda s: None) -> Artifact:
-    """Build the engine of an exported ONNX artifact beside it and validate it against PyTorch (the report's row)."""
+                          validate: bool = True, reference=None, log: Callable[[str], None] = lambda s: None
+                          ) -> Artifact:
+    """Build the engine of an exported ONNX artifact beside it and validate it against PyTorch (the report's row);
+    ``reference``: the export's :func:`rddm_export.validate.reference_sampler`, reused."""
     cache = Path(timing_cache) if timing_cache else onnx.path.parent / "timing.cache"
 
     def write(tmp: Path) -> None:
@@ -153,7 +155,7 @@ def build_engine_artifact(onnx: Artifact, loaded, *, profile: EngineProfile = En
     def check(tmp: Path, final: Path):
         from .validate import validate_engine
 
-        return validate_engine(tmp, loaded, profile, report_as=final)
+        return validate_engine(tmp, loaded, profile, report_as=final, reference=reference)
 
     return write_validated(onnx.path.with_suffix(".engine"), "tensorrt", onnx.meta, write,
                            check if validate else None, log)
