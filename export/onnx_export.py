@@ -54,9 +54,12 @@ class GraphBuilder:
         self.loaded, self.exporter, self.opset, self.slim, self.log = loaded, exporter, opset, slim, log
         self._net: onnx.ModelProto | None = None
 
-    def build(self, kind: str, steps: int = 5, eta: float = 0.0, fp16: bool = False
+    def build(self, kind: str, steps: int = 5, eta: float = 0.0, fp16: bool = False, last: bool = False
               ) -> tuple[onnx.ModelProto, ArtifactMeta]:
-        """The finished, checked graph of ``kind`` and the metadata stamped into it."""
+        """The finished, checked graph of ``kind`` and the metadata stamped into it.
+
+        ``last``: no graph is built after this one, so it takes over the traced network (weights not copied).
+        """
         loaded = self.loaded
         SamplingPlan.create(loaded.diffusion, steps, eta)  # refuse a bad K or η before any tracing
         if self.exporter == "dynamo":
@@ -65,7 +68,9 @@ class GraphBuilder:
             wrapper = build_graph(NetPlaceholder(loaded.unet.channels, loaded.unet.num_outputs), loaded.diffusion,
                                   kind, loaded.unet.num_outputs, steps, eta)
             model = inline_net(trace(wrapper, loaded.unet.channels, loaded.unet.size_multiple, opset=self.opset,
-                                     custom_opsets={_DOMAIN: 1}), self.net())
+                                     custom_opsets={_DOMAIN: 1}), self.net(), in_place=last)
+            if last:
+                self._net = None
             keep_contract_inputs(model, wrapper, loaded.unet.channels)
         if fp16:
             from .fp16 import to_mixed_fp16
@@ -112,7 +117,7 @@ def export_onnx(loaded: LoadedModel, path: str | os.PathLike, kind: str = "step"
                 eta: float = 0.0, fp16: bool = False, exporter: str = "legacy", opset: int | None = None,
                 slim: bool = True, log: Callable[[str], None] = lambda s: None) -> Path:
     """Export one graph kind of ``loaded`` to ``path`` (written atomically); returns the path."""
-    model, _ = GraphBuilder(loaded, exporter, opset, slim, log).build(kind, steps, eta, fp16)
+    model, _ = GraphBuilder(loaded, exporter, opset, slim, log).build(kind, steps, eta, fp16, last=True)
     return save_model(model, path)
 
 
@@ -159,20 +164,20 @@ class _NetGraph(nn.Module):
         return tuple(self.net(x, t))
 
 
-def inline_net(wrapper: onnx.ModelProto, net: onnx.ModelProto) -> onnx.ModelProto:
-    """``wrapper`` with each placeholder node replaced by ``net``'s nodes (weights shared by every copy)."""
+def inline_net(wrapper: onnx.ModelProto, net: onnx.ModelProto, *, in_place: bool = False) -> onnx.ModelProto:
+    """``wrapper`` with each placeholder node replaced by ``net``'s nodes (weights shared by every copy).
+
+    ``in_place`` builds the result inside ``net`` itself, so the weights are never copied (its last use).
+    """
     g, ng = wrapper.graph, net.graph
     outer = {i.name for i in g.initializer} | {v.name for v in [*g.input, *g.output]} | \
             {o for n in g.node for o in n.output}
     weights = {i.name: (i.name if i.name not in outer else f"net/{i.name}") for i in ng.initializer}
     inputs, outputs = [i.name for i in ng.input], [o.name for o in ng.output]
-    model = onnx.ModelProto()
-    model.CopyFrom(wrapper)
-    del model.graph.node[:]
-    calls = 0
+    nodes, infos, calls = [], [], 0
     for node in g.node:
         if (node.domain, node.op_type) != (_DOMAIN, _NET_OP):
-            model.graph.node.append(node)
+            nodes.append(node)
             continue
         prefix, calls = f"net{calls}/", calls + 1
         outer_of = {**dict(zip(inputs, node.input)), **dict(zip(outputs, node.output))}
@@ -183,23 +188,37 @@ def inline_net(wrapper: onnx.ModelProto, net: onnx.ModelProto) -> onnx.ModelProt
         for n in ng.node:
             if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
                 raise ValueError(f"network node {n.name} ({n.op_type}) has a subgraph; cannot be spliced")
-            c = model.graph.node.add()
+            c = onnx.NodeProto()
             c.CopyFrom(n)
             c.name = prefix + n.name
             c.input[:] = [rename(i) for i in n.input]
             c.output[:] = [rename(o) for o in n.output]
+            nodes.append(c)
         for v in ng.value_info:
             if v.name not in outer_of:
-                model.graph.value_info.add().CopyFrom(v)
-                model.graph.value_info[-1].name = prefix + v.name
+                infos.append(onnx.ValueInfoProto())
+                infos[-1].CopyFrom(v)
+                infos[-1].name = prefix + v.name
     if calls == 0:
         raise ValueError("the traced graph holds no network call")
-    for init in ng.initializer:
-        model.graph.initializer.add().CopyFrom(init)
-        model.graph.initializer[-1].name = weights[init.name]
-    keep = [o for o in model.opset_import if o.domain != _DOMAIN]
+    if in_place:
+        model = net
+    else:
+        model = onnx.ModelProto()
+        model.CopyFrom(net)
+    mg = model.graph
+    for init in mg.initializer:
+        init.name = weights[init.name]
+    mg.initializer.extend(g.initializer)
+    for field, items in (("node", nodes), ("value_info", [*infos, *g.value_info]), ("input", g.input),
+                         ("output", g.output)):
+        items = list(items)
+        del getattr(mg, field)[:]
+        getattr(mg, field).extend(items)
+    mg.name = g.name
     del model.opset_import[:]
-    model.opset_import.extend(keep)
+    model.opset_import.extend(o for o in wrapper.opset_import if o.domain != _DOMAIN)
+    model.ir_version = wrapper.ir_version
     return model
 
 

@@ -52,13 +52,15 @@ def export_all(checkpoint: str | os.PathLike | LoadedModel, out_dir: str | os.Pa
     check = (lambda meta: partial(_validate, loaded=loaded, meta=meta, reference=reference)) if validate else \
         (lambda meta: None)
     artifacts = []
-    for precision in ("fp32", "fp16") if fp16 else ("fp32",):
-        for graph in graphs:
-            path = out / artifact_name(graph, precision, steps)
-            log(f"exporting {path.name} ({exporter} exporter)")
-            model, meta = builder.build(graph, steps, eta, fp16=precision == "fp16")
-            artifacts.append(write_validated(path, "onnx", meta, partial(save_model, model), check(meta), log))
-            del model
+    todo = [(graph, precision) for precision in (("fp32", "fp16") if fp16 else ("fp32",)) for graph in graphs]
+    for i, (graph, precision) in enumerate(todo):
+        path = out / artifact_name(graph, precision, steps)
+        log(f"exporting {path.name} ({exporter} exporter)")
+        model, meta = builder.build(graph, steps, eta, fp16=precision == "fp16", last=i == len(todo) - 1)
+        held = [model]  # saved, then dropped before validation loads the file: one copy of the weights at a time
+        del model
+        artifacts.append(write_validated(path, "onnx", meta, lambda tmp: save_model(held.pop(), tmp), check(meta),
+                                         log))
     if int8:
         from .int8 import calibration_images, quantize_int8
 
