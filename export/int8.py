@@ -114,8 +114,9 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
     if meta is None:
         try:
             meta = read_metadata(fp32_path)
-        except RDDMError:
-            raise
+        except RDDMError:  # no or broken rddm metadata
+            raise RDDMError(f"{fp32_path}: int8 quantisation starts from an fp32 graph exported by rddm-export") \
+                from None
         except Exception as e:  # protobuf DecodeError, OSError, ...
             raise RDDMError(f"{fp32_path}: not a readable ONNX model ({type(e).__name__})") from None
     if meta.precision != "fp32":
