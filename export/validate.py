@@ -159,7 +159,6 @@ def validate_onnx(path: str | os.PathLike, loaded: LoadedModel, *, meta: Artifac
         if err is not None:
             result.checks.append(Check("call", shape, "max_abs", err, None if reduced else CALL_MAX_ABS))
         result.checks.append(_image_check(shape, image, ref, meta.precision))
-    del sess
     return _finish(result, raise_on_failure)
 
 
