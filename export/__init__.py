@@ -5,9 +5,10 @@ Needs the ``export`` extra (torch, onnx, onnxslim). The command line is ``rddm-e
 
 from importlib import import_module
 
-_LAZY = {"export_onnx": ".onnx_export", "read_metadata": ".onnx_export", "artifact_meta": ".onnx_export",
+_LAZY = {"export_onnx": ".onnx_export", "GraphBuilder": ".onnx_export", "artifact_meta": ".artifact",
+         "read_metadata": ".artifact", "Artifact": ".artifact", "artifact_name": ".artifact",
          "validate_onnx": ".validate", "validate_engine": ".validate", "ValidationError": ".validate",
-         "export_all": ".pipeline", "Artifact": ".pipeline", "to_mixed_fp16": ".fp16",
+         "export_all": ".pipeline", "to_mixed_fp16": ".fp16",
          "build_engine": ".tensorrt_build", "EngineProfile": ".tensorrt_build", "quantize_int8": ".int8"}
 
 

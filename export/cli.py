@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -21,7 +22,8 @@ err = Console(stderr=True)
 @app.command()
 def export(
     checkpoint: Path = typer.Argument(..., help="Our .safetensors checkpoint or the reference's model-N.pt."),
-    out_dir: Optional[Path] = typer.Option(None, "-o", "--out-dir", help="Output folder (default: <stem>_onnx/)."),
+    out_dir: Optional[Path] = typer.Option(None, "-o", "--out-dir",
+                                           help="Output folder (default: ./<stem>_onnx/ in the current directory)."),
     graph: List[str] = typer.Option(["step", "fused"], "--graph", "-g", help="unet | step | fused (repeatable)."),
     fp16: bool = typer.Option(False, "--fp16", help="Also write mixed-precision fp16 graphs (for GPUs)."),
     int8: bool = typer.Option(False, "--int8", help="Also write int8 (VNNI) copies of the fp32 graphs, for CPUs."),
@@ -44,8 +46,7 @@ def export(
     report: bool = typer.Option(False, "--report", help="Also write report.html into the output folder."),
 ):
     """Export CHECKPOINT to ONNX (unet / step / fused), validate each graph, optionally build TensorRT engines."""
-    from .pipeline import export_all
-
+    export_all = _import_export_all()
     for g in graph:
         if g not in ("unet", "step", "fused"):
             raise RDDMError(f"unknown graph kind {g!r}; expected unet, step or fused")
@@ -81,6 +82,23 @@ def export(
     Console().print(table)
     for a in artifacts:
         print(a.restore_command())
+
+
+EXPORT_STACK = ("torch", "onnx", "onnxslim", "safetensors")  # the `export` extra (pyproject.toml)
+
+
+def _import_export_all():
+    """The exporter, or one line saying which extra to install (the base install has no torch or onnx)."""
+    missing = [m for m in EXPORT_STACK if importlib.util.find_spec(m) is None]
+    try:
+        if missing:
+            raise ImportError(f"No module named {missing[0]!r}", name=missing[0])
+        from .pipeline import export_all
+    except ImportError as e:
+        what = ", ".join(missing) or e.name or str(e)
+        raise RDDMError(f"rddm-export needs the export extra (missing: {what}): pip install 'rddm-infer[export]'") \
+            from None
+    return export_all
 
 
 def main(argv: Optional[list[str]] = None) -> None:

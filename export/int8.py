@@ -12,21 +12,22 @@ and graph inputs/outputs stay fp32. Quality is a property of the model, so measu
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import onnx
 
-from rddm_infer.artifact import META_KEY
+from rddm_infer.artifact import ArtifactMeta
 from rddm_infer.backends import EngineSampler, Noise
+from rddm_infer.backends.base import Runner
 from rddm_infer.backends.onnxruntime import OnnxRuntimeRunner
 from rddm_infer.errors import RDDMError
 
-from .onnx_export import save_model
+from .artifact import read_metadata, save_model, set_metadata
 
 INT8_OPS = ("Conv",)
 
@@ -45,23 +46,44 @@ def synthetic_calibration(shape=(1, 3, 128, 128), count: int = 2, sigma: float =
     return out
 
 
+class RecordingRunner(Runner):
+    """Wraps a runner and keeps a copy of the inputs of every call it passes on."""
+
+    def __init__(self, inner: Runner):
+        super().__init__(inner.meta)
+        self.inner = inner
+        self.feeds: list[dict[str, np.ndarray]] = []
+
+    def _activate(self) -> None:
+        self.inner.activate()
+
+    def _deactivate(self) -> None:
+        self.inner.deactivate()
+
+    def upload(self, a):
+        return self.inner.upload(a)
+
+    def download(self, h):
+        return self.inner.download(h)
+
+    def infer(self, feeds):
+        self.feeds.append({k: np.array(self.download(v)) for k, v in feeds.items()})
+        return self.inner.infer(feeds)
+
+
 def calibration_feeds(fp32_path: str | os.PathLike, images: Iterable[np.ndarray], steps: int | None = None,
                       eta: float | None = None, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """Every graph call's inputs while restoring ``images`` (NCHW, model space) with the fp32 graph."""
-    runner = OnnxRuntimeRunner(fp32_path, providers=["CPUExecutionProvider"])
-    feeds: list[dict[str, np.ndarray]] = []
-    infer = runner.infer
-
-    def recording(f):
-        feeds.append({k: np.array(v) for k, v in f.items() if k in runner.input_names})
-        return infer(f)
-
-    runner.infer = recording
+    inner = OnnxRuntimeRunner(fp32_path, providers=["CPUExecutionProvider"])
+    runner = RecordingRunner(inner)
     sampler = EngineSampler(runner)
-    for i, x in enumerate(images):
-        plan = sampler.plan(steps, eta)
-        sampler.run(x, plan, Noise.draw(plan, x.shape, seed + i))
-    return feeds
+    try:
+        for i, x in enumerate(images):
+            plan = sampler.plan(steps, eta)
+            sampler.run(x, plan, Noise.draw(plan, x.shape, seed + i))
+    finally:
+        runner.deactivate()
+    return [{k: v for k, v in f.items() if k in inner.input_names} for f in runner.feeds]
 
 
 def boundary_convs(model: onnx.ModelProto, channels: int) -> list[str]:
@@ -81,18 +103,25 @@ def boundary_convs(model: onnx.ModelProto, channels: int) -> list[str]:
 
 def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
                   images: Iterable[np.ndarray] | None = None, *, steps: int | None = None,
-                  keep_boundary: bool = True) -> Path:
-    """Write an int8 (QDQ Conv) copy of an exported fp32 graph; ``precision`` becomes ``int8``."""
+                  keep_boundary: bool = True, meta: ArtifactMeta | None = None) -> Path:
+    """Write an int8 (QDQ Conv) copy of an exported fp32 graph; ``precision`` becomes ``int8``.
+
+    ``meta``: the fp32 graph's metadata when the caller has it (else read from ``fp32_path``).
+    """
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    try:
-        src = onnx.load(str(fp32_path))
-    except Exception as e:  # protobuf DecodeError, OSError, ...
-        raise RDDMError(f"{fp32_path}: not a readable ONNX model ({type(e).__name__})") from None
-    props = {p.key: p.value for p in src.metadata_props}
-    if META_KEY not in props or json.loads(props[META_KEY]).get("precision") != "fp32":
-        raise RDDMError(f"{fp32_path}: int8 quantisation starts from an fp32 graph exported by rddm-export")
+    if meta is None:
+        try:
+            meta = read_metadata(fp32_path)
+        except RDDMError:  # no or broken rddm metadata
+            raise RDDMError(f"{fp32_path}: int8 quantisation starts from an fp32 graph exported by rddm-export") \
+                from None
+        except Exception as e:  # protobuf DecodeError, OSError, ...
+            raise RDDMError(f"{fp32_path}: not a readable ONNX model ({type(e).__name__})") from None
+    if meta.precision != "fp32":
+        raise RDDMError(f"{fp32_path}: int8 quantisation starts from an fp32 graph exported by rddm-export "
+                        f"(this one is {meta.precision})")
     feeds = calibration_feeds(fp32_path, images if images is not None else synthetic_calibration(), steps)
 
     class Reader(CalibrationDataReader):
@@ -102,24 +131,16 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike,
         def get_next(self):
             return next(self.it, None)
 
-    out_path = Path(out_path)
     with tempfile.TemporaryDirectory(prefix="rddm-int8-") as tmp:
         pre, q = Path(tmp) / "pre.onnx", Path(tmp) / "q.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        channels = json.loads(props[META_KEY])["unet"]["channels"]
-        exclude = boundary_convs(onnx.load(str(pre)), channels) if keep_boundary else []
+        exclude = boundary_convs(onnx.load(str(pre)), meta.channels) if keep_boundary else []
         quantize_static(str(pre), str(q), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(INT8_OPS),
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         nodes_to_exclude=exclude)
         model = onnx.load(str(q))
-    meta = json.loads(props[META_KEY])
-    meta["precision"] = "int8"
-    for p in [p for p in model.metadata_props if p.key == META_KEY]:
-        model.metadata_props.remove(p)
-    model.metadata_props.add(key=META_KEY, value=json.dumps(meta))
-    model.producer_name = "rddm-export"
-    save_model(model, out_path)
-    return out_path
+    set_metadata(model, replace(meta, precision="int8"))
+    return save_model(model, out_path)
 
 
 def calibration_images(folder: str | os.PathLike, count: int = 2, size: int = 128, sigma: float = 25.0,

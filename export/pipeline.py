@@ -1,66 +1,28 @@
 """Checkpoint -> every requested artifact, each validated before it is put in place.
 
-Each graph is exported to a hidden temp file beside its target, validated against
-PyTorch, and only then renamed into place: a file at the reported path has passed.
+The network is traced once (:class:`rddm_export.onnx_export.GraphBuilder`) and every graph
+kind and precision is built from that trace; each file goes through
+:func:`rddm_export.artifact.write_validated` (hidden temp file, validation, rename).
 """
 
 from __future__ import annotations
 
 import os
-import shlex
-import time
-from dataclasses import dataclass, field
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from rddm_infer.atomic import atomic_path
 from rddm_infer.errors import RDDMError
 from rddm_infer.model import LoadedModel, load_checkpoint
 from rddm_infer.schedule import SamplingPlan
 
-from .onnx_export import export_onnx
+from .artifact import Artifact, artifact_name, default_out_dir, prepare_out_dir, save_model, write_validated
+from .onnx_export import GraphBuilder
 from .tensorrt_build import EngineProfile
-from .validate import Validation, validate_onnx
+from .validate import reference_sampler, validate_onnx
 
 DEFAULT_GRAPHS = ("step", "fused")
-
-
-@dataclass
-class Artifact:
-    """One written file and what is known about it (the report's row)."""
-
-    path: Path
-    format: str  # onnx | tensorrt
-    graph: str
-    precision: str
-    build_s: float
-    validation: Validation | None = None
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def size(self) -> int:
-        return self.path.stat().st_size
-
-    def restore_command(self) -> str:
-        backend = "tensorrt" if self.format == "tensorrt" else "onnxruntime"
-        return f"rddm-infer restore INPUT -o restored --model {shlex.quote(str(self.path))} --backend {backend}"
-
-    def to_dict(self) -> dict:
-        v = self.validation
-        return {"path": str(self.path), "format": self.format, "graph": self.graph, "precision": self.precision,
-                "bytes": self.size, "build_s": round(self.build_s, 3), "validated": v is not None and v.ok,
-                "checks": [dict(what=c.what, shape=list(c.shape), metric=c.metric, value=c.value, limit=c.limit)
-                           for c in v.checks] if v else [], "command": self.restore_command(), "notes": self.notes}
-
-
-def artifact_name(graph: str, precision: str, steps: int) -> str:
-    """``step_fp32.onnx``, ``fused5_fp16.onnx``: K is in the name only where it is baked in."""
-    return f"{graph}{steps if graph == 'fused' else ''}_{precision}.onnx"
-
-
-def default_out_dir(checkpoint: str | os.PathLike) -> Path:
-    p = Path(checkpoint)
-    return p.with_name(f"{p.stem}_onnx")
 
 
 def export_all(checkpoint: str | os.PathLike | LoadedModel, out_dir: str | os.PathLike | None = None, *,
@@ -68,9 +30,11 @@ def export_all(checkpoint: str | os.PathLike | LoadedModel, out_dir: str | os.Pa
                steps: int = 5, eta: float = 0.0, exporter: str = "legacy", validate: bool = True,
                tensorrt: dict | None = None, load_options: dict | None = None,
                log: Callable[[str], None] = lambda s: None) -> list[Artifact]:
-    """Export (and validate) every requested graph; ``int8`` adds CPU int8 copies of the fp32 graphs (calibrated
-    on noisy crops of ``calib`` photos, else synthetic scenes); ``tensorrt`` (builder options) adds engines."""
-    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_checkpoint(checkpoint, **(load_options or {}))
+    """Export (and validate) every requested graph into ``out_dir`` (default ``./<stem>_onnx``); ``int8`` adds
+    CPU int8 copies of the fp32 graphs (calibrated on noisy crops of ``calib`` photos, else synthetic scenes);
+    ``tensorrt`` (builder options) adds engines."""
+    owned = not isinstance(checkpoint, LoadedModel)  # loaded here: its network may be folded in place
+    loaded = load_checkpoint(checkpoint, **(load_options or {})) if owned else checkpoint
     try:
         SamplingPlan.create(loaded.diffusion, steps, eta)
     except ValueError as e:
@@ -82,51 +46,44 @@ def export_all(checkpoint: str | os.PathLike | LoadedModel, out_dir: str | os.Pa
 
         tensorrt.get("profile", EngineProfile()).check(loaded.unet.size_multiple)
         current_target(import_tensorrt())
-    out = Path(out_dir) if out_dir is not None else default_out_dir(loaded.source)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out_dir(Path(out_dir) if out_dir is not None else default_out_dir(loaded.source))
+    builder = GraphBuilder(loaded, exporter, log=log)
+    reference = reference_sampler(loaded, in_place=owned) if validate else None  # one for every artifact
+    check = (lambda meta: partial(_validate, loaded=loaded, meta=meta, reference=reference)) if validate else \
+        (lambda meta: None)
     artifacts = []
-    for precision in ("fp32", "fp16") if fp16 else ("fp32",):
-        for graph in graphs:
-            artifacts.append(_onnx_artifact(loaded, out / artifact_name(graph, precision, steps), graph, precision,
-                                            steps, eta, exporter, validate, log))
+    todo = [(graph, precision) for precision in (("fp32", "fp16") if fp16 else ("fp32",)) for graph in graphs]
+    for i, (graph, precision) in enumerate(todo):
+        path = out / artifact_name(graph, precision, steps)
+        log(f"exporting {path.name} ({exporter} exporter)")
+        model, meta = builder.build(graph, steps, eta, fp16=precision == "fp16", last=i == len(todo) - 1)
+        held = [model]  # saved, then dropped before validation loads the file: one copy of the weights at a time
+        del model
+        artifacts.append(write_validated(path, "onnx", meta, lambda tmp: save_model(held.pop(), tmp), check(meta),
+                                         log))
     if int8:
+        from .int8 import calibration_images, quantize_int8
+
+        images = calibration_images(calib) if calib else None
         for a in [a for a in artifacts if a.precision == "fp32"]:
-            artifacts.append(_int8_artifact(a, loaded, out / artifact_name(a.graph, "int8", steps), calib, validate,
-                                            log))
+            path = out / artifact_name(a.graph, "int8", steps)
+            log(f"quantizing {path.name} (int8 Conv, calibrated on {calib or 'synthetic scenes'})")
+            meta = replace(a.meta, precision="int8")
+            q = write_validated(path, "onnx", meta, lambda tmp, a=a: quantize_int8(a.path, tmp, images, meta=a.meta),
+                                check(meta), log)
+            q.notes.append("CPU int8 (VNNI): ~2.5-3x faster than torch eager, ~40 dB vs fp32 on photos "
+                           "(benchmarks/RESULTS.md)")
+            artifacts.append(q)
     if tensorrt is not None:
         from .tensorrt_build import build_engine_artifact
 
         want = "fp16" if fp16 else "fp32"
         for a in [a for a in artifacts if a.precision == want]:
-            artifacts.append(build_engine_artifact(a.path, loaded, validate=validate, log=log, **tensorrt))
+            artifacts.append(build_engine_artifact(a, loaded, validate=validate, reference=reference, log=log,
+                                                    **tensorrt))
     return artifacts
 
 
-def _validated(path: Path, loaded, graph, precision, validate, log, build: Callable[[Path], None]) -> Artifact:
-    """Build into a hidden temp file, validate it, then rename it into place."""
-    t0 = time.perf_counter()
-    with atomic_path(path) as tmp:
-        build(tmp)
-        build_s = time.perf_counter() - t0
-        validation = None
-        if validate:
-            log(f"validating {path.name} in ONNX Runtime against PyTorch")
-            validation = validate_onnx(tmp, loaded, report_as=path)
-    notes = [] if validate else ["not validated (--no-validate)"]
-    return Artifact(path, "onnx", graph, precision, build_s, validation, notes)
 
-
-def _onnx_artifact(loaded, path: Path, graph, precision, steps, eta, exporter, validate, log) -> Artifact:
-    log(f"exporting {path.name} ({exporter} exporter)")
-    return _validated(path, loaded, graph, precision, validate, log, lambda tmp: export_onnx(
-        loaded, tmp, graph, steps=steps, eta=eta, fp16=precision == "fp16", exporter=exporter, log=log))
-
-
-def _int8_artifact(fp32: Artifact, loaded, path: Path, calib, validate, log) -> Artifact:
-    from .int8 import calibration_images, quantize_int8
-
-    log(f"quantizing {path.name} (int8 Conv, calibrated on {calib or 'synthetic scenes'})")
-    images = calibration_images(calib) if calib else None
-    a = _validated(path, loaded, fp32.graph, "int8", validate, log, lambda tmp: quantize_int8(fp32.path, tmp, images))
-    a.notes.append("CPU int8 (VNNI): ~2.5-3x faster than torch eager, ~40 dB vs fp32 on photos (benchmarks/RESULTS.md)")
-    return a
+def _validate(tmp: Path, final: Path, *, loaded: LoadedModel, meta, reference) -> object:
+    return validate_onnx(tmp, loaded, meta=meta, report_as=final, reference=reference)

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from rddm_infer.atomic import atomic_path, write_bytes_atomic
+from rddm_infer.atomic import write_bytes_atomic
 from rddm_infer.artifact import ArtifactMeta
 from rddm_infer.engine_file import BuildTarget, local_target, write_engine
 from rddm_infer.errors import BackendUnavailable, RDDMError
 from rddm_infer.graph_kinds import KINDS
 from rddm_infer.schedule import NUM_COEFS
+
+from .artifact import Artifact, write_validated
 
 Shape = tuple[int, ...]
 
@@ -135,29 +136,25 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, m
     return write_engine(engine_path, meta, memoryview(plan), target)
 
 
-def build_engine_artifact(onnx_path: Path, loaded, *, profile: EngineProfile = EngineProfile(), opt_level: int = 3,
+def build_engine_artifact(onnx: Artifact, loaded, *, profile: EngineProfile = EngineProfile(), opt_level: int = 3,
                           timing_cache: str | os.PathLike | None = None, workspace_gb: float | None = None,
-                          validate: bool = True, log: Callable[[str], None] = lambda s: None):
-    """Build the engine next to ``onnx_path`` and validate it against PyTorch (the report's row)."""
-    from .onnx_export import read_metadata
-    from .pipeline import Artifact
+                          validate: bool = True, reference=None, log: Callable[[str], None] = lambda s: None
+                          ) -> Artifact:
+    """Build the engine of an exported ONNX artifact beside it and validate it against PyTorch (the report's row);
+    ``reference``: the export's :func:`rddm_export.validate.reference_sampler`, reused."""
+    cache = Path(timing_cache) if timing_cache else onnx.path.parent / "timing.cache"
 
-    meta = read_metadata(onnx_path)
-    engine_path = Path(onnx_path).with_suffix(".engine")
-    cache = Path(timing_cache) if timing_cache else Path(onnx_path).parent / "timing.cache"
-    t0 = time.perf_counter()
-    with atomic_path(engine_path) as tmp:  # renamed into place only once validated
-        build_engine(onnx_path, tmp, meta, profile, opt_level=opt_level, timing_cache=cache,
+    def write(tmp: Path) -> None:
+        build_engine(onnx.path, tmp, onnx.meta, profile, opt_level=opt_level, timing_cache=cache,
                      workspace_gb=workspace_gb, log=log)
-        build_s = time.perf_counter() - t0
-        validation = None
-        if validate:
-            from .validate import validate_engine
 
-            log(f"validating {engine_path.name} in TensorRT against PyTorch")
-            validation = validate_engine(tmp, loaded, profile, report_as=engine_path)
-    return Artifact(engine_path, "tensorrt", meta.graph, meta.precision, build_s, validation,
-                    [] if validate else ["not validated (--no-validate)"])
+    def check(tmp: Path, final: Path):
+        from .validate import validate_engine
+
+        return validate_engine(tmp, loaded, profile, report_as=final, reference=reference)
+
+    return write_validated(onnx.path.with_suffix(".engine"), "tensorrt", onnx.meta, write,
+                           check if validate else None, log)
 
 
 def _write_atomic(path: Path, data) -> None:

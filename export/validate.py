@@ -9,6 +9,7 @@ INT8_MIN_PSNR).
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,14 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rddm_infer.artifact import ArtifactMeta
 from rddm_infer.errors import RDDMError
 from rddm_infer.graph_kinds import KINDS
 from rddm_infer.metrics import psnr
-from rddm_infer.model import LoadedModel, TorchRDDM
+from rddm_infer.model import LoadedModel, TorchRDDM, fold_weight_standardization
 from rddm_infer.sampler import initial_state, sample, step
 from rddm_infer.schedule import COEF_NAMES
 
-from .onnx_export import read_metadata
+from .artifact import read_metadata
 
 CALL_MAX_ABS = 1e-4
 IMAGE_MAX_ABS = 1e-3
@@ -86,39 +88,55 @@ class Validation:
 
 
 def default_shapes(channels: int, size_multiple: int) -> list[tuple[int, int, int, int]]:
-    """Two small shapes, non-square, the second with batch 2 (32×48 and 64×40 for a multiple of 8)."""
-    m = max(size_multiple, 4)
-    return [(1, channels, 4 * m, 6 * m), (2, channels, 8 * m, 5 * m)]
+    """Two small shapes that differ from the trace's example (2, C, 2m, 3m) in batch, height and width.
+
+    Small on purpose (24×16 and 2×16×40 for m = 8): a wrong graph is wrong at any size, and the torch
+    reference of a 72 M-parameter model costs seconds per call at 64², not milliseconds.
+    """
+    m = max(size_multiple, 8)
+    return [(1, channels, 3 * m, 2 * m), (2, channels, 2 * m, 5 * m)]
+
+
+def reference_sampler(loaded: LoadedModel, in_place: bool = False) -> TorchRDDM:
+    """The PyTorch sampler artifacts are compared with, weight standardisation folded once instead of per call.
+
+    ``in_place`` folds ``loaded.net`` itself (no second copy of a large model); only for a model the caller owns.
+    """
+    net = loaded.net if in_place else copy.deepcopy(loaded.net)
+    return TorchRDDM(fold_weight_standardization(net.float().eval()), loaded.diffusion)
 
 
 @torch.no_grad()
-def validate_onnx(path: str | os.PathLike, loaded: LoadedModel, *, shapes=None, seed: int = 0,
-                  raise_on_failure: bool = True, report_as: str | os.PathLike | None = None) -> Validation:
+def validate_onnx(path: str | os.PathLike, loaded: LoadedModel, *, meta: ArtifactMeta | None = None, shapes=None,
+                  seed: int = 0, raise_on_failure: bool = True, report_as: str | os.PathLike | None = None,
+                  reference: TorchRDDM | None = None) -> Validation:
     """Compare ``path`` with the PyTorch sampler of ``loaded``; raises ValidationError above tolerance.
 
-    ``report_as`` names the file in the result and errors (the final name of a file validated
-    under a temporary one).
+    ``meta``: what the writer stamped into the file (read from it when not given). ``report_as``
+    names the file in the result and errors (the final name of a file validated under a temporary one).
+    ``reference``: a :func:`reference_sampler` to reuse across artifacts.
     """
     import onnxruntime as ort
 
     path = Path(path)
-    meta = read_metadata(path)
+    meta = meta or read_metadata(path)
     plan = meta.plan()
     reduced = meta.precision in MIN_PSNR
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    torch_rddm = TorchRDDM(loaded.net, loaded.diffusion)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    torch_rddm = reference or reference_sampler(loaded)
     result = Validation(Path(report_as or path), meta.graph, meta.precision)
     rng = np.random.default_rng(seed)
     for shape in shapes or default_shapes(meta.channels, meta.size_multiple):
         shape = tuple(shape)
-        x_in, noise, zs, ref = _reference(torch_rddm, plan, shape, rng)
+        x_in, noise, zs, ref, first = _reference(torch_rddm, plan, shape, rng)
         x_t = initial_state(plan, x_in, noise=noise)
         if meta.graph == "unet":
             t = np.full(shape[0], plan.times[0], dtype=np.float32)
             names = KINDS["unet"].inputs
             got = sess.run(None, dict(zip(names, (x_t, x_in, t))))
-            want = torch_rddm.model_fn(torch.from_numpy(x_t), torch.from_numpy(x_in), int(plan.times[0]))
-            err = max(_max_abs(g, w.detach().numpy()) for g, w in zip(got, want))
+            err = max(_max_abs(g, w) for g, w in zip(got, first))
 
             def model(x, xi, tt):
                 return sess.run(None, dict(zip(names, (x, xi, np.full(x.shape[0], tt, dtype=np.float32)))))
@@ -128,12 +146,12 @@ def validate_onnx(path: str | os.PathLike, loaded: LoadedModel, *, shapes=None, 
             feeds = lambda x, i: dict(zip(KINDS["step"].inputs, (  # noqa: E731
                 x, x_in, plan.coefs[i].astype(np.float32), zs[i] if plan.coefs[i][_SIGMA] > 0 else np.zeros_like(x))))
             got = sess.run(None, feeds(x_t, 0))
-            outs = torch_rddm.model_fn(torch.from_numpy(x_t), torch.from_numpy(x_in), int(plan.times[0]))
-            outs = [o.detach().numpy() for o in outs] + [None]
-            want = step(plan.config.objective, outs[0], outs[1], x_t, x_in, plan.coefs[0], zs[0])
+            outs = [*first, None]
+            want = step(plan.config.objective, outs[0], outs[1], x_t, x_in, plan.coefs[0],
+                        zs[0] if plan.coefs[0][_SIGMA] > 0 else None)
             err = max(_max_abs(g, w) for g, w in zip(got, want))
-            image = x_t
-            for i in range(plan.steps):
+            image = got[0]
+            for i in range(1, plan.steps):
                 image = sess.run(None, feeds(image, i))[0]
         else:
             stochastic = len(sess.get_inputs()) > len(KINDS["fused"].inputs)
@@ -147,7 +165,8 @@ def validate_onnx(path: str | os.PathLike, loaded: LoadedModel, *, shapes=None, 
 
 @torch.no_grad()
 def validate_engine(path: str | os.PathLike, loaded: LoadedModel, profile, *, seed: int = 0,
-                    raise_on_failure: bool = True, report_as: str | os.PathLike | None = None) -> Validation:
+                    raise_on_failure: bool = True, report_as: str | os.PathLike | None = None,
+                    reference: TorchRDDM | None = None) -> Validation:
     """The same image comparison for a TensorRT engine file, at two shapes inside its profile."""
     from rddm_infer.backends.base import EngineSampler, Noise
     from rddm_infer.backends.tensorrt import TensorRTRunner
@@ -156,12 +175,12 @@ def validate_engine(path: str | os.PathLike, loaded: LoadedModel, profile, *, se
     meta = runner.meta
     plan = meta.plan()
     result = Validation(Path(report_as or path), meta.graph, meta.precision)
-    torch_rddm = TorchRDDM(loaded.net, loaded.diffusion)
+    torch_rddm = reference or reference_sampler(loaded)
     rng = np.random.default_rng(seed)
     sampler = EngineSampler(runner)
     try:
         for shape in engine_shapes(profile, meta.channels, meta.size_multiple):
-            x_in, noise, zs, ref = _reference(torch_rddm, plan, shape, rng)
+            x_in, noise, zs, ref, _ = _reference(torch_rddm, plan, shape, rng)
             steps = [z if plan.coefs[i][_SIGMA] > 0 else None for i, z in enumerate(zs)]
             image = sampler.run(x_in, plan, Noise(noise, steps))
             result.checks.append(_image_check(shape, image, ref, meta.precision))
@@ -178,11 +197,23 @@ def engine_shapes(profile, channels: int, size_multiple: int) -> list[tuple[int,
 
 
 def _reference(torch_rddm: TorchRDDM, plan, shape, rng):
-    """Fresh random inputs and all the noise of one run, and the PyTorch sampler's result for them."""
+    """Fresh random inputs and all the noise of one run, the PyTorch sampler's result for them and its
+    first network call's outputs (numpy), from one pass of the loop."""
     x_in = rng.uniform(-1, 1, shape).astype(np.float32)
     noise = rng.standard_normal(shape, dtype=np.float32)
     zs = [rng.standard_normal(shape, dtype=np.float32) for _ in range(plan.steps)]
-    return x_in, noise, zs, torch_rddm.sample_model_space(x_in, plan, noise=noise, step_noises=zs)
+    calls = []
+
+    def model(x_t, x_input, t):
+        outs = torch_rddm.model_fn(x_t, x_input, t)
+        if not calls:
+            calls.append([o.numpy() for o in outs])
+        return outs
+
+    t_ = lambda a: torch.from_numpy(a)  # noqa: E731
+    x_t = initial_state(plan, x_in, noise=noise)
+    ref = sample(model, plan, t_(x_in), t_(x_t), lambda i: t_(zs[i])).numpy()
+    return x_in, noise, zs, ref, calls[0]
 
 
 def _image_check(shape, image, ref, precision: str) -> Check:

@@ -9,7 +9,7 @@ import numpy as np
 
 from helpers_export import reference_checkpoint, run_fused_and_torch
 from rddm_infer.model import load_checkpoint
-from rddm_export.onnx_export import read_metadata
+from rddm_export.artifact import read_metadata
 
 
 def _cli(*args, cwd=None):
@@ -20,10 +20,13 @@ def _cli(*args, cwd=None):
 
 def test_reference_checkpoint_exports_validated_graphs(tmp_path):
     ckpt = reference_checkpoint(tmp_path, name="model-3.pt")
-    r = _cli(ckpt, "--graph", "fused", "--steps", "2", "--json")
+    work = tmp_path / "work"
+    work.mkdir()
+    r = _cli(ckpt, "--graph", "fused", "--steps", "2", "--json", cwd=work)
     assert r.returncode == 0, r.stderr
     (report,) = json.loads(r.stdout)
-    path = tmp_path / "model-3_onnx" / "fused2_fp32.onnx"  # default: next to the checkpoint
+    path = work / "model-3_onnx" / "fused2_fp32.onnx"  # default: <stem>_onnx/ in the current directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model-3.pt", "work"]  # nothing beside the checkpoint
     assert report["path"] == str(path) and path.is_file() and report["bytes"] == path.stat().st_size
     assert report["validated"] and {c["what"] for c in report["checks"]} == {"image"}
     assert all(c["value"] <= c["limit"] for c in report["checks"])
@@ -96,3 +99,44 @@ def test_int8_option_writes_a_validated_int8_graph_beside_the_fp32_one(tmp_path)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["step_fp32.onnx", "step_int8.onnx"]
     bad = _cli(ckpt, "-o", tmp_path / "out2", "--graph", "step", "--int8", "--calib", tmp_path / "nothing-here")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "nothing-here" in bad.stderr
+
+
+def test_output_folder_that_cannot_be_created_is_one_line(tmp_path):
+    ckpt = reference_checkpoint(tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for out in (blocker, blocker / "sub"):
+        r = _cli(ckpt, "-o", out, "--graph", "unet")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {out}: cannot create the output folder"), r.stderr
+    assert blocker.read_text() == "not a folder"
+
+
+def test_without_the_export_extra_says_what_to_install(tmp_path):
+    """The base install has no torch/onnx: one line naming the extra, even before the checkpoint is looked at."""
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['onnx'] = None\n"
+            "from rddm_export.cli import main; main(sys.argv[1:])")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model-1.pt")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip() == ("error: rddm-export needs the export extra (missing: torch, onnx): "
+                                "pip install 'rddm-infer[export]'")
+    help_ = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, timeout=120)
+    assert help_.returncode == 0 and "--out-dir" in help_.stdout  # help needs no torch either
+
+
+def test_temp_files_of_a_killed_export_are_cleaned_on_the_next_one(tmp_path):
+    ckpt = reference_checkpoint(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = out / f".unet_fp32.onnx.tmp{int(dead.stdout)}.onnx"  # what atomic_path leaves when killed mid-write
+    stale.write_bytes(b"half a graph")
+    live = out / f".other.onnx.tmp{os.getpid()}.onnx"  # a writer that is still running: not touched
+    live.write_bytes(b"in progress")
+    keep = out / "notes.txt"
+    keep.write_text("mine")
+    r = _cli(ckpt, "-o", out, "--graph", "unet", "--no-validate")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted([live.name, "notes.txt", "unet_fp32.onnx"])

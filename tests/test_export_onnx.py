@@ -10,7 +10,8 @@ from helpers_export import TINY, exported, run_fused_and_torch, tiny_checkpoint,
 from rddm_infer.artifact import META_KEY
 from rddm_infer.model import TorchRDDM, load_checkpoint
 from rddm_infer.schedule import SamplingPlan
-from rddm_export.onnx_export import export_onnx, read_metadata
+from rddm_export.artifact import read_metadata
+from rddm_export.onnx_export import export_onnx
 
 
 @pytest.fixture(scope="module")

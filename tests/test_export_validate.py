@@ -7,7 +7,7 @@ from onnx import TensorProto, numpy_helper
 
 from helpers_export import exported, run_fused_and_torch, tiny_loaded
 from rddm_infer.metrics import psnr
-from rddm_export.onnx_export import read_metadata
+from rddm_export.artifact import read_metadata
 from rddm_export.validate import ValidationError, validate_onnx
 
 
