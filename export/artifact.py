@@ -10,7 +10,6 @@ back a file it has just written to learn what it holds.
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from rddm_infer.artifact import META_KEY, ArtifactMeta
-from rddm_infer.atomic import atomic_path
+from rddm_infer.atomic import atomic_path, remove_stale_temps_in
 from rddm_infer.errors import CheckpointError, RDDMError
 from rddm_infer.schedule import SamplingPlan
 
@@ -81,34 +80,8 @@ def prepare_out_dir(out: Path) -> Path:
         raise RDDMError(f"{out}: cannot create the output folder ({e.strerror or type(e).__name__})") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise RDDMError(f"{out}: the output folder is not writable")
-    clean_stale_temps(out)
+    remove_stale_temps_in(out)  # left by an export killed between write and rename
     return out
-
-
-_TEMP = re.compile(r"^\..+\.tmp(\d+)")  # rddm_infer.atomic's ".NAME.tmpPID[...].ext"
-
-
-def clean_stale_temps(folder: Path) -> list[Path]:
-    """Delete atomic-write temp files in ``folder`` whose writing process is gone; returns them."""
-    removed = []
-    for p in folder.iterdir():
-        m = _TEMP.match(p.name)
-        if m and p.is_file() and not _alive(int(m.group(1))):
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return pid > 0  # someone else's live process (or an absurd number: not ours to judge)
-    return True
 
 
 def write_validated(path: Path, fmt: str, meta: ArtifactMeta, write: Callable[[Path], None],

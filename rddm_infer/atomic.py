@@ -63,9 +63,18 @@ def remove_stale_temps(targets: str | os.PathLike | Iterable[str | os.PathLike])
 
     Each folder is listed once, however many targets it holds."""
     targets = [targets] if isinstance(targets, (str, os.PathLike)) else targets
-    by_folder: dict[Path, set[str]] = {}
+    by_folder: dict[Path, set[str] | None] = {}
     for t in map(Path, targets):
         by_folder.setdefault(t.parent, set()).add(t.name)
+    return _remove_stale(by_folder)
+
+
+def remove_stale_temps_in(folder: str | os.PathLike) -> list[Path]:
+    """Delete every temporary of ours in ``folder`` whose process is gone (a folder we write, e.g. an export's)."""
+    return _remove_stale({Path(folder): None})
+
+
+def _remove_stale(by_folder: dict[Path, set[str] | None]) -> list[Path]:
     removed = []
     for folder, names in by_folder.items():
         try:
@@ -74,7 +83,7 @@ def remove_stale_temps(targets: str | os.PathLike | Iterable[str | os.PathLike])
             continue
         for entry in entries:
             m = _TEMP.fullmatch(entry)
-            if not m or m["name"] not in names or (m["ext"] or "") != Path(m["name"]).suffix:
+            if not m or (names is not None and m["name"] not in names) or (m["ext"] or "") != Path(m["name"]).suffix:
                 continue
             p = folder / entry
             if not _alive(int(m["pid"])) and p.is_file() and not p.is_symlink():
