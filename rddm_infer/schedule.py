@@ -27,7 +27,9 @@ SCHEDULES = ("increased", "decreased", "average")
 OBJECTIVES = ("pred_res_noise", "pred_res", "pred_noise", "pred_x0_noise", "pred_res_add_noise",
               "pred_x0_add_noise", "pred_x0")
 SINGLE_OUTPUT = ("pred_res", "pred_noise", "pred_x0")  # objectives that read only the first network output
-TABLES = ("alphas_cumsum", "betas2_cumsum")  # explicit per-t tables a DiffusionConfig may carry
+# Explicit per-t tables a DiffusionConfig may carry: the four buffers the reference's ddim_sample
+# reads (the last two are derived from the first two when absent).
+TABLES = ("alphas_cumsum", "betas2_cumsum", "betas_cumsum", "one_minus_alphas_cumsum")
 
 
 def coefficients(timesteps: int, schedule: str = "increased", sum_scale: float = 1.0) -> np.ndarray:
@@ -53,10 +55,13 @@ class DiffusionConfig:
     alpha_schedule: str = "decreased"
     beta_schedule: str = "increased"
     condition: bool = True  # restoration (True) or generation from noise (False)
-    # Explicit ᾱ_t and β̄²_t tables (length T) taken from a checkpoint's buffers; when set they
-    # replace alpha_schedule / beta_schedule. sum_scale then only scales the starting noise.
+    # Explicit ᾱ_t, β̄²_t (and β̄_t, 1 − ᾱ_t) tables (length T) taken from a checkpoint's buffers, so
+    # their float32 roundings are kept exactly; when set they replace alpha_schedule / beta_schedule,
+    # and sum_scale only scales the starting noise.
     alphas_cumsum: tuple[float, ...] | None = None
     betas2_cumsum: tuple[float, ...] | None = None
+    betas_cumsum: tuple[float, ...] | None = None
+    one_minus_alphas_cumsum: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -65,8 +70,9 @@ class DiffusionConfig:
             raise ValueError("timesteps must be >= 1")
         if not self.sum_scale > 0:
             raise ValueError("sum_scale must be > 0")
-        if (self.alphas_cumsum is None) != (self.betas2_cumsum is None):
-            raise ValueError("alphas_cumsum and betas2_cumsum tables come together")
+        if (self.alphas_cumsum is None) != (self.betas2_cumsum is None) or (
+                self.alphas_cumsum is None and (self.betas_cumsum, self.one_minus_alphas_cumsum) != (None, None)):
+            raise ValueError("explicit schedule tables need both alphas_cumsum and betas2_cumsum")
         for name in TABLES:
             table = getattr(self, name)
             if table is None:
@@ -125,11 +131,21 @@ class Schedule:
             betas2_cumsum = np.asarray(config.betas2_cumsum, dtype=np.float64)
             alphas = np.diff(alphas_cumsum, prepend=0.0)
             betas2 = np.diff(betas2_cumsum, prepend=0.0)
+            if config.betas_cumsum is not None or config.one_minus_alphas_cumsum is not None:
+                s = cls._derived(config, alphas, alphas_cumsum, betas2, betas2_cumsum)
+                return cls(config, alphas, alphas_cumsum, betas2, betas2_cumsum,
+                           s.betas_cumsum if config.betas_cumsum is None else np.asarray(config.betas_cumsum),
+                           s.one_minus_alphas_cumsum if config.one_minus_alphas_cumsum is None
+                           else np.asarray(config.one_minus_alphas_cumsum))
         else:
             alphas = coefficients(T, config.alpha_schedule)
             alphas_cumsum = np.clip(np.cumsum(alphas), 0, 1)
             betas2 = coefficients(T, config.beta_schedule, config.sum_scale)
             betas2_cumsum = np.clip(np.cumsum(betas2), 0, 1)
+        return cls._derived(config, alphas, alphas_cumsum, betas2, betas2_cumsum)
+
+    @classmethod
+    def _derived(cls, config, alphas, alphas_cumsum, betas2, betas2_cumsum) -> "Schedule":
         one_minus = 1.0 - alphas_cumsum
         one_minus[-1] = 1e-6  # the reference's guard: pred_noise divides by it
         return cls(config, alphas, alphas_cumsum, betas2, betas2_cumsum, np.sqrt(betas2_cumsum), one_minus)
@@ -183,19 +199,21 @@ class SamplingPlan:
         if config.condition:
             eta = 0.0  # the reference forces a deterministic sampler for restoration
         s = Schedule.from_config(config)
+        # The reference registers its tables as float32 buffers and steps in float32 arithmetic;
+        # doing the same here makes every coefficient bit-identical to its values.
+        ac, b2c, bc, om = (np.float32(a) for a in (s.alphas_cumsum, s.betas2_cumsum, s.betas_cumsum,
+                                                    s.one_minus_alphas_cumsum))
         grid = time_grid(config.timesteps, steps)
         rows = []
         for t, t_next in zip(grid[:-1], grid[1:]):
-            row = dict(t=t, alpha_bar=s.alphas_cumsum[t], beta_bar=s.betas_cumsum[t],
-                       one_minus_alpha_bar=s.one_minus_alphas_cumsum[t],
+            row = dict(t=t, alpha_bar=ac[t], beta_bar=bc[t], one_minus_alpha_bar=om[t],
                        c_res=0.0, c_eps=0.0, sigma=0.0, last=1.0)
             if t_next >= 0:
-                b2, b2n = s.betas2_cumsum[t], s.betas2_cumsum[t_next]
-                sigma2 = eta * (b2 - b2n) * b2n / b2
-                row.update(c_res=s.alphas_cumsum[t] - s.alphas_cumsum[t_next],
-                           c_eps=s.betas_cumsum[t] - np.sqrt(b2n - sigma2),
-                           sigma=np.sqrt(sigma2), last=0.0)
-            rows.append([row[n] for n in COEF_NAMES])
+                b2, b2n = b2c[t], b2c[t_next]
+                sigma2 = np.float32(eta) * ((b2 - b2n) * b2n / b2)
+                row.update(c_res=ac[t] - ac[t_next], c_eps=bc[t] - np.sqrt(b2n - sigma2), sigma=np.sqrt(sigma2),
+                           last=0.0)
+            rows.append([float(row[n]) for n in COEF_NAMES])
         return cls(config, steps, float(eta), tuple(grid[:-1]), np.asarray(rows, dtype=np.float64))
 
     @property

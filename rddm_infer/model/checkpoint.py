@@ -134,7 +134,11 @@ def _schedule_from_buffers(sd: dict, path) -> dict:
     named = Schedule.from_config(DiffusionConfig(timesteps=T, sum_scale=implied.get("sum_scale", 1.0)))
     same = lambda ours, theirs: np.max(np.abs(ours.astype(np.float32) - theirs)) <= 1e-7  # noqa: E731
     if not ("sum_scale" in implied and same(named.alphas_cumsum, ac) and same(named.betas2_cumsum, b2c)):
-        implied["alphas_cumsum"], implied["betas2_cumsum"] = tuple(ac.tolist()), tuple(b2c.tolist())
+        implied.update(alphas_cumsum=tuple(ac.tolist()), betas2_cumsum=tuple(b2c.tolist()))
+        if bc is not None:
+            implied["betas_cumsum"] = tuple(bc.tolist())
+        if om is not None:
+            implied["one_minus_alphas_cumsum"] = tuple(om.tolist())
     return implied
 
 
