@@ -196,7 +196,7 @@ class EngineSampler:
 
     def _step(self, x_input, x_t, plan, noise):
         r = self.runner
-        zeros = r.upload(np.zeros_like(x_input)) if None in noise.steps else None
+        zeros = r.upload(np.zeros_like(x_input)) if any(z is None for z in noise.steps) else None
         per_step = [{"coef": plan.coefs[i].astype(np.float32),
                      "noise": zeros if noise.steps[i] is None else noise.steps[i]} for i in range(plan.steps)]
         return r.run_chain({"x_input": x_input}, per_step, ("x_t", "x_next"), x_t)
