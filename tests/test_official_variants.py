@@ -284,3 +284,22 @@ def test_fp16_step_graph_of_an_explicit_schedule(tmp_path):
     want = oracle(v, ema, buffers, x_in, eps, zs)
     psnr = 10 * np.log10(4.0 / np.mean((got - want) ** 2))  # peak-to-peak 2 in [-1, 1]
     assert psnr >= 45, psnr
+
+
+@pytest.mark.parametrize("objective", ["pred_res_noise", "pred_res_add_noise", "pred_x0_noise", "pred_x0_add_noise",
+                                       "pred_res", "pred_noise", "pred_x0"])
+def test_training_targets_invert_to_the_true_residual_and_noise(objective):
+    """rddm-train's targets per objective and the sampler's predictions are inverses (every objective trains)."""
+    from rddm_infer.sampler import predictions
+    from rddm_train.trainer import targets
+
+    rng = np.random.default_rng(0)
+    x0, x_in = (torch.from_numpy(rng.uniform(-0.5, 0.5, SHAPE).astype(np.float32)) for _ in range(2))
+    noise = torch.from_numpy(rng.standard_normal(SHAPE, dtype=np.float32))
+    plan = SamplingPlan.create(DiffusionConfig(objective=objective, sum_scale=0.5), 5)
+    coef, t = plan.coefs[2], plan.times[2]
+    x_t = x0 + coef[1] * (x_in - x0) + coef[2] * noise
+    outs = targets(objective, x0, x_in - x0, noise)
+    res, eps, est = predictions(objective, outs[0], outs[1] if len(outs) > 1 else None, x_t, x_in, coef)
+    for got, want in ((res, x_in - x0), (eps, noise), (est, x0)):
+        assert (got - want).abs().max() <= 1e-5, t
