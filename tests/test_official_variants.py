@@ -303,3 +303,21 @@ def test_training_targets_invert_to_the_true_residual_and_noise(objective):
     res, eps, est = predictions(objective, outs[0], outs[1] if len(outs) > 1 else None, x_t, x_in, coef)
     for got, want in ((res, x_in - x0), (eps, noise), (est, x0)):
         assert (got - want).abs().max() <= 1e-5, t
+
+
+def test_restore_array_takes_explicit_noise(tmp_path):
+    from helpers_export import tiny_checkpoint
+    from rddm_infer import Restorer
+    from rddm_infer.backends.torch import TorchRunner
+
+    r = Restorer(TorchRunner(tiny_checkpoint(tmp_path), device="cpu"), tile=16)
+    pixels = np.random.default_rng(0).integers(0, 256, (10, 12, 3), dtype=np.uint8)  # pads to 10×12 (multiple 2)
+    seeded = r.restore_array(pixels)  # seed 0
+    same = r.restore_array(pixels, noise=Noise.draw(r.plan, (3, 10, 12), seed=0))
+    np.testing.assert_array_equal(same, seeded)  # the explicit path is the seeded path with the noise spelled out
+    other = r.restore_array(pixels, noise=Noise.given(r.plan, np.ones((3, 10, 12), np.float32)))
+    assert other.dtype == np.uint8 and np.abs(other.astype(int) - seeded).max() > 0
+    with pytest.raises(RDDMError, match="initial noise has shape"):
+        r.restore_array(pixels, noise=Noise.given(r.plan, np.ones((3, 8, 8), np.float32)))
+    with pytest.raises(RDDMError, match="untiled image"):
+        r.restore_array(np.zeros((40, 40, 3), np.uint8), noise=Noise.given(r.plan, np.ones((3, 40, 40), np.float32)))
