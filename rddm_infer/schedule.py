@@ -105,6 +105,14 @@ class DiffusionConfig:
                 d[name] = list(d[name])
         return d
 
+    def summary(self) -> dict:
+        """to_dict() with each table shortened to its length and end values (for `info`-style display)."""
+        d = self.to_dict()
+        for name in TABLES:
+            if name in d:
+                d[name] = f"table[{len(d[name])}] {d[name][0]:.6g} .. {d[name][-1]:.6g}"
+        return d
+
     @classmethod
     def from_dict(cls, d: dict) -> "DiffusionConfig":
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}

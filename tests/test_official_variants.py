@@ -166,6 +166,7 @@ def test_schedule_is_read_from_the_buffers(tmp_path, schedule, explicit):
     meta = ArtifactMeta(graph="step", unet={}, diffusion=d.to_dict())
     assert ArtifactMeta.from_json(meta.to_json()).config == d
     assert ("alphas_cumsum" in json.loads(meta.to_json())["diffusion"]) == explicit  # named schedules stay lean
+    assert len(json.dumps(d.summary())) < 600  # what a display shows: tables shortened
     loaded = load_checkpoint(path)
     again = load_checkpoint(save_checkpoint(tmp_path / "ours.safetensors", loaded.net, loaded.unet, loaded.diffusion))
     assert again.diffusion == d
