@@ -14,7 +14,7 @@ from .schedule import DiffusionConfig, Schedule, SamplingPlan, time_grid  # noqa
 
 _LAZY = {  # name -> module, filled in by the runtime modules as they land
     "Restorer": ".pipeline", "load_model": ".pipeline", "restore_folder": ".pipeline", "DEFAULT_MODEL": ".pipeline",
-    "EngineSampler": ".backends", "Runner": ".backends", "load_runner": ".backends",
+    "EngineSampler": ".backends", "Runner": ".backends", "load_runner": ".backends", "Noise": ".backends.base",
     "read_artifact_meta": ".backends", "read_image": ".imageio", "write_image": ".imageio",
     "psnr": ".metrics", "ssim": ".metrics",
     "read_engine": ".engine_file", "write_engine": ".engine_file",

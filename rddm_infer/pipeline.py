@@ -374,10 +374,15 @@ class Restorer:
                 raise y
         return out
 
-    def restore_array(self, pixels: np.ndarray, on_tile: Callable[[int, int], None] | None = None) -> np.ndarray:
+    def restore_array(self, pixels: np.ndarray, on_tile: Callable[[int, int], None] | None = None, *,
+                      noise: Noise | None = None) -> np.ndarray:
         """H×W gray, H×W×3 BGR or H×W×4 BGRA -> the restored image in the same layout and dtype
         (alpha untouched). Samples are uint8, uint16, or float32/float64 in [0, 1] (as cv2 reads
-        float TIFFs); floats outside [0, 1] or not finite are refused, never clipped."""
+        float TIFFs); floats outside [0, 1] or not finite are refused, never clipped.
+
+        ``noise``: explicit noise instead of the seed (``Noise.given(restorer.plan, eps)``), shaped
+        like the padded model-space image (C, H', W') with H', W' rounded up to ``size_multiple``;
+        only for images that are not tiled."""
         if pixels is None:
             raise ImageError("expected an image array, got None (did cv2.imread fail to read the file?)")
         pixels = np.asarray(pixels)
@@ -389,7 +394,17 @@ class Restorer:
             raise ImageError(f"unsupported dtype {pixels.dtype} (uint8, uint16, or float32/float64 in [0, 1])")
         check_float_range(pixels, "restore_array")
         img = Image(pixels[..., 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels)
-        out = self.restore_images([img], ext=".png" if pixels.dtype != np.float32 else ".tif", on_tile=on_tile)[0]
+        ext = ".png" if pixels.dtype != np.float32 else ".tif"
+        if noise is not None:
+            x, _ = self._prepare(img)
+            if not self._fits(x):
+                raise RDDMError(f"explicit noise needs an untiled image: {x.shape[1:]} exceeds tile {self.tile}")
+            noise.check(self.plan, x.shape)
+            out = self._finish(self._run(x[None], [noise])[0], img, ext)
+            if isinstance(out, ImageError):
+                raise out
+        else:
+            out = self.restore_images([img], ext=ext, on_tile=on_tile)[0]
         return out[..., None] if pixels.ndim == 3 and pixels.shape[2] == 1 else out
 
     def restore_file(self, src: str | os.PathLike, dst: str | os.PathLike) -> Path:

@@ -33,21 +33,21 @@ def _c(coef, name):
 def predictions(objective: str, out0, out1, x_t, x_input, coef):
     """Network outputs -> (residual, noise, x₀ estimate), clamped as the reference does."""
     ab, bb = _c(coef, "alpha_bar"), _c(coef, "beta_bar")
-    if objective == "pred_res_noise":
+    if objective in ("pred_res_noise", "pred_res_add_noise"):
         res = _clip(out0)
-        eps = out1
+        eps = out1 if objective == "pred_res_noise" else out1 - out0  # the second net learned res + ε
         x0 = _clip(x_t - ab * res - bb * eps)
-    elif objective == "pred_res":
-        res = _clip(out0)
+    elif objective in ("pred_res", "pred_x0"):
+        res = _clip(out0) if objective == "pred_res" else _clip(x_input - out0)
         eps = (x_t - x_input - (ab - 1.0) * res) / bb
         x0 = _clip(x_input - res)
     elif objective == "pred_noise":
         eps = out0
         x0 = _clip((x_t - ab * x_input - bb * eps) / _c(coef, "one_minus_alpha_bar"))
         res = _clip(x_input - x0)
-    elif objective == "pred_x0_noise":
+    elif objective in ("pred_x0_noise", "pred_x0_add_noise"):
         res = _clip(x_input - out0)
-        eps = out1
+        eps = out1 if objective == "pred_x0_noise" else out1 - out0  # the second net learned x₀ + ε
         x0 = _clip(out0)
     else:
         raise ValueError(f"unknown objective {objective!r}")

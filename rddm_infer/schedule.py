@@ -9,6 +9,12 @@ Conventions follow the reference implementation (nachifur/RDDM):
 * ``alphas`` (ᾱ increments) use the *decreased* linear schedule summing to 1;
 * ``betas2`` (β̄² increments) use the *increased* schedule summing to ``sum_scale``;
 * cumulative sums are clipped to [0, 1]; everything is computed in float64.
+
+A checkpoint whose registered buffers follow none of the named schedules (the official
+experiments' ``ratio`` / ``normal`` variants, betas converted from DDIM's linear /
+scaled_linear / squaredcos_cap_v2) carries its ᾱ and β̄² tables explicitly in
+:class:`DiffusionConfig` (``alphas_cumsum`` / ``betas2_cumsum``), so every graph and
+runtime samples with the checkpoint's own numbers (docs/OFFICIAL_VARIANTS.md).
 """
 
 from __future__ import annotations
@@ -18,7 +24,12 @@ from dataclasses import dataclass, field, asdict
 import numpy as np
 
 SCHEDULES = ("increased", "decreased", "average")
-OBJECTIVES = ("pred_res_noise", "pred_res", "pred_noise", "pred_x0_noise")
+OBJECTIVES = ("pred_res_noise", "pred_res", "pred_noise", "pred_x0_noise", "pred_res_add_noise",
+              "pred_x0_add_noise", "pred_x0")
+SINGLE_OUTPUT = ("pred_res", "pred_noise", "pred_x0")  # objectives that read only the first network output
+# Explicit per-t tables a DiffusionConfig may carry: the four buffers the reference's ddim_sample
+# reads (the last two are derived from the first two when absent).
+TABLES = ("alphas_cumsum", "betas2_cumsum", "betas_cumsum", "one_minus_alphas_cumsum")
 
 
 def coefficients(timesteps: int, schedule: str = "increased", sum_scale: float = 1.0) -> np.ndarray:
@@ -44,6 +55,13 @@ class DiffusionConfig:
     alpha_schedule: str = "decreased"
     beta_schedule: str = "increased"
     condition: bool = True  # restoration (True) or generation from noise (False)
+    # Explicit ᾱ_t, β̄²_t (and β̄_t, 1 − ᾱ_t) tables (length T) taken from a checkpoint's buffers, so
+    # their float32 roundings are kept exactly; when set they replace alpha_schedule / beta_schedule,
+    # and sum_scale only scales the starting noise.
+    alphas_cumsum: tuple[float, ...] | None = None
+    betas2_cumsum: tuple[float, ...] | None = None
+    betas_cumsum: tuple[float, ...] | None = None
+    one_minus_alphas_cumsum: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -52,9 +70,48 @@ class DiffusionConfig:
             raise ValueError("timesteps must be >= 1")
         if not self.sum_scale > 0:
             raise ValueError("sum_scale must be > 0")
+        if (self.alphas_cumsum is None) != (self.betas2_cumsum is None) or (
+                self.alphas_cumsum is None and (self.betas_cumsum, self.one_minus_alphas_cumsum) != (None, None)):
+            raise ValueError("explicit schedule tables need both alphas_cumsum and betas2_cumsum")
+        for name in TABLES:
+            table = getattr(self, name)
+            if table is None:
+                continue
+            table = tuple(float(v) for v in table)
+            object.__setattr__(self, name, table)  # lists from JSON -> hashable tuples
+            if len(table) != self.timesteps:
+                raise ValueError(f"{name} has {len(table)} values, timesteps is {self.timesteps}")
+            if not all(np.isfinite(table)):
+                raise ValueError(f"{name} holds non-finite values")
+        if self.betas2_cumsum is not None and (min(self.betas2_cumsum) < 0 or self.betas2_cumsum[-1] <= 0):
+            raise ValueError("betas2_cumsum must be >= 0, and > 0 at t = T-1 (the sampler divides by it)")
+
+    @property
+    def explicit(self) -> bool:
+        """True when the schedule is carried as tables rather than named."""
+        return self.alphas_cumsum is not None
+
+    @property
+    def num_outputs(self) -> int:
+        """Network outputs the objective reads (a two-output network may serve a one-output objective)."""
+        return 1 if self.objective in SINGLE_OUTPUT else 2
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for name in TABLES:  # named schedules stay lean (and compatible with older readers)
+            if d[name] is None:
+                del d[name]
+            else:
+                d[name] = list(d[name])
+        return d
+
+    def summary(self) -> dict:
+        """to_dict() with each table shortened to its length and end values (for `info`-style display)."""
+        d = self.to_dict()
+        for name in TABLES:
+            if name in d:
+                d[name] = f"table[{len(d[name])}] {d[name][0]:.6g} .. {d[name][-1]:.6g}"
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "DiffusionConfig":
@@ -77,10 +134,26 @@ class Schedule:
     @classmethod
     def from_config(cls, config: DiffusionConfig) -> "Schedule":
         T = config.timesteps
-        alphas = coefficients(T, config.alpha_schedule)
-        alphas_cumsum = np.clip(np.cumsum(alphas), 0, 1)
-        betas2 = coefficients(T, config.beta_schedule, config.sum_scale)
-        betas2_cumsum = np.clip(np.cumsum(betas2), 0, 1)
+        if config.explicit:
+            alphas_cumsum = np.asarray(config.alphas_cumsum, dtype=np.float64)
+            betas2_cumsum = np.asarray(config.betas2_cumsum, dtype=np.float64)
+            alphas = np.diff(alphas_cumsum, prepend=0.0)
+            betas2 = np.diff(betas2_cumsum, prepend=0.0)
+            if config.betas_cumsum is not None or config.one_minus_alphas_cumsum is not None:
+                s = cls._derived(config, alphas, alphas_cumsum, betas2, betas2_cumsum)
+                return cls(config, alphas, alphas_cumsum, betas2, betas2_cumsum,
+                           s.betas_cumsum if config.betas_cumsum is None else np.asarray(config.betas_cumsum),
+                           s.one_minus_alphas_cumsum if config.one_minus_alphas_cumsum is None
+                           else np.asarray(config.one_minus_alphas_cumsum))
+        else:
+            alphas = coefficients(T, config.alpha_schedule)
+            alphas_cumsum = np.clip(np.cumsum(alphas), 0, 1)
+            betas2 = coefficients(T, config.beta_schedule, config.sum_scale)
+            betas2_cumsum = np.clip(np.cumsum(betas2), 0, 1)
+        return cls._derived(config, alphas, alphas_cumsum, betas2, betas2_cumsum)
+
+    @classmethod
+    def _derived(cls, config, alphas, alphas_cumsum, betas2, betas2_cumsum) -> "Schedule":
         one_minus = 1.0 - alphas_cumsum
         one_minus[-1] = 1e-6  # the reference's guard: pred_noise divides by it
         return cls(config, alphas, alphas_cumsum, betas2, betas2_cumsum, np.sqrt(betas2_cumsum), one_minus)
@@ -134,19 +207,21 @@ class SamplingPlan:
         if config.condition:
             eta = 0.0  # the reference forces a deterministic sampler for restoration
         s = Schedule.from_config(config)
+        # The reference registers its tables as float32 buffers and steps in float32 arithmetic;
+        # doing the same here makes every coefficient bit-identical to its values.
+        ac, b2c, bc, om = (np.float32(a) for a in (s.alphas_cumsum, s.betas2_cumsum, s.betas_cumsum,
+                                                    s.one_minus_alphas_cumsum))
         grid = time_grid(config.timesteps, steps)
         rows = []
         for t, t_next in zip(grid[:-1], grid[1:]):
-            row = dict(t=t, alpha_bar=s.alphas_cumsum[t], beta_bar=s.betas_cumsum[t],
-                       one_minus_alpha_bar=s.one_minus_alphas_cumsum[t],
+            row = dict(t=t, alpha_bar=ac[t], beta_bar=bc[t], one_minus_alpha_bar=om[t],
                        c_res=0.0, c_eps=0.0, sigma=0.0, last=1.0)
             if t_next >= 0:
-                b2, b2n = s.betas2_cumsum[t], s.betas2_cumsum[t_next]
-                sigma2 = eta * (b2 - b2n) * b2n / b2
-                row.update(c_res=s.alphas_cumsum[t] - s.alphas_cumsum[t_next],
-                           c_eps=s.betas_cumsum[t] - np.sqrt(b2n - sigma2),
-                           sigma=np.sqrt(sigma2), last=0.0)
-            rows.append([row[n] for n in COEF_NAMES])
+                b2, b2n = b2c[t], b2c[t_next]
+                sigma2 = np.float32(eta) * ((b2 - b2n) * b2n / b2)
+                row.update(c_res=ac[t] - ac[t_next], c_eps=bc[t] - np.sqrt(b2n - sigma2), sigma=np.sqrt(sigma2),
+                           last=0.0)
+            rows.append([float(row[n]) for n in COEF_NAMES])
         return cls(config, steps, float(eta), tuple(grid[:-1]), np.asarray(rows, dtype=np.float64))
 
     @property

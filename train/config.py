@@ -17,7 +17,7 @@ from typing import Any
 
 from rddm_infer.atomic import write_bytes_atomic
 from rddm_infer.errors import RDDMError
-from rddm_infer.schedule import OBJECTIVES, SCHEDULES
+from rddm_infer.schedule import OBJECTIVES, SCHEDULES, SINGLE_OUTPUT
 
 
 class ConfigError(RDDMError):
@@ -148,8 +148,8 @@ class TrainConfig:
             (d.alpha_schedule in SCHEDULES and d.beta_schedule in SCHEDULES, f"schedules must be one of {SCHEDULES}"),
             (d.timesteps >= 1 and d.sum_scale > 0, "diffusion.timesteps >= 1 and diffusion.sum_scale > 0"),
             (m.share_encoder in (-1, 0, 1), "model.share_encoder must be -1, 0 or 1"),
-            ((m.share_encoder == -1) == (d.objective in ("pred_res", "pred_noise")),
-             f"objective {d.objective} needs {'1 output (share_encoder = -1)' if d.objective in ('pred_res', 'pred_noise') else '2 outputs (share_encoder 0 or 1)'}"),
+            ((m.share_encoder == -1) == (d.objective in SINGLE_OUTPUT),
+             f"objective {d.objective} needs {'1 output (share_encoder = -1)' if d.objective in SINGLE_OUTPUT else '2 outputs (share_encoder 0 or 1)'}"),
             (m.dim > 0 and m.dim % m.resnet_block_groups == 0, "model.dim must be a positive multiple of resnet_block_groups"),
             (len(m.dim_mults) >= 1, "model.dim_mults must not be empty"),
             (r.steps >= 0 and r.batch_size >= 1 and o.grad_accum >= 1, "run.steps >= 0, run.batch_size >= 1, optim.grad_accum >= 1"),

@@ -58,7 +58,8 @@ def resolve_device(name: str) -> torch.device:
 def targets(objective: str, x0: torch.Tensor, res: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """What each network output is trained to predict (REFERENCE.md, objectives)."""
     return {"pred_res_noise": (res, noise), "pred_res": (res,), "pred_noise": (noise,),
-            "pred_x0_noise": (x0, noise)}[objective]
+            "pred_x0_noise": (x0, noise), "pred_res_add_noise": (res, res + noise),
+            "pred_x0_add_noise": (x0, x0 + noise), "pred_x0": (x0,)}[objective]
 
 
 class EMA:

@@ -95,10 +95,38 @@ class Runner:
 
 @dataclass
 class Noise:
-    """All randomness of one sampling run: the initial ε and z for each stochastic step (else None)."""
+    """All randomness of one sampling run: the initial ε and z for each stochastic step (else None).
+
+    Pass your own to reproduce another implementation's run exactly: ``eps`` is the standard
+    normal draw behind x_T (x_T = I_in + √sum_scale·ε for restoration, ε for generation) and
+    ``steps[i]`` the z of step i (only read where the plan's σ_i > 0, i.e. η > 0 on a generation
+    model). Shapes are the model-space batch (B, C, H, W), RGB, float32.
+    """
 
     eps: np.ndarray
     steps: list[np.ndarray | None]
+
+    @classmethod
+    def given(cls, plan: SamplingPlan, eps: np.ndarray, steps: Sequence[np.ndarray | None] | None = None) -> "Noise":
+        """Caller-supplied noise, checked against the plan: every stochastic step needs its z."""
+        eps = np.ascontiguousarray(eps, dtype=np.float32)
+        steps = list(steps) if steps is not None else [None] * plan.steps
+        if len(steps) != plan.steps:
+            raise RDDMError(f"noise: {len(steps)} per-step arrays for a {plan.steps}-step plan")
+        out = []
+        for i, z in enumerate(steps):
+            if plan.coefs[i, _SIGMA] > 0 and z is None:
+                raise RDDMError(f"noise: step {i} is stochastic (eta={plan.eta}) and needs its z array")
+            if z is not None and np.shape(z) != eps.shape:
+                raise RDDMError(f"noise: step {i} z has shape {np.shape(z)}, the initial noise {eps.shape}")
+            out.append(None if z is None else np.ascontiguousarray(z, dtype=np.float32))
+        return cls(eps, out)
+
+    def check(self, plan: SamplingPlan, shape: tuple[int, ...]) -> None:
+        """Refuse noise that does not fit the batch or the plan (never broadcast silently)."""
+        if tuple(self.eps.shape) != tuple(shape):
+            raise RDDMError(f"noise: initial noise has shape {tuple(self.eps.shape)}, the input {tuple(shape)}")
+        Noise.given(plan, self.eps, self.steps)
 
     @classmethod
     def draw(cls, plan: SamplingPlan, shape: tuple[int, ...], seed: int | None = 0) -> "Noise":
@@ -145,7 +173,13 @@ class EngineSampler:
         return self.run(x_input, plan, Noise.draw(plan, x_input.shape, seed))
 
     def run(self, x_input: np.ndarray, plan: SamplingPlan, noise: Noise) -> np.ndarray:
+        """Sample with explicit noise: ``x_input`` (B, C, H, W) in [-1, 1], RGB; returns the same layout.
+
+        ``plan`` from :meth:`plan`; ``noise`` from :meth:`Noise.draw` (seeded) or :meth:`Noise.given`
+        (your own arrays, e.g. another implementation's ε and z).
+        """
         x_input = np.ascontiguousarray(x_input, dtype=np.float32)
+        noise.check(plan, x_input.shape)
         graph = self.meta.graph
         if graph == "fused":
             return self._fused(x_input, plan, noise)
@@ -166,7 +200,7 @@ class EngineSampler:
         kind = KINDS["step"]
         _, x_in_name, coef_name, noise_name = kind.inputs
         r = self.runner
-        zeros = r.upload(np.zeros_like(x_input)) if None in noise.steps else None
+        zeros = r.upload(np.zeros_like(x_input)) if any(z is None for z in noise.steps) else None
         per_step = [{coef_name: plan.coefs[i].astype(np.float32),
                      noise_name: zeros if noise.steps[i] is None else noise.steps[i]} for i in range(plan.steps)]
         return r.run_chain({x_in_name: x_input}, per_step, kind.carry, x_t)

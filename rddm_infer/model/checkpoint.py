@@ -11,21 +11,23 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..atomic import write_bytes_atomic
 from ..errors import CheckpointError
-from ..schedule import DiffusionConfig
+from ..schedule import TABLES, DiffusionConfig, Schedule
 from .unet import UNetConfig, UnetRes
 
 FORMAT = "rddm-infer/1"
 META_KEY = "rddm"
 _BUFFERS = ("alphas", "alphas_cumsum", "one_minus_alphas_cumsum", "betas2", "betas", "betas2_cumsum",
             "betas_cumsum", "posterior_mean_coef1", "posterior_mean_coef2", "posterior_mean_coef3",
-            "posterior_variance", "posterior_log_variance_clipped")
+            "posterior_variance", "posterior_log_variance_clipped",
+            "alpha_res")  # experiment 3's learned auto_res_noise switch (a parameter, not a buffer)
 
 
 @dataclass
@@ -98,26 +100,98 @@ def _unwrap_reference(obj, use_ema: bool) -> tuple[dict, dict]:
     return sd, info
 
 
-def _diffusion_from_buffers(sd: dict, given: dict) -> DiffusionConfig:
-    implied = {}
+def _table(sd: dict, name: str):
+    return sd[name].detach().double().flatten().numpy() if name in sd else None
+
+
+def _schedule_from_buffers(sd: dict, path) -> dict:
+    """What the registered buffers imply: T, sum_scale (gen_coefficients form only) and the tables.
+
+    A schedule equal (to float32 rounding) to the named default is kept by name; any other
+    (ratio / normal / average variants, DDIM-converted betas) is carried as explicit tables.
+    """
+    ac, b2c, b2 = _table(sd, "alphas_cumsum"), _table(sd, "betas2_cumsum"), _table(sd, "betas2")
+    implied: dict = {}
     if "alphas" in sd:
         implied["timesteps"] = int(sd["alphas"].numel())
-    if "betas2" in sd:
-        implied["sum_scale"] = float(f"{float(sd['betas2'].double().sum()):.6g}")
-    for k, v in implied.items():
-        if given.get(k) is not None and abs(float(given[k]) - v) > 1e-6 * max(1.0, abs(v)):
-            raise CheckpointError(f"--{k.replace('_', '-')} {given[k]} contradicts the checkpoint's schedule ({v})")
-    defaults = DiffusionConfig()
-    merged = {k: (given.get(k) if given.get(k) is not None else implied.get(k, getattr(defaults, k)))
-              for k in ("timesteps", "sum_scale", "objective")}
-    return DiffusionConfig(**merged)
+    if ac is None or b2c is None:  # an older/partial layout: only T and sum_scale can be read
+        if b2 is not None:
+            implied["sum_scale"] = float(f"{float(b2.sum()):.6g}")
+        return implied
+    T = len(ac)
+    if len(b2c) != T or implied.get("timesteps", T) != T:
+        raise CheckpointError(f"{path}: schedule buffers disagree on the number of timesteps")
+    implied["timesteps"] = T
+    bc, om = _table(sd, "betas_cumsum"), _table(sd, "one_minus_alphas_cumsum")
+    if bc is not None and np.max(np.abs(bc - np.sqrt(b2c))) > 1e-5:
+        raise CheckpointError(f"{path}: buffers betas_cumsum and betas2_cumsum disagree (betas_cumsum != sqrt)")
+    if om is not None and T > 1 and np.max(np.abs(om[:-1] - (1 - ac[:-1]))) > 1e-5:
+        raise CheckpointError(f"{path}: buffers one_minus_alphas_cumsum and alphas_cumsum disagree")
+    # gen_coefficients form: β̄² is the clipped cumulative sum of betas2, which sums to sum_scale.
+    # (DDIM-converted betas are not: there betas2[0] = 0 while β̄²_0 > 0, and sum_scale is not stored.)
+    if b2 is not None and np.max(np.abs(np.clip(np.cumsum(b2), 0, 1) - b2c)) <= 1e-5:
+        implied["sum_scale"] = float(f"{float(b2.sum()):.6g}")
+    named = Schedule.from_config(DiffusionConfig(timesteps=T, sum_scale=implied.get("sum_scale", 1.0)))
+    same = lambda ours, theirs: np.max(np.abs(ours.astype(np.float32) - theirs)) <= 1e-7  # noqa: E731
+    if not ("sum_scale" in implied and same(named.alphas_cumsum, ac) and same(named.betas2_cumsum, b2c)):
+        implied.update(alphas_cumsum=tuple(ac.tolist()), betas2_cumsum=tuple(b2c.tolist()))
+        if bc is not None:
+            implied["betas_cumsum"] = tuple(bc.tolist())
+        if om is not None:
+            implied["one_minus_alphas_cumsum"] = tuple(om.tolist())
+    return implied
 
 
-def _check_objective(unet: UNetConfig, diffusion: DiffusionConfig, path) -> None:
-    needs = 1 if diffusion.objective in ("pred_res", "pred_noise") else 2
-    if needs != unet.num_outputs:
-        raise CheckpointError(f"{path}: objective {diffusion.objective} needs {needs} network output(s), "
+def _resolve_objective(sd: dict, given: str | None, path) -> str | None:
+    """``auto_res_noise`` (experiment 3) samples as pred_res when its learned alpha_res > 0.5, else pred_noise."""
+    if "alpha_res" in sd:
+        a = float(sd["alpha_res"].flatten()[0])
+        resolved = "pred_res" if a > 0.5 else "pred_noise"
+        if given not in (None, "auto_res_noise", resolved):
+            raise CheckpointError(f"{path}: --objective {given} contradicts the checkpoint (objective auto_res_noise "
+                                  f"with alpha_res={a:.4g}, which samples as {resolved})")
+        return resolved
+    if given == "auto_res_noise":
+        raise CheckpointError(f"{path}: objective auto_res_noise needs the checkpoint's alpha_res parameter, "
+                              "which this file does not hold")
+    return given
+
+
+def _diffusion_from_buffers(sd: dict, given: dict, condition: bool, path="checkpoint") -> DiffusionConfig:
+    implied = _schedule_from_buffers(sd, path)
+    for k in ("timesteps", "sum_scale"):
+        v = implied.get(k)
+        if v is not None and given.get(k) is not None and abs(float(given[k]) - v) > 1e-6 * max(1.0, abs(v)):
+            raise CheckpointError(f"{path}: --{k.replace('_', '-')} {given[k]} contradicts the checkpoint's "
+                                  f"schedule ({v})")
+    # What the file cannot tell, the options decide; then the reference's defaults
+    # (sum_scale 0.01 for restoration, 1 for generation; objective pred_res_noise).
+    defaults = {"timesteps": 1000, "sum_scale": 0.01 if condition else 1.0, "objective": "pred_res_noise"}
+    merged = {k: (given.get(k) if given.get(k) is not None else implied.get(k, defaults[k])) for k in defaults}
+    merged["objective"] = _resolve_objective(sd, given.get("objective"), path) or merged["objective"]
+    tables = {k: implied[k] for k in TABLES if k in implied}
+    return _config(path, **merged, condition=condition, **tables)
+
+
+def _config(path, **fields) -> DiffusionConfig:
+    try:
+        return DiffusionConfig(**fields)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _fit_outputs(sd: dict, unet: UNetConfig, diffusion: DiffusionConfig, path) -> tuple[dict, UNetConfig, dict]:
+    """Match the network to what the objective reads; returns (state_dict, config, info)."""
+    needs = diffusion.num_outputs
+    if needs > unet.num_outputs:
+        raise CheckpointError(f"{path}: objective {diffusion.objective} needs {needs} network outputs, "
                               f"the checkpoint has {unet.num_outputs}; pass --objective")
+    if needs == 1 and unet.share_encoder == 0:
+        # Two UNets but an objective that reads the first output only (the reference ignores
+        # the second network): load unet0 alone, as a one-UNet model.
+        sd = {k: v for k, v in sd.items() if not k.startswith("unet1.")}
+        return sd, replace(unet, share_encoder=-1), {"unused_weights": "unet1"}
+    return sd, unet, {}
 
 
 def load_checkpoint(path: str | os.PathLike, *, objective: str | None = None, sum_scale: float | None = None,
@@ -131,16 +205,16 @@ def load_checkpoint(path: str | os.PathLike, *, objective: str | None = None, su
         sd, meta = _read_safetensors(path)
         unet = UNetConfig.from_dict(meta["unet"])
         dmeta = {**meta["diffusion"], **{k: v for k, v in given.items() if v is not None}}
-        diffusion = DiffusionConfig.from_dict(dmeta)
+        diffusion = _config(path, **{k: v for k, v in dmeta.items() if k in DiffusionConfig.__dataclass_fields__})
         info = {k: meta[k] for k in ("weights", "step") if k in meta}
     else:
         obj = _torch_load(path)
         sd, info = _unwrap_reference(obj, use_ema)
         unet = infer_unet_config(sd)
-        diffusion = _diffusion_from_buffers(sd, given)
-        diffusion = DiffusionConfig(**{**diffusion.to_dict(), "condition": unet.condition})
+        diffusion = _diffusion_from_buffers(sd, given, unet.condition, path)
         sd = {k: v for k, v in sd.items() if k not in _BUFFERS}
-    _check_objective(unet, diffusion, path)
+    sd, unet, unused = _fit_outputs(sd, unet, diffusion, path)
+    info.update(unused)
     net = UnetRes(unet)
     try:
         net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)

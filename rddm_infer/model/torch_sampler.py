@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import RDDMError
 from ..sampler import initial_state, sample
 from ..schedule import DiffusionConfig, SamplingPlan
 from .unet import UnetRes
@@ -19,6 +20,10 @@ class TorchRDDM:
 
     def __init__(self, net: UnetRes, diffusion: DiffusionConfig, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32):
+        cfg = getattr(net, "config", None)
+        if cfg is not None and cfg.input_condition:
+            raise RDDMError("this model takes an extra input-condition image (reference input_condition=True), "
+                            "which the sampler has no input for; it cannot be sampled here")
         self.net = net.eval().to(device)
         self.diffusion = diffusion
         self.device = torch.device(device)
