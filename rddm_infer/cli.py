@@ -321,7 +321,6 @@ def bench(
     runner, choice = load_runner(resolve_model(model, backend), backend, threads=threads, providers=providers,
                                  device=device, precision=precision, compile=compile or None, objective=objective,
                                  sum_scale=sum_scale, steps=steps, eta=eta)
-    err.print(f"backend: [bold]{escape(runner.description)}[/bold] ({escape(choice.reason)})")
     with runner:
         sampler = EngineSampler(runner)
         plan = sampler.plan()
@@ -332,6 +331,7 @@ def bench(
             raise RDDMError(f"--size {size} --batch {batch}: {batch * side * side / 1e6:.0f} MP in one engine call is "
                             f"over bench's {BENCH_MAX_PIXELS / 1e6:.0f} MP limit (restore tiles large images; bench "
                             f"times one call: use --size <= {int((BENCH_MAX_PIXELS / batch) ** 0.5) // m * m})")
+        err.print(f"backend: [bold]{escape(runner.description)}[/bold] ({escape(choice.reason)})")
         x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
         noise = Noise.draw(plan, shape, 0)
         times = []

@@ -252,7 +252,8 @@ ONNX_SUBSET = ["exp3-auto-noise", "ddim-cosine-x0_add", "exp6-res_noise-2unets"]
 
 @pytest.mark.parametrize("name", ONNX_SUBSET)
 def test_step_graph_in_onnxruntime_matches_the_official_loop(tmp_path, name):
-    from rddm_export.onnx_export import export_onnx, read_metadata
+    from rddm_export.artifact import read_metadata
+    from rddm_export.onnx_export import export_onnx
     from rddm_infer import EngineSampler
     from rddm_infer.backends.onnxruntime import OnnxRuntimeRunner
 
