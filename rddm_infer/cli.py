@@ -267,7 +267,7 @@ def info(model: str = typer.Argument(..., help="ONNX model, TensorRT engine or c
              else "not measured"),
             ("precision", meta.precision), ("size multiple", meta.size_multiple), ("channels", meta.channels),
             ("channel order", meta.channel_order), ("input range", list(meta.input_range)),
-            ("diffusion", json.dumps(meta.diffusion)), ("unet", json.dumps(meta.unet)), ("source", meta.source),
+            ("diffusion", json.dumps(meta.config.summary())), ("unet", json.dumps(meta.unet)), ("source", meta.source),
             ("backends", _runs_on(path))]
     for k, v in rows:
         out.print(f"{k:>14}: {escape(str(v))}")

@@ -30,7 +30,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from .errors import BackendUnavailable, RDDMError
-from .pipeline import Job, Restorer, Result, Summary, is_done, prepare_jobs, write_metrics_csv
+from .jobs import Job, Result, Summary, is_done, prepare_jobs, write_metrics_csv
+from .pipeline import Restorer
 
 RESULT_COLUMNS = ("index", "status", "error", "seconds", "psnr", "ssim", "backend")
 

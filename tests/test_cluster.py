@@ -184,3 +184,28 @@ def test_ray_options_without_ray_are_refused(tmp_path):
     _images(tmp_path / "in", 1)
     r = _cli(tmp_path / "in", "-o", tmp_path / "out", "--workers", "2")
     assert r.returncode == 2 and "need --ray or --ray-address" in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_restore_folder_executor_ray_matches_the_local_executor(ray_cluster, tmp_path):
+    _images(tmp_path / "in", 2, seed=6)
+    code = ("import json, sys; from rddm_infer import restore_folder; src, one, ray, addr = sys.argv[1:]; "
+            "a = restore_folder(src, one, seed=7); "
+            "b = restore_folder(src, ray, seed=7, executor='ray', address=addr, workers=1, cpus_per_worker=0.5); "
+            "print(json.dumps([a.line(), b.line()]))")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "in"), str(tmp_path / "one"), str(tmp_path / "ray"),
+                        ray_cluster], capture_output=True, text=True, timeout=200, env={**os.environ, **RAY_ENV})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == ["restored 2, failed 0, skipped 0"] * 2
+    assert _outputs(tmp_path / "ray") == _outputs(tmp_path / "one") and len(_outputs(tmp_path / "one")) == 2
+
+
+def test_restore_folder_refuses_an_unknown_executor_and_ray_options_without_ray(tmp_path):
+    from rddm_infer import restore_folder
+    from rddm_infer.errors import OptionError
+
+    _images(tmp_path / "in", 1)
+    with pytest.raises(OptionError, match="executor 'spark'"):
+        restore_folder(tmp_path / "in", tmp_path / "out", executor="spark")
+    with pytest.raises(RDDMError, match="workers"):
+        restore_folder(tmp_path / "in", tmp_path / "out", workers=2)
+    assert not any((tmp_path / "out").glob("*.png"))

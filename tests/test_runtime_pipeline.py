@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import _runtime_models as models
-from rddm_infer import pipeline
+from rddm_infer import core
 from rddm_infer.errors import CheckpointError, ImageError, RDDMError
 from rddm_infer.imageio import Image
 from rddm_infer.metrics import psnr, ssim
@@ -75,7 +75,7 @@ def test_batching_and_seed(restorer):
 
 
 def test_default_model_missing_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(pipeline, "DEFAULT_MODEL", tmp_path / "weights" / "default.onnx")
+    monkeypatch.setattr(core, "DEFAULT_MODEL", tmp_path / "weights" / "default.onnx")
     with pytest.raises(CheckpointError, match="no built-in model is installed.*--model"):
         Restorer()
 

@@ -1,0 +1,188 @@
+"""The array core: one model on one backend turning decoded images into restored pixels.
+
+It owns the runner and everything that decides pixels (the sampling plan, the seeded per-image
+noise, padding, tiling and batching) and nothing about files. The jobs layer
+(:mod:`rddm_infer.jobs`, :class:`rddm_infer.pipeline.Restorer`) and the Ray actors
+(:mod:`rddm_infer.cluster`) run on it, so one seed gives the same pixels whichever executor,
+batch or worker restored an image.
+
+Each image is reflect-padded to the model's size multiple and cropped back; images larger
+than ``tile`` are cut into overlapping tiles blended without seams. Noise is drawn per
+image over its padded size (seeded), so results do not depend on batching or tiling.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .backends import Choice, EngineSampler, Noise, Runner, load_runner
+from .errors import CheckpointError, ImageError, OptionError, RDDMError
+from .imageio import Image, check_float_range, from_model, to_model
+from .onnx_external import check_external_data
+from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE, Tile, pad_to_multiple, run_tiled
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "default.onnx"
+DEFAULT_CHECKPOINT = DEFAULT_MODEL.with_suffix(".safetensors")  # what the built-in ONNX model was exported from
+
+
+def resolve_model(model: str | os.PathLike | None, backend: str = "auto") -> Path:
+    """The given model path, or the built-in default (a clear error when none is installed): the
+    checkpoint for a backend that loads only checkpoints (``--backend torch``), else the ONNX model."""
+    if model is not None:
+        path = Path(model)
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such model file")
+        if path.suffix.lower() == ".onnx" and path.is_file():
+            check_external_data(path)  # before ONNX Runtime opens it: older releases follow any path
+        return path
+    from .backends.registry import BY_NAME
+
+    if backend in BY_NAME and BY_NAME[backend].artifacts == ("checkpoint",):
+        if not DEFAULT_CHECKPOINT.is_file():
+            raise CheckpointError(f"no built-in checkpoint is installed ({DEFAULT_CHECKPOINT} is missing); "
+                                  f"pass --model PATH")
+        return DEFAULT_CHECKPOINT
+    if not DEFAULT_MODEL.is_file():
+        raise CheckpointError(f"no built-in model is installed ({DEFAULT_MODEL} is missing); "
+                              f"pass --model PATH (an .onnx model, a TensorRT .engine or a checkpoint)")
+    return DEFAULT_MODEL
+
+
+class ImageRestorer:
+    """One model on one backend, with the sampling and tiling settings used for every image."""
+
+    def __init__(self, model: str | os.PathLike | Runner | None = None, backend: str = "auto", *,
+                 steps: int | None = None, eta: float | None = None, seed: int | None = 0, tile: int = DEFAULT_TILE,
+                 overlap: int = DEFAULT_OVERLAP, batch: int = 1, **backend_options):
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise RDDMError(f"--seed {seed}: must be an integer >= 0")
+        if isinstance(model, Runner):
+            given = [k for k, v in backend_options.items() if v is not None]
+            if given:
+                raise OptionError(f"option {given[0]!r} does not apply to an already loaded runner")
+            self.runner, self.choice = model, Choice(model.name, Path(getattr(model, "path", "")), reason="given")
+        else:
+            self.runner, self.choice = load_runner(resolve_model(model, backend), backend, **backend_options)
+        self.sampler = EngineSampler(self.runner)
+        self.plan = self.sampler.plan(steps, eta)
+        self.seed = seed
+        self.multiple = max(int(self.meta.size_multiple), 1)
+        if tile < self.multiple:
+            raise RDDMError(f"--tile {tile} is smaller than the model's size multiple {self.multiple}")
+        if overlap < 0 or batch < 1:
+            raise RDDMError("--tile-overlap must be >= 0 and --batch >= 1")
+        self.tile, self.overlap, self.batch = tile, overlap, batch
+
+    @property
+    def meta(self):
+        return self.runner.meta
+
+    @property
+    def backend(self) -> str:
+        return self.runner.description
+
+    def close(self) -> None:
+        self.runner.deactivate()
+
+    def __enter__(self) -> "ImageRestorer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- model space
+    def _prepare(self, img: Image) -> tuple[np.ndarray, Noise]:
+        x = pad_to_multiple(to_model(img, self.meta.channels), self.multiple)
+        return x, Noise.draw(self.plan, x.shape, self.seed)
+
+    def _padded(self, img: Image) -> tuple[int, int]:
+        return tuple(-(-s // self.multiple) * self.multiple for s in img.size)
+
+    def _fits(self, x: np.ndarray) -> bool:
+        return max(x.shape[-2:]) <= self.tile
+
+    def _run(self, xb: np.ndarray, noises: list[Noise]) -> np.ndarray:
+        return self.sampler.run(xb, self.plan, Noise.stack(noises))
+
+    def _restore_tiled(self, x: np.ndarray, noise: Noise, on_tile=None) -> np.ndarray:
+        def fn(xb: np.ndarray, tiles: list[Tile]) -> np.ndarray:
+            return self._run(xb, [noise.crop((slice(None), *t.slices)) for t in tiles])
+
+        return run_tiled(fn, x, tile=self.tile, overlap=self.overlap, multiple=self.multiple, batch=self.batch,
+                         on_tile=on_tile)
+
+    def _finish(self, y: np.ndarray, img: Image, ext: str | None) -> np.ndarray | ImageError:
+        """Model output -> pixels; a non-finite output is an error for this image, never a black file."""
+        h, w = img.size
+        y = y[:, :h, :w]
+        bad = int(np.count_nonzero(~np.isfinite(y)))
+        if bad:
+            return ImageError(f"{img.path or 'image'}: the model produced {bad} non-finite (NaN/Inf) values; "
+                              f"nothing was written (a broken model or an fp16 overflow)")
+        return from_model(y, img, ext)
+
+    def _restore_each(self, images: Sequence[Image], ext: str | None = None,
+                      on_tile: Callable[[int, int], None] | None = None) -> list[np.ndarray | ImageError]:
+        """Restore several decoded images; same-size small ones run as one batch, large ones tiled.
+        Each entry is the restored pixels or the error of that image alone."""
+        prepared = [self._prepare(img) for img in images]
+        out: list = [None] * len(images)
+        groups: dict[tuple, list[int]] = {}
+        for i, (x, noise) in enumerate(prepared):
+            if self._fits(x):
+                groups.setdefault(x.shape, []).append(i)
+            else:
+                out[i] = self._finish(self._restore_tiled(x, noise, on_tile), images[i], ext)
+        for idx in groups.values():
+            for k in range(0, len(idx), self.batch):
+                part = idx[k:k + self.batch]
+                ys = self._run(np.stack([prepared[i][0] for i in part]), [prepared[i][1] for i in part])
+                for i, y in zip(part, ys):
+                    out[i] = self._finish(y, images[i], ext)
+        return out
+
+    def restore_images(self, images: Sequence[Image], ext: str | None = None,
+                       on_tile: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+        """Restore several decoded images; raises the first image's error (see ``_restore_each``)."""
+        out = self._restore_each(images, ext, on_tile)
+        for y in out:
+            if isinstance(y, ImageError):
+                raise y
+        return out
+
+    def restore_array(self, pixels: np.ndarray, on_tile: Callable[[int, int], None] | None = None, *,
+                      noise: Noise | None = None) -> np.ndarray:
+        """H×W gray, H×W×3 BGR or H×W×4 BGRA -> the restored image in the same layout and dtype
+        (alpha untouched). Samples are uint8, uint16, or float32/float64 in [0, 1] (as cv2 reads
+        float TIFFs); floats outside [0, 1] or not finite are refused, never clipped.
+
+        ``noise``: explicit noise instead of the seed (``Noise.given(restorer.plan, eps)``), shaped
+        like the padded model-space image (C, H', W') with H', W' rounded up to ``size_multiple``;
+        only for images that are not tiled."""
+        if pixels is None:
+            raise ImageError("expected an image array, got None (did cv2.imread fail to read the file?)")
+        pixels = np.asarray(pixels)
+        if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] not in (1, 3, 4)):
+            raise ImageError(f"expected an H×W, H×W×3 or H×W×4 image, got shape {pixels.shape}")
+        if pixels.shape[0] == 0 or pixels.shape[1] == 0:
+            raise ImageError(f"empty image (shape {pixels.shape})")
+        if pixels.dtype not in (np.uint8, np.uint16, np.float32, np.float64):
+            raise ImageError(f"unsupported dtype {pixels.dtype} (uint8, uint16, or float32/float64 in [0, 1])")
+        check_float_range(pixels, "restore_array")
+        img = Image(pixels[..., 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels)
+        ext = ".png" if pixels.dtype != np.float32 else ".tif"
+        if noise is not None:
+            x, _ = self._prepare(img)
+            if not self._fits(x):
+                raise RDDMError(f"explicit noise needs an untiled image: {x.shape[1:]} exceeds tile {self.tile}")
+            noise.check(self.plan, x.shape)
+            out = self._finish(self._run(x[None], [noise])[0], img, ext)
+            if isinstance(out, ImageError):
+                raise out
+        else:
+            out = self.restore_images([img], ext=ext, on_tile=on_tile)[0]
+        return out[..., None] if pixels.ndim == 3 and pixels.shape[2] == 1 else out

@@ -1,0 +1,243 @@
+"""The jobs layer's pieces: which files to restore, where each output goes, and what a run reports.
+
+Pure bookkeeping (no model): inputs (files, folders, globs) become :class:`Job` s with planned,
+never-clashing outputs outside the inputs, checked before any inference; results, summaries,
+ground-truth metrics and the metrics CSV. Every executor (the single-process
+:class:`rddm_infer.pipeline.Restorer`, the Ray actors of :mod:`rddm_infer.cluster`) plans with these.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .atomic import remove_stale_temps
+from .errors import ImageError, RDDMError
+from .imageio import IMAGE_EXTS, Image, is_complete_image, read_image, to_model, write_atomic
+from .metrics import psnr, ssim
+
+
+@dataclass
+class Job:
+    src: Path
+    dst: Path | None = None
+    rel: Path | None = None  # path relative to the input folder (mirrored under the output folder)
+    error: str = ""  # set when the job cannot even start (missing input, name clash)
+
+
+@dataclass
+class Result:
+    job: Job
+    status: str  # restored | failed | skipped
+    error: str = ""
+    seconds: float = 0.0
+    metrics: dict | None = None
+
+
+@dataclass
+class Summary:
+    results: list[Result] = field(default_factory=list)
+    seconds: float = 0.0
+    backend: str = ""
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def images_per_s(self) -> float:
+        n = self.count("restored")
+        return n / self.seconds if self.seconds > 0 else 0.0
+
+    def mean_metrics(self) -> dict[str, float]:
+        rows = [r.metrics for r in self.results if r.metrics]
+        return {k: float(np.mean([m[k] for m in rows])) for k in ("psnr", "ssim")} if rows else {}
+
+    def line(self) -> str:
+        return (f"restored {self.count('restored')}, failed {self.count('failed')}, "
+                f"skipped {self.count('skipped')}")
+
+    def to_dict(self) -> dict:
+        return {"restored": self.count("restored"), "failed": self.count("failed"),
+                "skipped": self.count("skipped"), "seconds": round(self.seconds, 3),
+                "images_per_s": round(self.images_per_s, 3), "backend": self.backend,
+                "errors": [{"file": str(r.job.src), "error": r.error} for r in self.results if r.status == "failed"],
+                "outputs": [str(r.job.dst) for r in self.results if r.status == "restored"],
+                **({"metrics": {"mean": self.mean_metrics(),
+                                "images": {str(r.job.src): r.metrics for r in self.results if r.metrics}}}
+                   if any(r.metrics for r in self.results) else {})}
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+
+
+def _glob(pattern: str, recursive: bool) -> list[Path]:
+    """``glob.glob`` follows symlinked folders under ``**`` and never ends in a symlink loop; pathlib's
+    ``**`` does not descend into symlinks, so a recursive pattern is split into a plain root and a
+    pathlib pattern below it."""
+    if not recursive or "**" not in pattern:
+        return [Path(m) for m in glob.glob(pattern, recursive=recursive)]
+    parts = Path(pattern).parts
+    k = _magic_index(parts)
+    return list(_glob_root(pattern).glob(str(Path(*parts[k:]))))
+
+
+def _within(p: Path, folder: Path) -> bool:
+    try:
+        p.resolve().relative_to(folder)
+        return True
+    except (ValueError, OSError, RuntimeError):
+        return False
+
+
+def _in_output(f: Path, root: Path, out: Path | None) -> bool:
+    """True for a file under the output folder when that folder lies inside the input ``root``
+    (``-o in/out``); when the output folder is the input folder itself (``-o in --suffix _r``) nothing is left out."""
+    return out is not None and _within(f, out) and not _within(root, out)
+
+
+def _magic_index(parts: tuple[str, ...]) -> int:
+    return next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+
+
+def _glob_root(pattern: str) -> Path:
+    """The plain folder a glob pattern starts from (``a/b`` of ``a/b/**/*.png``)."""
+    parts = Path(pattern).parts
+    k = _magic_index(parts)
+    return Path(*parts[:k]) if k else Path(".")
+
+
+def collect_inputs(inputs: Sequence[str | os.PathLike], recursive: bool = False,
+                   exclude: str | os.PathLike | None = None) -> list[Job]:
+    """Files, folders (sorted; image extensions only) and globs -> jobs, in order, without repeats.
+
+    Files that folders and globs find under ``exclude`` (the output folder) are left out, so
+    restoring ``in/`` into ``in/out`` never picks up its own earlier outputs.
+    """
+    jobs: list[Job] = []
+    seen: set[Path] = set()
+    skip = Path(exclude).resolve() if exclude is not None else None
+
+    def add(p: Path, rel: Path | None = None, error: str = ""):
+        key = p.resolve() if not error else p
+        if key not in seen:
+            seen.add(key)
+            jobs.append(Job(p, rel=rel, error=error))
+
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files = p.rglob("*") if recursive else p.iterdir()
+            found = sorted((f for f in files if _is_image(f) and not _in_output(f, p, skip)),
+                           key=lambda f: f.relative_to(p).as_posix())
+            if not found:
+                add(p, error=f"{p}: no images found in this folder (extensions {', '.join(IMAGE_EXTS)}"
+                             f"{'' if recursive else '; -r descends into subfolders'})")
+            for f in found:
+                add(f, f.relative_to(p))
+        elif p.exists() or p.is_symlink():
+            add(p)
+        elif glob.has_magic(str(item)):
+            matches = sorted(_glob(str(item), recursive))
+            files = [m for m in matches if m.is_file() and not _in_output(m, _glob_root(str(item)), skip)]
+            if not files:
+                add(p, error=f"{item}: no images found (no files match this pattern)")
+            for f in files:
+                add(f)
+        else:
+            add(p, error=f"{p}: no such file or folder")
+    return jobs
+
+
+def plan_outputs(jobs: list[Job], out_dir: str | os.PathLike, suffix: str = "", ext: str | None = None) -> None:
+    """Destination of each job: ``out_dir/[subfolders/]stem+suffix.ext``; never an input, never shared."""
+    check_suffix(suffix)
+    out_dir = Path(out_dir)
+    inputs = {j.src.resolve() for j in jobs if not j.error}
+    taken: dict[Path, Path] = {}
+    for j in jobs:
+        if j.error:
+            continue
+        e = (ext if ext.startswith(".") else "." + ext).lower() if ext else j.src.suffix.lower()
+        if e not in IMAGE_EXTS:
+            j.error = f"{j.src}: unsupported output format {e!r} (choose one of {', '.join(IMAGE_EXTS)})"
+            continue
+        parent = out_dir / j.rel.parent if j.rel is not None else out_dir
+        j.dst = parent / f"{j.src.stem}{suffix}{e}"
+        key = j.dst.resolve()
+        if key in inputs:
+            j.error = f"{j.src}: output {j.dst} would overwrite an input; choose another -o or a --suffix"
+        elif key in taken:
+            j.error = f"{j.src}: output {j.dst} is also the output of {taken[key]}; use --suffix or --ext"
+        else:
+            taken[key] = j.src
+
+
+def check_suffix(suffix: str) -> None:
+    """A suffix is part of a file name: a separator in it would write outside the output folder."""
+    if any(c in suffix for c in ("/", "\\", "\0")) or (os.altsep and os.altsep in suffix):
+        raise RDDMError(f"--suffix {suffix!r}: must not contain path separators (it is appended to file names)")
+
+
+def check_writable(out_dir: Path) -> None:
+    """Create the output folder and prove a file can be written there, before any inference."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(out_dir / ".rddm-write-test", b"")
+        (out_dir / ".rddm-write-test").unlink()
+    except (OSError, ImageError) as e:
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split(": ")[-1]
+        raise RDDMError(f"{out_dir}: output folder is not writable ({cause})") from None
+
+
+def prepare_jobs(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, recursive: bool = False,
+                 suffix: str = "", ext: str | None = None) -> list[Job]:
+    """Inputs -> planned jobs, before any inference: the output tree is never an input, the output folder is
+    writable, and temp files of runs killed between write and rename are cleaned (every executor calls this)."""
+    jobs = collect_inputs(inputs, recursive, exclude=out_dir)
+    plan_outputs(jobs, out_dir, suffix, ext)
+    check_writable(Path(out_dir))
+    remove_stale_temps(j.dst for j in jobs if j.dst is not None)
+    return jobs
+
+
+def is_done(job: Job) -> bool:
+    """``--skip-existing``: an output counts as done only when it is a complete image (a 0-byte or cut file is redone)."""
+    return job.dst is not None and job.dst.exists() and is_complete_image(job.dst)
+
+
+def find_gt(gt_dir: Path, job: Job) -> Path | None:
+    """Ground truth with the same relative name (any image extension)."""
+    rel = job.rel if job.rel is not None else Path(job.src.name)
+    for cand in [gt_dir / rel, *(gt_dir / rel.with_suffix(e) for e in IMAGE_EXTS)]:
+        if cand.is_file():
+            return cand
+    return None
+
+
+def image_metrics(restored: np.ndarray, gt_path: Path) -> dict[str, float]:
+    a = (to_model(Image(restored)) + 1) * 0.5
+    b = (to_model(read_image(gt_path)) + 1) * 0.5
+    if a.shape != b.shape:
+        raise ImageError(f"{gt_path}: ground truth is {b.shape[2]}×{b.shape[1]}, the output {a.shape[2]}×{a.shape[1]}")
+    return {"psnr": psnr(a, b), "ssim": ssim(a, b)}
+
+
+def write_metrics_csv(path: Path, summary: Summary) -> Path:
+    """file, psnr, ssim per image, then the means (written atomically)."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["file", "psnr", "ssim"])
+    for r in summary.results:
+        if r.metrics:
+            w.writerow([str(r.job.src), f"{r.metrics['psnr']:.4f}", f"{r.metrics['ssim']:.6f}"])
+    mean = summary.mean_metrics()
+    w.writerow(["mean", f"{mean['psnr']:.4f}", f"{mean['ssim']:.6f}"])
+    return write_atomic(path, buf.getvalue().encode())
