@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from rddm_infer.artifact import META_KEY, ArtifactMeta
-from rddm_infer.atomic import atomic_path, remove_stale_temps_in
-from rddm_infer.errors import CheckpointError, RDDMError
+from rddm_infer.atomic import atomic_path, ensure_folder, remove_stale_temps_in
+from rddm_infer.errors import CheckpointError
 from rddm_infer.schedule import SamplingPlan
 
 if TYPE_CHECKING:  # torch only for the type: this module stays importable without it
@@ -72,14 +72,7 @@ def default_out_dir(checkpoint: str | os.PathLike) -> Path:
 
 def prepare_out_dir(out: Path) -> Path:
     """Create the output folder (one-line error when it cannot be) and remove temp files a killed export left."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise RDDMError(f"{out}: cannot create the output folder (a file of that name is in the way)") from None
-    except OSError as e:
-        raise RDDMError(f"{out}: cannot create the output folder ({e.strerror or type(e).__name__})") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise RDDMError(f"{out}: the output folder is not writable")
+    ensure_folder(out)
     remove_stale_temps_in(out)  # left by an export killed between write and rename
     return out
 

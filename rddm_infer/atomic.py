@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .errors import RDDMError
+
 _counter = itertools.count()  # next() on itertools.count is atomic under the GIL
 
 
@@ -93,3 +95,18 @@ def _remove_stale(by_folder: dict[Path, set[str] | None]) -> list[Path]:
                 except OSError:
                     pass
     return removed
+
+
+def ensure_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create ``path`` (with its parents) and check it is writable, before any work goes into it:
+    a one-line error naming the folder and the cause otherwise."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise RDDMError(f"{path}: cannot create the {what} (a file of that name is in the way)") from None
+    except OSError as e:
+        raise RDDMError(f"{path}: cannot create the {what} ({e.strerror or type(e).__name__})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise RDDMError(f"{path}: the {what} is not writable")
+    return path

@@ -18,6 +18,7 @@ from typing import List, Optional
 import typer
 
 from rddm_infer import clihelp  # noqa: F401  (flags render as flags in --help)
+from rddm_infer.atomic import ensure_folder
 from rddm_infer.errors import RDDMError
 
 from . import config as cfgmod
@@ -120,15 +121,7 @@ def _prepare(cfg: cfgmod.TrainConfig) -> None:
          f"averages every {o.ema_every} steps, its decay reaching {o.ema_decay} near step {warm}"
          + (f"; this {cfg.run.steps}-step run ends before that (--set optim.ema_start=N to move it)"
             if cfg.run.steps < warm else ""))
-    out = Path(cfg.run.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise RDDMError(f"{out}: exists and is not a folder; choose another --out") from None
-    except OSError as e:
-        raise RDDMError(f"{out}: cannot create the run folder ({e.strerror or e})") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise RDDMError(f"{out}: the run folder is not writable")
+    ensure_folder(cfg.run.out, "run folder")
 
 
 def run(config: str | None, overrides: list[str], flags: dict, *, resume: bool, print_config: bool) -> int:
