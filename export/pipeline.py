@@ -47,6 +47,8 @@ def export_all(checkpoint: str | os.PathLike | LoadedModel, out_dir: str | os.Pa
         tensorrt.get("profile", EngineProfile()).check(loaded.unet.size_multiple)
         current_target(import_tensorrt())
     out = prepare_out_dir(Path(out_dir) if out_dir is not None else default_out_dir(loaded.source))
+    if loaded.info.get("time_input"):
+        log(f"{loaded.source}: reference checkpoint, {loaded.info['time_input']}")
     builder = GraphBuilder(loaded, exporter, log=log)
     reference = reference_sampler(loaded, in_place=owned) if validate else None  # one for every artifact
     check = (lambda meta: partial(_validate, loaded=loaded, meta=meta, reference=reference)) if validate else \

@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_loaded_model
 from rddm_infer.errors import CheckpointError
 from rddm_infer.model import TorchRDDM, load_checkpoint, save_checkpoint
+from rddm_infer.model.checkpoint import TIME_INPUT_NOTE
 from rddm_infer.schedule import Schedule
 
 
@@ -41,7 +42,7 @@ def test_reference_checkpoint_round_trip_loads_ema_and_samples(tmp_path, share, 
     path = tmp_path / "model-7.pt"
     save_reference_checkpoint(path, online, ema)
     m = load_checkpoint(path, objective=objective)
-    assert m.info == {"weights": "ema", "step": 1234}
+    assert m.info == {"weights": "ema", "step": 1234, "time_input": TIME_INPUT_NOTE}  # the unknowable, stated
     assert m.diffusion.timesteps == 1000 and m.diffusion.sum_scale == pytest.approx(0.01)
     assert m.unet.share_encoder == share and m.unet.dim == 8 and m.unet.dim_mults == (1, 2)
     for k, v in ema.state_dict().items():

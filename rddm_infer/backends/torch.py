@@ -74,7 +74,8 @@ class TorchRunner(Runner):
     def description(self) -> str:
         extra = "".join((", bf16 autocast" if self.precision == "bf16" else ", fp32",
                          ", compiled" if self._compile else "", f", {self.threads} threads" if self.threads else ""))
-        return f"torch ({self.device}{extra})"
+        note = self.loaded.info.get("time_input")
+        return f"torch ({self.device}{extra})" + (f"; reference checkpoint: {note}" if note else "")
 
     def _activate(self) -> None:
         if self._compile:

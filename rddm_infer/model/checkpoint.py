@@ -30,6 +30,12 @@ _BUFFERS = ("alphas", "alphas_cumsum", "one_minus_alphas_cumsum", "betas2", "bet
             "alpha_res")  # experiment 3's learned auto_res_noise switch (a parameter, not a buffer)
 
 
+# The official experiments 2, 3 and 6 feed the UNet the step index t; 0, 4 and 5 feed it ᾱ_t·T / β̄_t·T, and
+# nothing in their checkpoints tells the two apart (docs/OFFICIAL_VARIANTS.md).
+TIME_INPUT_NOTE = ("UNet time input = step index t, as the official experiments 2, 3 and 6 (experiments 0, 4 and 5 "
+                   "feed ᾱ_t·T / β̄_t·T: not supported)")
+
+
 @dataclass
 class LoadedModel:
     """A network ready for inference plus everything needed to sample from it."""
@@ -213,6 +219,7 @@ def load_checkpoint(path: str | os.PathLike, *, objective: str | None = None, su
         unet = infer_unet_config(sd)
         diffusion = _diffusion_from_buffers(sd, given, unet.condition, path)
         sd = {k: v for k, v in sd.items() if k not in _BUFFERS}
+        info["time_input"] = TIME_INPUT_NOTE  # the file cannot say; stated wherever the model is described
     sd, unet, unused = _fit_outputs(sd, unet, diffusion, path)
     info.update(unused)
     net = UnetRes(unet)
