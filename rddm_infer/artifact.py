@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field, asdict, replace
 
-from .errors import CheckpointError
+from .errors import CheckpointError, OptionError
 from .graph_kinds import GRAPH_KINDS
 from .schedule import DiffusionConfig, SamplingPlan
 
@@ -109,6 +109,23 @@ class ArtifactMeta:
     def plan(self, steps: int | None = None, eta: float | None = None) -> SamplingPlan:
         return SamplingPlan.create(self.config, self.default_steps if steps is None else steps,
                                    self.eta if eta is None else eta)
+
+    def with_sampling(self, steps: int | None = None, eta: float | None = None) -> "ArtifactMeta":
+        """This artifact with run-time steps / η (unet and step graphs; a fused graph refuses others).
+        A step count asked for replaces the measured recommendation as the default."""
+        if steps is None and eta is None:
+            return self
+        if self.graph == "fused" and ((steps is not None and steps != self.steps) or
+                                      (eta is not None and eta != self.eta)):
+            raise OptionError(f"this fused model has steps={self.steps} and eta={self.eta} built in; "
+                              f"export a 'step' graph to choose them at run time")
+        try:
+            self.plan(steps, eta)
+        except ValueError as e:
+            raise OptionError(str(e)) from None
+        if steps is None:
+            return replace(self, eta=eta)
+        return replace(self, steps=steps, eta=self.eta if eta is None else eta, recommended_steps=None)
 
     def to_json(self) -> str:
         d = asdict(self)

@@ -259,11 +259,12 @@ def info(model: str = typer.Argument(..., help="ONNX model, TensorRT engine or c
 
     _quiet_onnxruntime()
     path = resolve_model(model)
-    meta = read_artifact_meta(path, objective=objective, sum_scale=sum_scale, steps=steps, eta=eta)
+    stored = read_artifact_meta(path, objective=objective, sum_scale=sum_scale)
+    meta = stored.with_sampling(steps, eta)
     plan = meta.plan(meta.steps)
     rows = [("file", f"{path} ({path.stat().st_size / 1e6:.2f} MB)"), ("format", meta.format),
             ("graph", meta.graph), ("steps", meta.steps), ("eta", meta.eta), ("times", list(plan.times)),
-            ("recommended", f"{meta.recommended_steps} (measured; the default)" if meta.recommended_steps
+            ("recommended", f"{stored.recommended_steps} (measured; the default)" if stored.recommended_steps
              else "not measured"),
             ("precision", meta.precision), ("size multiple", meta.size_multiple), ("channels", meta.channels),
             ("channel order", meta.channel_order), ("input range", list(meta.input_range)),

@@ -6,7 +6,6 @@ torch, TensorRT or CUDA.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,7 +116,7 @@ def load_runner(model: str | os.PathLike, backend: str = "auto", **options) -> t
     loader = {k: v for k, v in model_opts.items() if k in spec.model_options}
     runner = spec.runner_class()(choice.model, **own, **loader)
     check_baked_options(runner.meta, {k: v for k, v in model_opts.items() if k not in loader}, str(choice.model))
-    runner.meta = with_sampling(runner.meta, **sampling)
+    runner.meta = runner.meta.with_sampling(**sampling)
     return runner, choice
 
 
@@ -160,21 +159,6 @@ def _calibrated_choice(model, options: dict, allow_reduced: bool) -> tuple[Choic
     return Choice(best.backend, path, {**best.options, "device": "cpu"}, why), ""
 
 
-def with_sampling(meta: ArtifactMeta, steps: int | None = None, eta: float | None = None) -> ArtifactMeta:
-    """``meta`` with run-time defaults for steps / η (unet and step graphs); a fused graph refuses others."""
-    if steps is None and eta is None:
-        return meta
-    if meta.graph == "fused" and ((steps is not None and steps != meta.steps) or
-                                  (eta is not None and eta != meta.eta)):
-        raise OptionError(f"this fused model has steps={meta.steps} and eta={meta.eta} built in; "
-                          f"export a 'step' graph to choose them at run time")
-    try:
-        meta.plan(steps, eta)
-    except ValueError as e:
-        raise OptionError(str(e)) from None
-    return dataclasses.replace(meta, steps=meta.steps if steps is None else steps, eta=meta.eta if eta is None else eta)
-
-
 def read_artifact_meta(model: str | os.PathLike, **options) -> ArtifactMeta:
     """An artifact's self-description without running it (ONNX: a CPU session; engines: the header).
 
@@ -194,14 +178,14 @@ def read_artifact_meta(model: str | os.PathLike, **options) -> ArtifactMeta:
         meta = read_engine(path)[0]
     elif kind == "checkpoint":
         from .torch import TorchRunner
-        return with_sampling(TorchRunner(path, device="cpu", **model_opts).meta, **sampling)
+        return TorchRunner(path, device="cpu", **model_opts).meta.with_sampling(**sampling)
     else:
         from .onnxruntime import OnnxRuntimeRunner
         meta = OnnxRuntimeRunner(path, providers=["CPUExecutionProvider"]).meta
     check_baked_options(meta, model_opts, str(path))
-    return with_sampling(meta, **sampling)
+    return meta.with_sampling(**sampling)
 
 
 __all__ = ["BACKENDS", "NAMES", "BackendSpec", "Choice", "EngineSampler", "Noise", "Option", "OptionError",
            "Runner", "RDDMError", "backend_help", "choose_backend", "installed_modules", "load_runner",
-           "read_artifact_meta", "with_sampling"]
+           "read_artifact_meta"]

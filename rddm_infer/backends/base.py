@@ -158,14 +158,7 @@ class EngineSampler:
     def plan(self, steps: int | None = None, eta: float | None = None) -> SamplingPlan:
         if steps is not None and steps < 1:
             raise RDDMError(f"steps must be >= 1, got {steps}")
-        if self.meta.graph == "fused":
-            if (steps is not None and steps != self.meta.steps) or (eta is not None and eta != self.meta.eta):
-                raise RDDMError(f"this fused model has steps={self.meta.steps} and eta={self.meta.eta} built in; "
-                                f"export a 'step' graph to choose them at run time")
-        try:
-            return self.meta.plan(steps, eta)
-        except ValueError as e:
-            raise RDDMError(str(e)) from None
+        return self.meta.with_sampling(steps, eta).plan()
 
     def __call__(self, x_input: np.ndarray, steps: int | None = None, eta: float | None = None,
                  seed: int | None = 0) -> np.ndarray:
