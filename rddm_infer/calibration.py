@@ -117,10 +117,33 @@ def candidates(model: str | os.PathLike) -> list[tuple[str, dict]]:
     return sorted(out, key=lambda c: c[1].get("precision") not in EXACT)
 
 
+def probe_shape(meta, size: int, batch: int = 1) -> tuple[int, int, int, int]:
+    """A square ``size``² batch rounded up to the artifact's size multiple."""
+    m = max(int(meta.size_multiple), 1)
+    side = -(-size // m) * m
+    return batch, meta.channels, side, side
+
+
+def time_restores(sampler, plan, shape: tuple, runs: int, warmup: int = 1) -> tuple[list[float], np.ndarray]:
+    """Seeded random input and noise of ``shape``; ``warmup`` untimed restores (first-call allocations, lazy
+    compilation), then ``runs`` timed ones: their seconds and the last output."""
+    from .backends import Noise
+
+    x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+    noise = Noise.draw(plan, shape, 0)
+    times, y = [], None
+    for i in range(warmup + runs):
+        t = time.perf_counter()
+        y = sampler.run(x, plan, noise)
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return times, y
+
+
 def calibrate(model: str | os.PathLike, *, size: int = 128, steps: int | None = None, threads: int | None = None,
               runs: int = 3, log=lambda s: None) -> tuple[Table, Path]:
     """Measure every candidate on one probe image; write and return the table."""
-    from .backends import EngineSampler, Noise, load_runner
+    from .backends import EngineSampler, load_runner
     from .metrics import psnr
 
     path = Path(model)
@@ -135,17 +158,7 @@ def calibrate(model: str | os.PathLike, *, size: int = 128, steps: int | None = 
             with runner:
                 sampler = EngineSampler(runner)
                 plan = sampler.plan(steps)
-                m = max(int(runner.meta.size_multiple), 1)
-                side = -(-size // m) * m
-                shape = (1, runner.meta.channels, side, side)
-                x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
-                noise = Noise.draw(plan, shape, 0)
-                y = sampler.run(x, plan, noise)  # warm-up (first-call allocations, lazy compilation)
-                times = []
-                for _ in range(runs):
-                    t = time.perf_counter()
-                    y = sampler.run(x, plan, noise)
-                    times.append(time.perf_counter() - t)
+                times, y = time_restores(sampler, plan, probe_shape(runner.meta, size), runs, warmup=1)
             table.steps = plan.steps
             if ref is None:
                 ref = y

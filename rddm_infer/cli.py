@@ -309,7 +309,8 @@ def bench(
     """Time whole restores (all K steps) on random input: median latency and images/s."""
     import numpy as np
 
-    from .backends import EngineSampler, Noise, load_runner
+    from .backends import EngineSampler, load_runner
+    from .calibration import probe_shape, time_restores
 
     if runs < 1 or warmup < 0 or batch < 1 or size < 1:
         raise RDDMError("--runs, --batch and --size must be >= 1 and --warmup >= 0")
@@ -326,21 +327,14 @@ def bench(
         sampler = EngineSampler(runner)
         plan = sampler.plan()
         m = max(int(runner.meta.size_multiple), 1)
-        side = -(-size // m) * m
-        shape = (batch, runner.meta.channels, side, side)
+        shape = probe_shape(runner.meta, size, batch)
+        side = shape[-1]
         if batch * side * side > BENCH_MAX_PIXELS:
             raise RDDMError(f"--size {size} --batch {batch}: {batch * side * side / 1e6:.0f} MP in one engine call is "
                             f"over bench's {BENCH_MAX_PIXELS / 1e6:.0f} MP limit (restore tiles large images; bench "
                             f"times one call: use --size <= {int((BENCH_MAX_PIXELS / batch) ** 0.5) // m * m})")
         err.print(f"backend: [bold]{escape(runner.description)}[/bold] ({escape(choice.reason)})")
-        x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
-        noise = Noise.draw(plan, shape, 0)
-        times = []
-        for i in range(warmup + runs):
-            t = time.perf_counter()
-            sampler.run(x, plan, noise)
-            if i >= warmup:
-                times.append(time.perf_counter() - t)
+        times, _ = time_restores(sampler, plan, shape, runs, warmup)
     med = float(np.median(times))
     result = {"backend": runner.description, "graph": runner.meta.graph, "steps": plan.steps, "shape": list(shape),
               "runs": runs, "median_ms": round(med * 1e3, 3), "min_ms": round(min(times) * 1e3, 3),
