@@ -73,8 +73,9 @@ def export_all(checkpoint: str | os.PathLike | LoadedModel, out_dir: str | os.Pa
             meta = replace(a.meta, precision="int8")
             q = write_validated(path, "onnx", meta, lambda tmp, a=a: quantize_int8(a.path, tmp, images, meta=a.meta),
                                 check(meta), log)
-            q.notes.append("CPU int8 (VNNI): ~2.5-3x faster than torch eager, ~40 dB vs fp32 on photos "
-                           "(benchmarks/RESULTS.md)")
+            q.notes.append("CPU int8 (VNNI), ~40-48 dB vs fp32 on photos; its speed depends on the CPU (ONNX Runtime "
+                           "int8 over fp32: 1.3x on an AMD EPYC, 1.0x on an Intel Xeon with AMX): measure it here "
+                           "with `rddm-infer bench --calibrate` (benchmarks/RESULTS.md)")
             artifacts.append(q)
     if tensorrt is not None:
         from .tensorrt_build import build_engine_artifact
