@@ -231,3 +231,29 @@ def test_the_real_denoiser_config_mixes_todays_gaussian_with_real_photo_noise():
     gauss = next(c for c in pipe.steps[0].choices if c.name == "gaussian")
     assert gauss.params["sigma"] == [0, 50]
     assert cfg.model == config.load("default_denoiser").model  # fine-tunes the built-in model (--init)
+
+
+def test_camera_noise_changes_the_image_by_noise_alone():
+    """Noisy and clean differ by noise only, as in a real pair: no demosaic blur of the edges at zero noise."""
+    from rddm_train.degradations import camera_noise
+
+    img = photo(64)
+    quiet = camera_noise(img, np.random.default_rng(0), shot=1e-8)
+    assert np.abs(quiet - img).max() < 2e-3  # the bright square's edges included
+
+
+def test_chroma_blur_leaves_luminance_noise_correlated_across_channels():
+    """In-camera chroma noise reduction: the noise of camera JPEGs is mostly luminance, R, G and B move together."""
+    from rddm_train.degradations import camera_noise
+
+    img = np.full((128, 128, 3), 0.5, np.float32)
+
+    def cross_corr(chroma_blur):
+        d = np.concatenate([(camera_noise(img, np.random.default_rng(s), shot=1e-3, chroma_blur=chroma_blur) - img)
+                            .reshape(-1, 3) for s in range(3)])
+        return np.corrcoef(d.T)[[0, 0, 1], [1, 2, 2]].mean(), d.std()
+
+    raw_corr, raw_std = cross_corr(0)
+    nr_corr, nr_std = cross_corr(3)
+    assert raw_corr < 0.1 < 0.5 < nr_corr  # the colour matrix decorrelates; chroma NR re-correlates
+    assert 0.2 * raw_std < nr_std < raw_std  # chroma noise removed, luminance noise kept

@@ -235,17 +235,37 @@ def add_raw_noise(raw: np.ndarray, rng: np.random.Generator, shot: float, read: 
     return raw + std * rng.standard_normal(raw.shape, dtype=np.float32)
 
 
-def camera_noise(img: np.ndarray, rng: np.random.Generator, shot: Range = (1e-4, 1.2e-2)) -> np.ndarray:
+def chroma_smooth(noise: np.ndarray, rng: np.random.Generator, sigma: Range) -> np.ndarray:
+    """A camera ISP's chroma noise reduction applied to a noise field: its YCbCr chroma (BT.601) Gaussian-blurred
+    by a drawn σ in pixels, luma kept. Leaves mostly luminance noise, correlated across R, G and B, as in
+    the JPEGs cameras write (0 = off)."""
+    s = draw(rng, sigma)
+    if s <= 0:
+        return noise
+    to_ycc = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], np.float32)
+    ycc = noise.astype(np.float32) @ to_ycc.T
+    for c in (1, 2):
+        ycc[..., c] = cv2.GaussianBlur(ycc[..., c], (0, 0), s, borderType=cv2.BORDER_REFLECT_101)
+    return ycc @ np.linalg.inv(to_ycc).T.astype(np.float32)
+
+
+def camera_noise(img: np.ndarray, rng: np.random.Generator, shot: Range = (1e-4, 1.2e-2),
+                 chroma_blur: Range = 0.0) -> np.ndarray:
     """Real-photo noise: the image taken back to a linear RGGB raw through a drawn camera, given shot + read
     noise there, then developed again (demosaic, white balance, colour matrix, gamma, tone curve).
 
-    ``shot``: the shot-noise factor's range (drawn log-uniformly; variance = read + shot·x in linear raw units),
-    read noise follows from it. Add a ``jpeg`` step after it for compressed photos.
+    Only the noise is kept (developed noisy minus developed clean, through the same camera) and added to the
+    input, so that noisy and clean differ by noise alone, as a real pair (one shot vs the mean of many) does —
+    not by the bilinear demosaic's blur as well. ``shot``: the shot-noise factor's range (drawn log-uniformly;
+    variance = read + shot·x in linear raw units), read noise follows from it. ``chroma_blur``: σ range (pixels)
+    of the in-camera chroma noise reduction (``chroma_smooth``). Add a ``jpeg`` step after it for compressed photos.
     """
     cam = Camera.draw(rng)
-    raw = mosaic(cam.unprocess(img.astype(np.float64)))
-    noisy = add_raw_noise(raw.astype(np.float32), rng, *raw_noise_levels(rng, shot))
-    return cam.process(demosaic(noisy).astype(np.float64)).astype(np.float32)
+    raw = mosaic(cam.unprocess(img.astype(np.float64))).astype(np.float32)
+    noisy = add_raw_noise(raw, rng, *raw_noise_levels(rng, shot))
+    developed = [cam.process(demosaic(r).astype(np.float64)) for r in (noisy, raw)]
+    noise = chroma_smooth((developed[0] - developed[1]).astype(np.float32), rng, chroma_blur)
+    return np.clip(img + noise, 0.0, 1.0).astype(np.float32)
 
 
 # name -> (function, {param: (lo, hi)} bounds for validation)
@@ -257,7 +277,7 @@ REGISTRY: dict[str, tuple[Callable, dict[str, tuple[float, float]]]] = {
     "defocus_blur": (defocus_blur, {"radius": (0, 64)}),
     "rain": (rain, {"density": (0, 1), "length": (1, 255), "angle": (-90, 90), "intensity": (0, 1)}),
     "low_light": (low_light, {"gamma": (0.05, 10), "scale": (0, 1), "sigma": (0, 255)}),
-    "camera_noise": (camera_noise, {"shot": (1e-8, 1.0)}),
+    "camera_noise": (camera_noise, {"shot": (1e-8, 1.0), "chroma_blur": (0, 64)}),
     "correlated_gaussian": (correlated_gaussian, {"sigma": (0, 255)}),
     "gray_gaussian": (gray_gaussian, {"sigma": (0, 255)}),
 }
