@@ -6,8 +6,9 @@ gray versions of the sets (one noise field: a gray file, as the runtime reads it
 pairs. With several ``--steps`` it reports PSNR per step count and the recommended steps (the fewest within
 0.05 dB of the best, averaged over everything measured); ``--write-recommended`` stamps them into an ONNX model.
 ``--anchor nlm bm3d`` scores classical denoisers on the very same noisy files next to the model (OpenCV non-local
-means; BM3D / CBM3D from the ``bm3d`` package, extra ``eval``, evaluation only). They are given the true σ of
-synthetic noise (an advantage the blind model does not get); on real pairs σ is estimated from the noisy image.
+means; BM3D / CBM3D from the ``bm3d`` package, extra ``eval``, evaluation only). They are given the true noise level,
+an advantage the blind model does not get: σ of synthetic noise, and on real pairs the standard deviation of
+noisy − clean of each pair (robust noise estimators fail on JPEG'd camera images: near 0).
 
     python -m benchmarks.eval_denoise --model rddm_infer/weights/default.onnx \\
         --data ../shared/data/val/kodak24 ../shared/data/val/mcmaster --sigma 15 25 50 --out eval.json
@@ -50,15 +51,6 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def estimate_sigma(img: np.ndarray) -> float:
-    """Noise σ (0-255) of an 8-bit image from its finest diagonal Haar detail: median(|HH|) / 0.6745 (Donoho's
-    robust estimator), averaged over the channels — what the σ-driven anchors get on real noise."""
-    x = img.astype(np.float64)
-    x = x[: x.shape[0] // 2 * 2, : x.shape[1] // 2 * 2]
-    hh = (x[0::2, 0::2] - x[0::2, 1::2] - x[1::2, 0::2] + x[1::2, 1::2]) / 2
-    return float(np.mean(np.median(np.abs(hh.reshape(hh.shape[0], hh.shape[1], -1)), axis=(0, 1)) / 0.6745))
-
-
 def nlm(noisy: np.ndarray, sigma: float) -> np.ndarray:
     """OpenCV non-local means, 7² patches, 21² search; filter strength h = 0.8·σ (gray) or 0.6·σ (colour, the
     same for the chroma): the best of 0.3-1.0·σ on three kodak24 images at σ = 25."""
@@ -85,13 +77,13 @@ ANCHORS = {"nlm": nlm, "bm3d": bm3d_anchor}
 
 
 class Anchor:
-    """A classical denoiser with ``restore_array``'s shape: σ is the synthetic noise's, or estimated (real pairs)."""
+    """A classical denoiser with ``restore_array``'s shape, run at the noise level it was told (``sigma``)."""
 
     def __init__(self, name: str):
-        self.name, self.fn, self.sigma = name, ANCHORS[name], None
+        self.name, self.fn, self.sigma = name, ANCHORS[name], 0.0
 
     def restore_array(self, noisy: np.ndarray) -> np.ndarray:
-        return self.fn(noisy, self.sigma if self.sigma is not None else estimate_sigma(noisy))
+        return self.fn(noisy, self.sigma)
 
 
 def _score(restorer: Restorer, name: str, noisy: np.ndarray, clean: np.ndarray) -> dict:
@@ -129,11 +121,12 @@ def evaluate_pairs(restorer: Restorer, noisy_dir: Path, clean_dir: Path, limit: 
     if missing or not noisy:
         raise RDDMError(f"{noisy_dir}: {len(missing)} image(s) without a clean image of the same name in {clean_dir}"
                         + (f", e.g. {missing[0]}" if missing else " (no images)"))
-    if isinstance(restorer, Anchor):
-        restorer.sigma = None  # real noise: estimated per image
     rows, t0 = [], time.perf_counter()
     for p in noisy:
-        rows.append(_score(restorer, p.name, read_image(p).pixels, read_image(clean[p.name]).pixels))
+        n, c = read_image(p).pixels, read_image(clean[p.name]).pixels
+        if isinstance(restorer, Anchor):  # the true noise level of this pair
+            restorer.sigma = float(np.std(n.astype(np.float64) - c))
+        rows.append(_score(restorer, p.name, n, c))
     return _summary(f"{noisy_dir.parent.name}/{noisy_dir.name}", None, rows, time.perf_counter() - t0)
 
 

@@ -145,10 +145,3 @@ def test_anchors_score_classical_denoisers_on_the_same_noisy_files(sets, tmp_pat
     rows = json.loads(out.read_text())
     assert [(r["data"], r["method"]) for r in rows] == [(d, "nlm") for d in ("clean", "clean gray", "pairs/noisy")]
     assert all(r["psnr"] > r["psnr_in"] + 2 for r in rows)  # smooth images: non-local means must gain a lot
-
-
-@pytest.mark.parametrize("sigma", [5, 15, 40])
-def test_estimate_sigma_finds_the_noise_level_of_a_smooth_image(sigma):
-    y, x = np.mgrid[0:256, 0:256] / 256
-    img = (np.stack([0.2 + 0.5 * x, 0.3 + 0.4 * y, 0.6 - 0.3 * x], -1) * 255).astype(np.uint8)
-    assert eval_denoise.estimate_sigma(eval_denoise.add_noise(img, sigma, seed=1)) == pytest.approx(sigma, rel=0.1)
