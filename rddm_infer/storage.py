@@ -97,9 +97,9 @@ class Uri:
 
     # -- questions to the store
     def _kind(self) -> str:
+        fs = filesystem(self)  # first: without pyarrow, its one-line error
         from pyarrow.fs import FileType
 
-        fs = filesystem(self)
         try:
             t = fs.get_file_info(self.path).type
         except OSError as e:
@@ -227,9 +227,9 @@ def delete(uri: Uri) -> None:
 
 def list_files(folder: Uri, recursive: bool) -> list[Uri]:
     """Objects directly in ``folder`` (or anywhere below it), one listing, no per-object requests."""
+    fs = filesystem(folder)
     from pyarrow.fs import FileSelector, FileType
 
-    fs = filesystem(folder)
     try:
         infos = fs.get_file_info(FileSelector(folder.path, recursive=recursive, allow_not_found=True))
     except OSError as e:
