@@ -206,12 +206,26 @@ def read_bytes(uri: Uri) -> bytes:
 
 
 def write_bytes(uri: Uri, data: bytes | memoryview) -> Uri:
-    """Upload ``data`` as one object. The bytes are handed over in one ``write`` and the upload completes
-    on ``close``: until then the store shows no object, so a failure or a kill leaves none (never part)."""
+    """Upload ``data`` as one object. The bytes go in one ``write`` and the upload completes on ``close``;
+    until then the store shows no object, so a failure or a kill leaves none (never a part). pyarrow closes
+    (completes) a stream it drops, so a ``write`` that failed part-way is followed by deleting the key."""
     fs = filesystem(uri)
     try:
         stream = fs.open_output_stream(uri.path)
+    except OSError as e:
+        raise ImageError(f"{uri}: cannot write ({_cause(e)})") from None
+    try:
         stream.write(data)
+    except BaseException as e:
+        del stream  # its destructor completes the upload with the parts sent so far: remove that object
+        try:
+            fs.delete_file(uri.path)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise ImageError(f"{uri}: cannot write ({_cause(e)})") from None
+        raise
+    try:
         stream.close()
     except OSError as e:
         raise ImageError(f"{uri}: cannot write ({_cause(e)})") from None

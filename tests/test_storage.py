@@ -142,3 +142,18 @@ def test_a_uri_without_pyarrow_is_one_line_naming_the_extra(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip() == ("error: s3://bkt/in: s3:// paths need pyarrow: pip install 'rddm-infer[storage]' "
                                 "(the cluster extra includes it)")
+
+
+def test_ray_s3_to_s3_same_bytes_and_error_line(s3, case):
+    """A local Ray runtime: its workers inherit the driver's environment, so the store settings reach them."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'rddm-infer[cluster]')")
+    env, fs = s3
+    ray_env = {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    r = _cli("s3://bkt/in", "-o", "s3://bkt/ray", "-r", "--batch", "2", "--seed", "7", "--json", "--ray",
+             "--workers", "2", "--cpus-per-worker", "0.5", env=ray_env)
+    assert r.returncode == 1, r.stderr[-2000:]
+    s = json.loads(r.stdout)
+    err = "s3://bkt/in/broken.png: truncated PNG (no IEND chunk)"
+    assert (s["restored"], s["failed"]) == (4, 1) and s["errors"] == [{"file": "s3://bkt/in/broken.png", "error": err}]
+    assert [ln for ln in r.stderr.splitlines() if ln.startswith("error:")] == [f"error: {err}"]
+    assert download(fs, "bkt/ray") == case["outputs"]
