@@ -231,7 +231,8 @@ def restore_paths(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
                   on_pool: Callable[[Pool], None] | None = None, check_first: bool = True, **options) -> Summary:
     """``Restorer.restore_paths`` on Ray: same jobs, outputs, errors, CSV and Summary (results in input order;
     ``on_result`` sees them as they finish). ``options`` go to each actor's Restorer (steps, seed, tile, ...).
-    Paths must be visible to every node (local runtime, or a shared file system)."""
+    Paths must be visible to every node (local runtime, or a shared file system), or be store URIs
+    (``s3://``, ``gs://``: :mod:`rddm_infer.storage`) that every node can reach."""
     if check_first:
         check_options(model, backend, options)
     jobs = prepare_jobs(inputs, out_dir, recursive=recursive, suffix=suffix, ext=ext)

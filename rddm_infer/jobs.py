@@ -75,8 +75,12 @@ class Summary:
                    if any(r.metrics for r in self.results) else {})}
 
 
+def _image_name(p: Path | Uri) -> bool:
+    return p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+
+
 def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+    return p.is_file() and _image_name(p)
 
 
 def _glob(pattern: str, recursive: bool) -> list[Path]:
@@ -126,52 +130,45 @@ def collect_inputs(inputs: Sequence[str | os.PathLike], recursive: bool = False,
 
     for item in inputs:
         p = location(item)
-        if isinstance(p, Uri):
-            _collect_uri(p, recursive, skip, add)
-        elif p.is_dir():
-            files = p.rglob("*") if recursive else p.iterdir()
-            found = sorted((f for f in files if _is_image(f) and not _in_output(f, p, skip)),
-                           key=lambda f: f.relative_to(p).as_posix())
+        kind, found = _find(p, str(item), recursive, skip)
+        if kind == "file":
+            add(p)
+        elif kind == "dir":
             if not found:
                 add(p, error=f"{p}: no images found in this folder (extensions {', '.join(IMAGE_EXTS)}"
                              f"{'' if recursive else '; -r descends into subfolders'})")
             for f in found:
                 add(f, f.relative_to(p))
-        elif p.exists() or p.is_symlink():
-            add(p)
-        elif glob.has_magic(str(item)):
-            matches = sorted(_glob(str(item), recursive))
-            files = [m for m in matches if m.is_file() and not _in_output(m, _glob_root(str(item)), skip)]
-            if not files:
-                add(p, error=f"{item}: no images found (no files match this pattern)")
-            for f in files:
+        elif kind == "glob":
+            if not found:
+                add(p, error=f"{p if isinstance(p, Uri) else item}: no images found (no files match this pattern)")
+            for f in found:
                 add(f)
         else:
             add(p, error=f"{p}: no such file or folder")
     return jobs
 
 
-def _collect_uri(p: Uri, recursive: bool, skip: Uri | Path | None, add) -> None:
-    """``collect_inputs`` for one URI: an object, a folder (a prefix, listed once) or a glob."""
-    kind = p._kind()
-    if kind == "file":
-        add(p)
-    elif kind == "dir":
-        found = sorted(f for f in list_files(p, recursive) if f.suffix.lower() in IMAGE_EXTS
-                       and not f.name.startswith(".") and not _in_output(f, p, skip))
-        if not found:
-            add(p, error=f"{p}: no images found in this folder (extensions {', '.join(IMAGE_EXTS)}"
-                         f"{'' if recursive else '; -r descends into subfolders'})")
-        for f in found:
-            add(f, f.relative_to(p))
-    elif glob.has_magic(p.path):
-        files = sorted(f for f in glob_uri(p, recursive) if not _in_output(f, p.parent, skip))
-        if not files:
-            add(p, error=f"{p}: no images found (no files match this pattern)")
-        for f in files:
-            add(f)
-    else:
-        add(p, error=f"{p}: no such file or folder")
+def _find(p: Path | Uri, item: str, recursive: bool, skip: Path | Uri | None) -> tuple[str, list]:
+    """What one input names: ``("file", [])``, ``("dir", its images)``, ``("glob", its matches)`` or ``("", [])``.
+    A store folder is one listing (no request per object)."""
+    if isinstance(p, Uri):
+        kind = p.kind()
+        if kind == "dir":
+            return kind, sorted(f for f in list_files(p, recursive) if _image_name(f) and not _in_output(f, p, skip))
+        if not kind and glob.has_magic(p.path):
+            return "glob", sorted(f for f in glob_uri(p, recursive) if not _in_output(f, p.parent, skip))
+        return kind, []
+    if p.is_dir():
+        files = p.rglob("*") if recursive else p.iterdir()
+        return "dir", sorted((f for f in files if _is_image(f) and not _in_output(f, p, skip)),
+                             key=lambda f: f.relative_to(p).as_posix())
+    if p.exists() or p.is_symlink():
+        return "file", []
+    if glob.has_magic(item):
+        return "glob", [m for m in sorted(_glob(item, recursive))
+                        if m.is_file() and not _in_output(m, _glob_root(item), skip)]
+    return "", []
 
 
 def plan_outputs(jobs: list[Job], out_dir: str | os.PathLike, suffix: str = "", ext: str | None = None) -> None:

@@ -63,7 +63,7 @@ class Uri:
 
     def __truediv__(self, other: str | os.PathLike) -> "Uri":
         rel = PurePosixPath(other).as_posix() if not isinstance(other, str) else other
-        return Uri(self.scheme, posixpath.join(self.path, rel), self.query)
+        return Uri(self.scheme, posixpath.join(self.path, rel.lstrip("/")), self.query)  # never leaves the bucket
 
     def with_suffix(self, suffix: str) -> "Uri":
         return self.parent / (self.stem + suffix)
@@ -96,7 +96,8 @@ class Uri:
         return self.path < other.path
 
     # -- questions to the store
-    def _kind(self) -> str:
+    def kind(self) -> str:
+        """``file``, ``dir`` (a prefix with objects under it) or ``""`` (nothing there)."""
         fs = filesystem(self)  # first: without pyarrow, its one-line error
         from pyarrow.fs import FileType
 
@@ -107,13 +108,13 @@ class Uri:
         return {FileType.File: "file", FileType.Directory: "dir"}.get(t, "")
 
     def exists(self) -> bool:
-        return self._kind() != ""
+        return self.kind() != ""
 
     def is_file(self) -> bool:
-        return self._kind() == "file"
+        return self.kind() == "file"
 
     def is_dir(self) -> bool:
-        return self._kind() == "dir"
+        return self.kind() == "dir"
 
     def is_symlink(self) -> bool:
         return False
@@ -146,12 +147,12 @@ def to_str(loc: str | os.PathLike | Uri) -> str:
 
 
 def contains(folder: Path | Uri, p: Path | Uri) -> bool:
-    """``p`` is ``folder`` or lies under it (local paths compared resolved)."""
+    """``p`` is ``folder`` or lies under it (a local ``folder`` is given resolved; ``p`` is resolved here)."""
     if isinstance(folder, Uri) or isinstance(p, Uri):
         return (isinstance(folder, Uri) and isinstance(p, Uri) and (folder.scheme, folder.query) == (p.scheme, p.query)
                 and (not folder.path or p.path == folder.path or p.path.startswith(folder.path + "/")))
     try:
-        p.resolve().relative_to(folder.resolve())
+        p.resolve().relative_to(folder)
         return True
     except (ValueError, OSError, RuntimeError):
         return False

@@ -107,6 +107,17 @@ def test_local_to_s3_and_s3_to_local_match_the_local_run(s3, case):
         ["s3://bkt/in/broken.png: truncated PNG (no IEND chunk)"]
 
 
+def test_an_endpoint_in_the_uri_query_needs_no_environment(s3, case):
+    env, fs = s3
+    host = env["AWS_ENDPOINT_URL"].removeprefix("http://")
+    plain = {k: v for k, v in os.environ.items() if k != "AWS_ENDPOINT_URL"}
+    r = subprocess.run([sys.executable, "-m", "rddm_infer.cli", "restore", "-q", "--seed", "7", "--batch", "2",
+                        f"s3://bkt/in/img00.png?endpoint_override={host}&scheme=http", "-o", case["root"] / "query"],
+                       capture_output=True, text=True, timeout=120, env=plain)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (case["root"] / "query" / "img00.png").read_bytes() == case["outputs"]["img00.png"]
+
+
 def test_uri_inputs_globs_missing_objects_and_unwritable_buckets(s3, case):
     jobs = collect_inputs(["s3://bkt/in/img0*.png", "s3://bkt/in/img02.jpg", "s3://bkt/in/nope.png",
                            "s3://bkt/empty/*.png"])
