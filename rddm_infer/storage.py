@@ -120,13 +120,6 @@ class Uri:
         return False
 
 
-Location = Path | Uri
-
-
-def is_uri(item: str | os.PathLike) -> bool:
-    return isinstance(item, Uri) or (isinstance(item, str) and bool(_SCHEME.match(item)))
-
-
 def location(item: str | os.PathLike | Uri) -> Path | Uri:
     """A path the user typed -> ``Path`` (plain paths, ``file://`` URIs) or :class:`Uri` (any other scheme)."""
     if isinstance(item, (Path, Uri)):
@@ -138,6 +131,10 @@ def location(item: str | os.PathLike | Uri) -> Path | Uri:
     parts = urlsplit(s)
     if m[1].lower() == "file":
         return Path(url2pathname(unquote(parts.path)))
+    if "@" in parts.netloc:  # error lines, --json and run.json print locations: keep secrets out of them
+        shown = f"{m[1]}://…@{parts.netloc.rsplit('@', 1)[1]}{parts.path}"
+        raise RDDMError(f"{shown}: credentials in a URI would be printed with every file name; give them in the "
+                        f"environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
     return Uri(m[1], parts.netloc + parts.path, parts.query)
 
 

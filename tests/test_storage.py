@@ -143,6 +143,8 @@ def test_uri_naming_is_the_path_naming():
     assert str(u.parent / Path("c/./d.jpg")) == "s3://bkt/a/b/c/d.jpg" and u.parent / "." == u.parent
     assert u.relative_to(location("s3://bkt/a?endpoint_override=http://h:9000")).as_posix() == "b/x.tar.png"
     assert location("file:///tmp/a%20b.png") == Path("/tmp/a b.png") and location("in/x.png") == Path("in/x.png")
+    with pytest.raises(RDDMError, match=r"^s3://…@bkt/in: credentials in a URI would be printed"):
+        location("s3://KEY:SECRET@bkt/in")
 
 
 def test_a_uri_without_pyarrow_is_one_line_naming_the_extra(tmp_path):
