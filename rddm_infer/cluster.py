@@ -62,7 +62,7 @@ class RestoreBatch:
                 raise RDDMError(f"{cwd}: the driver's working directory is not reachable on this Ray node "
                                 f"({e.strerror or e}); pass absolute paths on a shared file system") from None
         self.restorer = Restorer(model, backend, **options)
-        self.skip_existing, self.gt_dir = skip_existing, (to_str(gt_dir) if gt_dir else None)
+        self.skip_existing, self.gt_dir = skip_existing, (str(gt_dir) if gt_dir else None)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["src"])

@@ -215,7 +215,7 @@ def write_bytes(uri: Uri, data: bytes | memoryview) -> Uri:
     try:
         stream.write(data)
     except BaseException as e:
-        del stream  # its destructor completes the upload with the parts sent so far: remove that object
+        stream = None  # dropped, pyarrow completes the upload with the parts sent so far: remove that object
         try:
             fs.delete_file(uri.path)
         except OSError:
