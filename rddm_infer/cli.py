@@ -67,7 +67,8 @@ def _quiet_onnxruntime() -> None:
 @app.command()
 def restore(
     inputs: List[str] = typer.Argument(..., help="Image files, folders (sorted) or glob patterns."),
-    output: Path = typer.Option(Path("restored"), "-o", "--output", help="Output folder."),
+    output: str = typer.Option("restored", "-o", "--output",
+                               help="Output folder, or a store URI (s3://bucket/prefix, gs://...)."),
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="ONNX model, TensorRT engine or checkpoint (default: built-in)."),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
@@ -82,7 +83,7 @@ def restore(
     tile: int = typer.Option(DEFAULT_TILE, help="Tile size for large images."),
     tile_overlap: int = typer.Option(DEFAULT_OVERLAP, help="Overlap between tiles, in pixels."),
     batch: int = typer.Option(1, help="Tiles / same-size images per engine call."),
-    gt: Optional[Path] = typer.Option(None, help="Ground-truth folder: PSNR/SSIM per image, saved as CSV."),
+    gt: Optional[str] = typer.Option(None, help="Ground-truth folder (or URI): PSNR/SSIM per image, saved as CSV."),
     suffix: str = typer.Option("", help="Appended to output file names."),
     ext: Optional[str] = typer.Option(None, help="Output format, e.g. png (default: the input's)."),
     skip_existing: bool = typer.Option(False, "--skip-existing",
@@ -116,7 +117,9 @@ def restore(
       rddm-infer restore big/ -o out/ --skip-existing --max-pixels 400000000
     """
     from .pipeline import Restorer, check_suffix
+    from .storage import Uri, location
 
+    output, gt = location(output), (location(gt) if gt is not None else None)
     if gt is not None and not gt.is_dir():
         raise RDDMError(f"{gt}: ground-truth folder not found")
     check_suffix(suffix)
@@ -148,7 +151,8 @@ def restore(
 
             page = write_restore_report(summary, restorer, output, gt_dir=gt, command=["rddm-infer", *sys.argv[1:]])
             if not quiet:
-                err.print(f"report: {escape(str(page))}")
+                err.print(f"report: {escape(str(page))}" + (" (report.html is built for local output folders: "
+                          "copy this one and run `rddm-infer report DIR`)" if isinstance(output, Uri) else ""))
     if json_out:
         print(json.dumps(summary.to_dict(), indent=2))
     elif not quiet or summary.count("failed"):

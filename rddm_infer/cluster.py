@@ -32,6 +32,7 @@ import numpy as np
 from .errors import BackendUnavailable, RDDMError
 from .jobs import Job, Result, Summary, is_done, prepare_jobs, write_metrics_csv
 from .pipeline import Restorer
+from .storage import location, to_str
 
 RESULT_COLUMNS = ("index", "status", "error", "seconds", "psnr", "ssim", "backend")
 
@@ -40,7 +41,7 @@ RESULT_COLUMNS = ("index", "status", "error", "seconds", "psnr", "ssim", "backen
 
 def job_rows(jobs: Sequence[Job]) -> list[dict]:
     """Planned jobs -> Ray Data rows (plain strings, so any node can rebuild the job)."""
-    return [{"index": i, "src": str(j.src), "dst": str(j.dst), "rel": "" if j.rel is None else str(j.rel)}
+    return [{"index": i, "src": to_str(j.src), "dst": to_str(j.dst), "rel": "" if j.rel is None else str(j.rel)}
             for i, j in enumerate(jobs)]
 
 
@@ -66,7 +67,8 @@ class RestoreBatch:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["src"])
         rels = batch["rel"] if "rel" in batch else [""] * n
-        jobs = [Job(Path(s), Path(d), Path(r) if r else None) for s, d, r in zip(batch["src"], batch["dst"], rels)]
+        jobs = [Job(location(s), location(d), Path(r) if r else None)
+                for s, d, r in zip(batch["src"], batch["dst"], rels)]
         results = list(self.restorer.run_jobs(jobs, self.skip_existing, self.gt_dir))
         nan = float("nan")
         return {"index": np.asarray(batch["index"] if "index" in batch else np.arange(n), dtype=np.int64),
@@ -229,7 +231,8 @@ def restore_paths(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
                   on_pool: Callable[[Pool], None] | None = None, check_first: bool = True, **options) -> Summary:
     """``Restorer.restore_paths`` on Ray: same jobs, outputs, errors, CSV and Summary (results in input order;
     ``on_result`` sees them as they finish). ``options`` go to each actor's Restorer (steps, seed, tile, ...).
-    Paths must be visible to every node (local runtime, or a shared file system)."""
+    Paths must be visible to every node (local runtime, or a shared file system), or be store URIs
+    (``s3://``, ``gs://``: :mod:`rddm_infer.storage`) that every node can reach."""
     if check_first:
         check_options(model, backend, options)
     jobs = prepare_jobs(inputs, out_dir, recursive=recursive, suffix=suffix, ext=ext)
@@ -270,7 +273,7 @@ def restore_paths(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     summary.seconds = time.perf_counter() - t0
     summary.results = [by_index[i] for i in range(len(jobs))]
     if gt_dir is not None and any(r.metrics for r in summary.results):
-        write_metrics_csv(Path(out_dir) / "metrics.csv", summary)
+        write_metrics_csv(location(out_dir) / "metrics.csv", summary)
     return summary
 
 
@@ -290,7 +293,8 @@ def _stream(ray, rows: list[dict], pool: Pool, model, backend: str, skip_existin
                         compute=ray.data.ActorPoolStrategy(size=pool.workers),
                         num_cpus=pool.cpus, num_gpus=pool.gpus or None,
                         fn_constructor_kwargs=dict(model=model, backend=backend, skip_existing=skip_existing,
-                                                   gt_dir=gt_dir, cwd=os.getcwd(), **options))
+                                                   gt_dir=to_str(location(gt_dir)) if gt_dir else None,
+                                                   cwd=os.getcwd(), **options))
     try:
         for row in ds.iter_rows():
             yield {k: row[k] for k in RESULT_COLUMNS}

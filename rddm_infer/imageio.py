@@ -24,6 +24,7 @@ import numpy as np
 from .atomic import write_bytes_atomic
 from .errors import ImageError
 from .imageheader import read_header
+from .storage import Uri, location, read_bytes, write_bytes
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 _NO_ALPHA = (".jpg", ".jpeg")  # formats that cannot store alpha or 16-bit samples
@@ -65,23 +66,8 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
     claims more than ``max_pixels`` pixels, and animated or multi-page files (only the first
     frame would be decoded: refusing says so instead of silently dropping the rest).
     """
-    path = Path(path)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except OSError as e:
-        raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise ImageError(f"{path}: is a directory")
-    if not stat.S_ISREG(st.st_mode):
-        raise ImageError(f"{path}: not a regular file (a FIFO, socket or device); only image files are read")
-    try:
-        data = np.fromfile(str(path), dtype=np.uint8)
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except OSError as e:
-        raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
+    path = location(path)
+    data = np.frombuffer(read_bytes(path), dtype=np.uint8) if isinstance(path, Uri) else _read_local(path)
     if data.size == 0:
         raise ImageError(f"{path}: empty file (0 bytes)")
     raw = data.tobytes()
@@ -99,6 +85,27 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
         raise ImageError(f"{path}: unsupported sample type {pix.dtype}")
     check_float_range(pix, str(path))
     return Image(np.ascontiguousarray(apply_orientation(pix, exif_orientation(raw))), str(path))
+
+
+def _read_local(path: Path) -> np.ndarray:
+    """A regular file's bytes (a FIFO or device is refused before it can block)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(f"{path}: is a directory")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(f"{path}: not a regular file (a FIFO, socket or device); only image files are read")
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read ({e.strerror or e})") from None
+    return data
 
 
 def check_float_range(pix: np.ndarray, where: str) -> None:
@@ -289,7 +296,11 @@ def encode_image(pixels: np.ndarray, ext: str) -> bytes:
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write bytes to a temp file beside ``path`` and rename it into place (all or nothing)."""
+    """Write bytes to a temp file beside ``path`` and rename it into place (all or nothing); a URI is
+    uploaded as one object, which the store shows only once complete."""
+    path = location(path)
+    if isinstance(path, Uri):
+        return write_bytes(path, data)
     try:
         return write_bytes_atomic(path, data)
     except OSError as e:
@@ -298,7 +309,7 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
 
 def write_image(path: str | os.PathLike, pixels: np.ndarray) -> Path:
     """Encode by the file's extension and write atomically."""
-    path = Path(path)
+    path = location(path)
     try:
         data = encode_image(pixels, path.suffix or ".png")
     except ImageError as e:

@@ -22,12 +22,13 @@ from .atomic import remove_stale_temps
 from .errors import ImageError, RDDMError
 from .imageio import IMAGE_EXTS, Image, is_complete_image, read_image, to_model, write_atomic
 from .metrics import psnr, ssim
+from .storage import Uri, contains, delete, glob_uri, list_files, location
 
 
 @dataclass
 class Job:
-    src: Path
-    dst: Path | None = None
+    src: Path | Uri  # a Uri for objects in a store (rddm_infer.storage): same naming, its own reads and writes
+    dst: Path | Uri | None = None
     rel: Path | None = None  # path relative to the input folder (mirrored under the output folder)
     error: str = ""  # set when the job cannot even start (missing input, name clash)
 
@@ -74,8 +75,12 @@ class Summary:
                    if any(r.metrics for r in self.results) else {})}
 
 
+def _image_name(p: Path | Uri) -> bool:
+    return p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+
+
 def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".")
+    return p.is_file() and _image_name(p)
 
 
 def _glob(pattern: str, recursive: bool) -> list[Path]:
@@ -89,18 +94,10 @@ def _glob(pattern: str, recursive: bool) -> list[Path]:
     return list(_glob_root(pattern).glob(str(Path(*parts[k:]))))
 
 
-def _within(p: Path, folder: Path) -> bool:
-    try:
-        p.resolve().relative_to(folder)
-        return True
-    except (ValueError, OSError, RuntimeError):
-        return False
-
-
-def _in_output(f: Path, root: Path, out: Path | None) -> bool:
+def _in_output(f: Path | Uri, root: Path | Uri, out: Path | Uri | None) -> bool:
     """True for a file under the output folder when that folder lies inside the input ``root``
     (``-o in/out``); when the output folder is the input folder itself (``-o in --suffix _r``) nothing is left out."""
-    return out is not None and _within(f, out) and not _within(root, out)
+    return out is not None and contains(out, f) and not contains(out, root)
 
 
 def _magic_index(parts: tuple[str, ...]) -> int:
@@ -123,7 +120,7 @@ def collect_inputs(inputs: Sequence[str | os.PathLike], recursive: bool = False,
     """
     jobs: list[Job] = []
     seen: set[Path] = set()
-    skip = Path(exclude).resolve() if exclude is not None else None
+    skip = location(exclude).resolve() if exclude is not None else None
 
     def add(p: Path, rel: Path | None = None, error: str = ""):
         key = p.resolve() if not error else p
@@ -132,34 +129,52 @@ def collect_inputs(inputs: Sequence[str | os.PathLike], recursive: bool = False,
             jobs.append(Job(p, rel=rel, error=error))
 
     for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            files = p.rglob("*") if recursive else p.iterdir()
-            found = sorted((f for f in files if _is_image(f) and not _in_output(f, p, skip)),
-                           key=lambda f: f.relative_to(p).as_posix())
+        p = location(item)
+        kind, found = _find(p, str(item), recursive, skip)
+        if kind == "file":
+            add(p)
+        elif kind == "dir":
             if not found:
                 add(p, error=f"{p}: no images found in this folder (extensions {', '.join(IMAGE_EXTS)}"
                              f"{'' if recursive else '; -r descends into subfolders'})")
             for f in found:
                 add(f, f.relative_to(p))
-        elif p.exists() or p.is_symlink():
-            add(p)
-        elif glob.has_magic(str(item)):
-            matches = sorted(_glob(str(item), recursive))
-            files = [m for m in matches if m.is_file() and not _in_output(m, _glob_root(str(item)), skip)]
-            if not files:
-                add(p, error=f"{item}: no images found (no files match this pattern)")
-            for f in files:
+        elif kind == "glob":
+            if not found:
+                add(p, error=f"{p if isinstance(p, Uri) else item}: no images found (no files match this pattern)")
+            for f in found:
                 add(f)
         else:
             add(p, error=f"{p}: no such file or folder")
     return jobs
 
 
+def _find(p: Path | Uri, item: str, recursive: bool, skip: Path | Uri | None) -> tuple[str, list]:
+    """What one input names: ``("file", [])``, ``("dir", its images)``, ``("glob", its matches)`` or ``("", [])``.
+    A store folder is one listing (no request per object)."""
+    if isinstance(p, Uri):
+        kind = p.kind()
+        if kind == "dir":
+            return kind, sorted(f for f in list_files(p, recursive) if _image_name(f) and not _in_output(f, p, skip))
+        if not kind and glob.has_magic(p.path):
+            return "glob", sorted(f for f in glob_uri(p, recursive) if not _in_output(f, p.parent, skip))
+        return kind, []
+    if p.is_dir():
+        files = p.rglob("*") if recursive else p.iterdir()
+        return "dir", sorted((f for f in files if _is_image(f) and not _in_output(f, p, skip)),
+                             key=lambda f: f.relative_to(p).as_posix())
+    if p.exists() or p.is_symlink():
+        return "file", []
+    if glob.has_magic(item):
+        return "glob", [m for m in sorted(_glob(item, recursive))
+                        if m.is_file() and not _in_output(m, _glob_root(item), skip)]
+    return "", []
+
+
 def plan_outputs(jobs: list[Job], out_dir: str | os.PathLike, suffix: str = "", ext: str | None = None) -> None:
     """Destination of each job: ``out_dir/[subfolders/]stem+suffix.ext``; never an input, never shared."""
     check_suffix(suffix)
-    out_dir = Path(out_dir)
+    out_dir = location(out_dir)
     inputs = {j.src.resolve() for j in jobs if not j.error}
     taken: dict[Path, Path] = {}
     for j in jobs:
@@ -186,8 +201,16 @@ def check_suffix(suffix: str) -> None:
         raise RDDMError(f"--suffix {suffix!r}: must not contain path separators (it is appended to file names)")
 
 
-def check_writable(out_dir: Path) -> None:
-    """Create the output folder and prove a file can be written there, before any inference."""
+def check_writable(out_dir: Path | Uri) -> None:
+    """Create the output folder and prove a file can be written there, before any inference
+    (in a store: write and delete a test object, which proves the bucket and the credentials)."""
+    if isinstance(out_dir, Uri):
+        try:
+            write_atomic(out_dir / ".rddm-write-test", b"")
+            delete(out_dir / ".rddm-write-test")
+        except ImageError as e:
+            raise RDDMError(f"{out_dir}: output folder is not writable ({str(e).split(': ', 1)[-1]})") from None
+        return
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(out_dir / ".rddm-write-test", b"")
@@ -203,8 +226,8 @@ def prepare_jobs(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike
     writable, and temp files of runs killed between write and rename are cleaned (every executor calls this)."""
     jobs = collect_inputs(inputs, recursive, exclude=out_dir)
     plan_outputs(jobs, out_dir, suffix, ext)
-    check_writable(Path(out_dir))
-    remove_stale_temps(j.dst for j in jobs if j.dst is not None)
+    check_writable(location(out_dir))
+    remove_stale_temps(j.dst for j in jobs if isinstance(j.dst, Path))  # a store has no temporaries
     return jobs
 
 
@@ -213,7 +236,7 @@ def is_done(job: Job) -> bool:
     return job.dst is not None and job.dst.exists() and is_complete_image(job.dst)
 
 
-def find_gt(gt_dir: Path, job: Job) -> Path | None:
+def find_gt(gt_dir: Path | Uri, job: Job) -> Path | Uri | None:
     """Ground truth with the same relative name (any image extension)."""
     rel = job.rel if job.rel is not None else Path(job.src.name)
     for cand in [gt_dir / rel, *(gt_dir / rel.with_suffix(e) for e in IMAGE_EXTS)]:
@@ -222,7 +245,7 @@ def find_gt(gt_dir: Path, job: Job) -> Path | None:
     return None
 
 
-def image_metrics(restored: np.ndarray, gt_path: Path) -> dict[str, float]:
+def image_metrics(restored: np.ndarray, gt_path: Path | Uri) -> dict[str, float]:
     a = (to_model(Image(restored)) + 1) * 0.5
     b = (to_model(read_image(gt_path)) + 1) * 0.5
     if a.shape != b.shape:
@@ -230,7 +253,7 @@ def image_metrics(restored: np.ndarray, gt_path: Path) -> dict[str, float]:
     return {"psnr": psnr(a, b), "ssim": ssim(a, b)}
 
 
-def write_metrics_csv(path: Path, summary: Summary) -> Path:
+def write_metrics_csv(path: Path | Uri, summary: Summary) -> Path | Uri:
     """file, psnr, ssim per image, then the means (written atomically)."""
     buf = io.StringIO()
     w = csv.writer(buf)

@@ -24,6 +24,7 @@ from .errors import ImageError, OptionError, RDDMError
 from .imageio import DEFAULT_MAX_PIXELS, Image, encode_image, read_image, write_atomic
 from .jobs import (Job, Result, Summary, check_suffix, check_writable, collect_inputs, find_gt, image_metrics,
                    is_done, plan_outputs, prepare_jobs, write_metrics_csv)
+from .storage import location
 
 __all__ = ["DEFAULT_CHECKPOINT", "DEFAULT_MODEL", "ImageRestorer", "Job", "Restorer", "Result", "Summary",
            "check_suffix", "check_writable", "collect_inputs", "find_gt", "image_metrics", "is_done", "load_model",
@@ -67,19 +68,19 @@ class Restorer(ImageRestorer):
             on_start(jobs)
         summary = Summary(backend=self.backend)
         t0 = time.perf_counter()
-        for result in self._run_jobs(jobs, skip_existing, Path(gt_dir) if gt_dir else None, on_tile):
+        for result in self._run_jobs(jobs, skip_existing, location(gt_dir) if gt_dir else None, on_tile):
             summary.results.append(result)
             if on_result:
                 on_result(result)
         summary.seconds = time.perf_counter() - t0
         if gt_dir is not None and any(r.metrics for r in summary.results):
-            write_metrics_csv(Path(out_dir) / "metrics.csv", summary)
+            write_metrics_csv(location(out_dir) / "metrics.csv", summary)
         return summary
 
     def run_jobs(self, jobs: list[Job], skip_existing: bool = False, gt_dir: str | os.PathLike | None = None,
                  on_tile: Callable[[int, int], None] | None = None) -> Iterator[Result]:
         """Planned jobs -> results, in order: the loop ``restore_paths`` and the Ray actors share."""
-        return self._run_jobs(jobs, skip_existing, Path(gt_dir) if gt_dir else None, on_tile)
+        return self._run_jobs(jobs, skip_existing, location(gt_dir) if gt_dir else None, on_tile)
 
     def _run_jobs(self, jobs: list[Job], skip_existing: bool, gt_dir: Path | None, on_tile) -> Iterator[Result]:
         pending: list[tuple[Job, Image, float]] = []  # consecutive same-size small images, batched

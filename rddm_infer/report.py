@@ -32,6 +32,7 @@ import numpy as np
 from . import __version__
 from .atomic import write_bytes_atomic
 from .errors import RDDMError
+from .storage import Uri, location, write_bytes
 
 RUN_JSON = "run.json"
 REPORT_HTML = "report.html"
@@ -80,7 +81,9 @@ def _now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
 
 
-def _write(path: Path, data: bytes) -> Path:
+def _write(path: Path | Uri, data: bytes) -> Path | Uri:
+    if isinstance(path, Uri):
+        return write_bytes(path, data)
     try:
         return write_bytes_atomic(path, data)
     except OSError as e:
@@ -178,15 +181,15 @@ def _num(x, fmt: str, missing: str = "—") -> str:
 def restore_record(summary, restorer, out_dir: str | os.PathLike, *, gt_dir=None,
                    command: list[str] | None = None) -> dict:
     """What the page needs from a finished run (``Summary`` + the ``Restorer`` that made it), as JSON."""
-    out_dir = Path(out_dir)
+    out_dir = location(out_dir)
     meta, plan = restorer.meta, restorer.plan
     images = []
     for r in summary.results:
         job = r.job
         images.append({
-            "src": str(job.src), "src_abs": os.path.abspath(job.src),
-            "dst": Path(os.path.relpath(os.path.abspath(job.dst), os.path.abspath(out_dir))).as_posix()
-            if job.dst is not None else None,
+            "src": str(job.src), "src_abs": str(job.src) if isinstance(job.src, Uri) else os.path.abspath(job.src),
+            "dst": None if job.dst is None else job.dst.relative_to(out_dir).as_posix() if isinstance(out_dir, Uri)
+            else Path(os.path.relpath(os.path.abspath(job.dst), os.path.abspath(out_dir))).as_posix(),
             "status": r.status, "error": r.error, "seconds": round(r.seconds, 4), "metrics": r.metrics})
     return {
         "format": RUN_FORMAT, "kind": "restore", "created": _now(),
@@ -207,10 +210,11 @@ def restore_record(summary, restorer, out_dir: str | os.PathLike, *, gt_dir=None
 
 def write_restore_report(summary, restorer, out_dir: str | os.PathLike, *, gt_dir=None,
                          command: list[str] | None = None) -> Path:
-    """``OUT/run.json`` then ``OUT/report.html`` for a finished run."""
+    """``OUT/run.json`` then ``OUT/report.html`` for a finished run (in a store: run.json only, as the page
+    links and reads the files by local paths); returns the page, or run.json."""
     record = restore_record(summary, restorer, out_dir, gt_dir=gt_dir, command=command)
-    _write_text(Path(out_dir) / RUN_JSON, json.dumps(record, indent=1))
-    return build_restore_report(out_dir)
+    run = _write_text(location(out_dir) / RUN_JSON, json.dumps(record, indent=1))
+    return run if isinstance(run, Uri) else build_restore_report(out_dir)
 
 
 def load_run(out_dir: str | os.PathLike) -> dict:
