@@ -27,6 +27,10 @@ SCHEDULES = ("increased", "decreased", "average")
 OBJECTIVES = ("pred_res_noise", "pred_res", "pred_noise", "pred_x0_noise", "pred_res_add_noise",
               "pred_x0_add_noise", "pred_x0")
 SINGLE_OUTPUT = ("pred_res", "pred_noise", "pred_x0")  # objectives that read only the first network output
+# What the network is fed as its time (the checkpoint cannot tell; docs/OFFICIAL_VARIANTS.md):
+# "index": the step index t (official experiments 2, 3, 6, rddm-train);
+# "scaled": ᾱ_t·T to the residual UNet and β̄_t·T to the noise UNet, as floats (experiments 0, 4, 5, root src/).
+TIME_INPUTS = ("index", "scaled")
 # Explicit per-t tables a DiffusionConfig may carry: the four buffers the reference's ddim_sample
 # reads (the last two are derived from the first two when absent).
 TABLES = ("alphas_cumsum", "betas2_cumsum", "betas_cumsum", "one_minus_alphas_cumsum")
@@ -62,10 +66,13 @@ class DiffusionConfig:
     betas2_cumsum: tuple[float, ...] | None = None
     betas_cumsum: tuple[float, ...] | None = None
     one_minus_alphas_cumsum: tuple[float, ...] | None = None
+    time_input: str = "index"  # one of TIME_INPUTS
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; expected one of {OBJECTIVES}")
+        if self.time_input not in TIME_INPUTS:
+            raise ValueError(f"unknown time_input {self.time_input!r}; expected one of {TIME_INPUTS}")
         if self.timesteps < 1:
             raise ValueError("timesteps must be >= 1")
         if not self.sum_scale > 0:
@@ -227,6 +234,14 @@ class SamplingPlan:
     @property
     def stochastic(self) -> bool:
         return bool(np.any(self.coefs[:, COEF_NAMES.index("sigma")] > 0))
+
+    def net_time(self, i: int) -> int | tuple[float, float]:
+        """What step i feeds the network: the index t, or ("scaled") the pair (ᾱ_t·T, β̄_t·T) computed
+        in float32 as the reference multiplies its float32 buffers by T."""
+        if self.config.time_input == "index":
+            return int(self.times[i])
+        T = np.float32(self.config.timesteps)
+        return tuple(float(np.float32(self.coefs[i, COEF_NAMES.index(n)]) * T) for n in ("alpha_bar", "beta_bar"))
 
     def row(self, i: int) -> dict[str, float]:
         return dict(zip(COEF_NAMES, (float(v) for v in self.coefs[i])))

@@ -124,20 +124,39 @@ def _predictions(objective, out, x, x_input, ac, bc, om, alpha_res=None):
     raise ValueError(objective)
 
 
+def _network(net, x_in, t: int, buffers: dict, objective: str, scaled: bool):
+    """One ``self.model(x_in, time)`` call. Experiments 2, 3, 6 pass the index t; 0, 4, 5 and the root src/
+    pass the list [alphas_cumsum[t]·T, betas_cumsum[t]·T] (float32), which their ``UnetRes.forward`` routes:
+    num_unet 2 -> unet0 gets the first, unet1 the second; num_unet 1 -> the second for pred_noise, else the first."""
+    b = x_in.shape[0]
+    if not scaled:
+        return net(x_in, torch.full((b,), t, dtype=torch.long))
+    T = buffers["alphas_cumsum"].numel()
+    time = [buffers["alphas_cumsum"][torch.full((b,), t)] * T, buffers["betas_cumsum"][torch.full((b,), t)] * T]
+    if hasattr(net, "unet1"):
+        return net.unet0(x_in, time[0]), net.unet1(x_in, time[1])
+    return [net.unet0(x_in, time[1] if objective == "pred_noise" else time[0])]
+
+
 @torch.no_grad()
 def ddim_sample(net, buffers: dict, objective: str, x_input: torch.Tensor, eps: torch.Tensor, steps: int, *,
-                condition: bool, sum_scale: float, eta: float = 0.0, zs=None, alpha_res=None) -> torch.Tensor:
-    """The reference's few-step loop; ``eps``/``zs`` stand in for its torch.randn draws (in draw order)."""
+                condition: bool, sum_scale: float, eta: float = 0.0, zs=None, alpha_res=None, scaled: bool = False,
+                translation: bool = False, eta_forced_zero: bool = False) -> torch.Tensor:
+    """The reference's few-step loop; ``eps``/``zs`` stand in for its torch.randn draws (in draw order).
+
+    ``scaled``: the time input of experiments 0, 4, 5 (see :func:`_network`); ``translation``: their
+    img_to_img_translation (condition on, but the network sees x_t only); ``eta_forced_zero``: experiments
+    3-5 set eta = 0 inside ddim_sample."""
     T = buffers["alphas_cumsum"].numel()
     times = list(reversed(torch.linspace(-1, T - 1, steps=steps + 1).int().tolist()))
-    if condition:
+    if condition or eta_forced_zero:
         eta = 0.0  # restoration: the constructor zeroes ddim_sampling_eta
     img = x_input + math.sqrt(sum_scale) * eps if condition else eps
     ac_t, b2c_t, bc_t, om_t = (buffers[k] for k in ("alphas_cumsum", "betas2_cumsum", "betas_cumsum",
                                                      "one_minus_alphas_cumsum"))
     for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
-        x_in = torch.cat((img, x_input), dim=1) if condition else img
-        out = net(x_in, torch.full((img.shape[0],), t, dtype=torch.long))
+        x_in = torch.cat((img, x_input), dim=1) if condition and not translation else img
+        out = _network(net, x_in, t, buffers, objective, scaled)
         res, pred_eps, x0 = _predictions(objective, out, img, x_input, ac_t[t], bc_t[t], om_t[t], alpha_res)
         if t_next < 0:
             img = x0

@@ -59,6 +59,12 @@ class Variant:
     two_optimizers: bool = False  # experiments 0/3-6 save opt0/opt1
     options: dict = field(default_factory=dict)  # what the user passes where the file cannot tell
     tol: float = 1e-5  # max-abs against the oracle
+    scaled: bool = False  # experiments 0, 4, 5: the UNets are fed ᾱ_t·T / β̄_t·T (user option time_input)
+    translation: bool = False  # experiments 4, 5: img_to_img_translation, an x_t-only network (option translation)
+
+    @property
+    def network_condition(self) -> bool:
+        return self.condition and not self.translation
 
 
 VARIANTS = [
@@ -86,6 +92,16 @@ VARIANTS = [
     Variant("ddim-scaled_linear", "ddim_scaled_linear", "pred_res_noise", 1),
     Variant("ddim-cosine-x0_add", "ddim_cosine", "pred_x0_add_noise", 0, steps=3),
     Variant("ddim-linear-generation", "ddim_linear", "pred_res_noise", 0, condition=False, sum_scale=1.0, eta=0.5),
+    # experiments 4 (inpainting, ratio-form schedule) and 5 (translation, DDIM-converted betas): continuous time
+    # ᾱ_t·T / β̄_t·T and img_to_img_translation; neither is in the file, so the user names both
+    *[Variant(f"exp{e}-{o}-{'2unets' if s == 0 else '1unet'}", sched, o, s, scaled=True, translation=True,
+              sum_scale=0.05 if e == 4 else 0.01, two_optimizers=True,
+              options={"time_input": "scaled", "translation": True})
+      for e, sched in ((4, "ratio1"), (5, "ddim_linear"))
+      for o, s in (("pred_res_noise", 0), ("pred_x0_noise", 0), ("pred_x0", -1), ("pred_res", -1), ("pred_noise", -1))],
+    # test_res_or_noise "res" on a two-UNet file: unet0 alone, still fed ᾱ_t·T
+    Variant("exp4-test_res-2unets", "ratio1", "pred_res", 0, scaled=True, translation=True, sum_scale=0.05,
+            options={"time_input": "scaled", "translation": True}),
 ]
 
 
@@ -96,7 +112,7 @@ def load(path, v: Variant):
 
 def write_variant(tmp_path, v: Variant):
     """The checkpoint file this variant's official Trainer.save would write, and its registered buffers."""
-    cfg = net_config(v.share_encoder, v.condition)
+    cfg = net_config(v.share_encoder, v.network_condition)
     online, ema = tiny_net(cfg, seed=1), tiny_net(cfg, seed=2)
     buffers = official.registered_buffers(*SCHEDULES[v.schedule](v.sum_scale))
     params = {} if v.alpha_res is None else {"alpha_res": torch.tensor([v.alpha_res])}
@@ -117,7 +133,7 @@ def oracle(v: Variant, ema, buffers, x_in, eps, zs) -> np.ndarray:
     t = torch.from_numpy
     return official.ddim_sample(ema, buffers, v.objective, t(x_in), t(eps), v.steps, condition=v.condition,
                                 sum_scale=v.sum_scale, eta=v.eta, zs=[t(z) for z in zs],
-                                alpha_res=v.alpha_res).numpy()
+                                alpha_res=v.alpha_res, scaled=v.scaled, translation=v.translation).numpy()
 
 
 def ours_torch(loaded, v: Variant, x_in, eps, zs) -> np.ndarray:
@@ -323,3 +339,136 @@ def test_restore_array_takes_explicit_noise(tmp_path):
         r.restore_array(pixels, noise=Noise.given(r.plan, np.ones((3, 8, 8), np.float32)))
     with pytest.raises(RDDMError, match="untiled image"):
         r.restore_array(np.zeros((40, 40, 3), np.uint8), noise=Noise.given(r.plan, np.ones((3, 40, 40), np.float32)))
+
+
+# -- continuous time (ᾱ_t·T / β̄_t·T) and img2img translation: every entry point and graph kind
+
+SCALED = ["exp4-pred_res_noise-2unets", "exp5-pred_noise-1unet"]  # two UNets (a column each) / one (β̄_t·T)
+
+
+def variant(name: str) -> Variant:
+    return VARIANTS[[x.name for x in VARIANTS].index(name)]
+
+
+@pytest.mark.parametrize("kind", ["unet", "step", "fused"])
+@pytest.mark.parametrize("name", SCALED)
+def test_scaled_time_graphs_in_onnxruntime_match_the_official_loop(tmp_path, name, kind):
+    import onnxruntime as ort
+    from rddm_export.onnx_export import export_onnx
+    from rddm_infer import EngineSampler
+    from rddm_infer.backends.onnxruntime import OnnxRuntimeRunner
+
+    v = variant(name)
+    path, ema, buffers = write_variant(tmp_path, v)
+    onnx_path = export_onnx(load(path, v), tmp_path / f"{kind}.onnx", kind, steps=v.steps)
+    runner = OnnxRuntimeRunner(onnx_path)
+    assert (runner.meta.config.time_input, runner.meta.config.condition, runner.meta.unet["condition"]) == \
+        ("scaled", True, False)  # the artifact knows: floats for the UNets, sampled towards x_input, x_t-only input
+    if kind == "unet":  # the graph's time input carries the float pair (ᾱ_t·T, β̄_t·T)
+        t = {i.name: i for i in ort.InferenceSession(str(onnx_path)).get_inputs()}["t"]
+        assert t.type == "tensor(float)" and t.shape[1:] == [2]
+    sampler = EngineSampler(runner)
+    x_in, eps, zs = noise_for(v, 11)
+    plan = sampler.plan(v.steps)
+    got = sampler.run(x_in, plan, Noise.given(plan, eps))
+    assert np.abs(got - oracle(v, ema, buffers, x_in, eps, zs)).max() <= 1e-4
+
+
+def test_time_input_and_translation_reach_the_model_through_every_entry_point(tmp_path):
+    from rddm_infer import EngineSampler, Restorer, load_model
+    from rddm_infer.backends import load_runner, read_artifact_meta
+    from rddm_infer.model import time_input_note
+
+    v = variant("exp4-pred_res_noise-2unets")
+    path, ema, buffers = write_variant(tmp_path, v)
+    x_in, eps, zs = noise_for(v, 13)
+    want = oracle(v, ema, buffers, x_in, eps, zs)
+
+    def run(runner):
+        sampler = EngineSampler(runner)
+        plan = sampler.plan(v.steps)
+        return sampler.run(x_in, plan, Noise.given(plan, eps))
+
+    runner, _ = load_runner(path, "torch", device="cpu", **v.options)
+    assert np.abs(run(runner) - want).max() <= 1e-5
+    assert time_input_note("scaled") in runner.description  # the choice is stated wherever the model is described
+    index, _ = load_runner(path, "torch", device="cpu", translation=True)  # time_input index: the default
+    assert "step index t" in index.description
+    assert np.abs(run(index) - want).max() > 1e-3  # the option changes the sampling, not only the metadata
+    with load_model(path, "torch", device="cpu", steps=v.steps, **v.options) as m, \
+            Restorer(path, "torch", device="cpu", steps=v.steps, **v.options) as r:
+        assert m.meta.config.time_input == r.meta.config.time_input == "scaled"
+        assert np.abs(m.sampler.run(x_in, m.plan, Noise.given(m.plan, eps)) - want).max() <= 1e-5
+    assert read_artifact_meta(path, **v.options).config.time_input == "scaled"
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"time_input": "continuous"}, "model option 'time_input' must be one of index, scaled"),
+    ({"translation": "yes"}, "model option 'translation' must be bool"),
+])
+def test_entry_points_refuse_an_unknown_value(tmp_path, options, message):
+    from rddm_infer import load_model
+    from rddm_infer.backends import load_runner, read_artifact_meta
+    from rddm_infer.errors import OptionError
+
+    path, _, _ = write_variant(tmp_path, variant("exp4-pred_res_noise-2unets"))
+    for call in (lambda: load_runner(path, "torch", device="cpu", **options),
+                 lambda: load_model(path, "torch", device="cpu", **options),
+                 lambda: read_artifact_meta(path, **options)):
+        with pytest.raises(OptionError, match=message):
+            call()
+    with pytest.raises(CheckpointError, match="unknown time_input 'continuous'"):
+        load_checkpoint(path, time_input="continuous")
+
+
+@pytest.mark.parametrize("v, options, message", [
+    (Variant("se1", "exp2", "pred_res_noise", 1), {"time_input": "scaled"},
+     "time_input scaled does not apply to a shared-encoder network"),
+    (Variant("cond", "exp2", "pred_res_noise", 0), {"translation": True}, "translation does not apply"),
+])
+def test_options_that_do_not_apply_to_the_checkpoint_are_errors(tmp_path, v, options, message):
+    path, _, _ = write_variant(tmp_path, v)
+    with pytest.raises(CheckpointError, match=message) as e:
+        load_checkpoint(path, **options)
+    assert str(path) in str(e.value)
+
+
+def test_exported_time_input_is_checked_and_our_checkpoints_keep_it(tmp_path):
+    from rddm_export.onnx_export import export_onnx
+    from rddm_infer.backends import load_runner
+    from rddm_infer.errors import OptionError
+
+    v = variant("exp5-pred_noise-1unet")
+    path, _, _ = write_variant(tmp_path, v)
+    loaded = load(path, v)
+    step = export_onnx(loaded, tmp_path / "step.onnx", "step", steps=v.steps)
+    load_runner(step, "onnxruntime", time_input="scaled", translation=True)  # the same values: fine
+    with pytest.raises(OptionError, match="time_input index does not apply: the artifact was exported with "
+                                          "time_input scaled"):
+        load_runner(step, "onnxruntime", time_input="index")
+    with pytest.raises(OptionError, match="translation False does not apply"):
+        load_runner(step, "onnxruntime", translation=False)
+    ours = save_checkpoint(tmp_path / "ours.safetensors", loaded.net, loaded.unet, loaded.diffusion)
+    assert load_checkpoint(ours).diffusion == loaded.diffusion  # time_input and translation travel with the file
+    with pytest.raises(CheckpointError, match="--time-input index contradicts the checkpoint"):
+        load_checkpoint(ours, time_input="index")
+
+
+def test_cli_time_input_and_translation(tmp_path):
+    import cv2
+    from test_cli import cli
+
+    path, _, _ = write_variant(tmp_path, variant("exp4-pred_res_noise-2unets"))
+    img = tmp_path / "a.png"
+    cv2.imwrite(str(img), np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    outs = {}
+    for tag in ("index", "scaled"):
+        r = cli("restore", img, "--model", path, "--backend", "torch", "--device", "cpu", "-o", tmp_path / tag,
+                "-q", "--translation", "--time-input", tag)
+        assert r.returncode == 0, r.stderr
+        outs[tag] = cv2.imread(str(tmp_path / tag / "a.png")).astype(int)
+    assert np.abs(outs["index"] - outs["scaled"]).max() > 2
+    r = cli("info", path, "--time-input", "scaled", "--translation")
+    assert r.returncode == 0 and '"time_input": "scaled"' in r.stdout, r.stderr
+    r = cli("bench", path, "--backend", "torch", "--time-input", "continuous", "--runs", 1)
+    assert r.returncode == 2 and "'time_input' must be one of index, scaled" in r.stderr and "Traceback" not in r.stderr
