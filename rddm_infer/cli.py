@@ -45,12 +45,15 @@ BACKEND_HELP = backend_help()
 DEVICE_HELP = "auto | cpu | cuda | cuda:N (onnxruntime provider + device_id, torch device, TensorRT device_id)."
 PRECISION_HELP = ("fp32 | bf16 (torch autocast, OpenVINO inference precision); other backends run the artifact's. "
                   "auto: with --backend auto, allow a calibrated reduced precision (see bench --calibrate).")
-OBJECTIVE_HELP = ("Checkpoints: what the network predicts (pred_res_noise | pred_res | pred_noise); "
+OBJECTIVE_HELP = ("Checkpoints: what the network predicts (pred_res_noise | pred_res | pred_noise | pred_x0_noise | "
+                  "pred_x0 | pred_res_add_noise | pred_x0_add_noise | auto_res_noise); "
                   "exported models: must match the one they were exported with.")
 SUM_SCALE_HELP = "Checkpoints: the schedule's sum_scale; exported models: must match the one baked in."
 TIME_INPUT_HELP = ("Reference checkpoints: what the UNet was fed as time, index (t: official experiments 2, 3, "
                    "6) or scaled (ᾱ_t·T / β̄_t·T: experiments 0, 4, 5, root src/); the file cannot tell. "
                    "Exported models: must match.")
+TEST_MODE_HELP = ("Official checkpoints: the reference's test_res_or_noise, which UNet(s) to read: res_noise | "
+                  "x0_noise (both), res (unet0's residual), noise (unet1's noise).")
 TRANSLATION_HELP = ("Reference checkpoints: the x_t-only network is an img2img translation model (official "
                     "img_to_img_translation, experiments 4, 5), sampled from the input image. Exported: must match.")
 
@@ -82,6 +85,7 @@ def restore(
     sum_scale: Optional[float] = typer.Option(None, help=SUM_SCALE_HELP),
     time_input: Optional[str] = typer.Option(None, help=TIME_INPUT_HELP),
     translation: Optional[bool] = typer.Option(None, "--translation/--no-translation", help=TRANSLATION_HELP),
+    test_res_or_noise: Optional[str] = typer.Option(None, help=TEST_MODE_HELP),
     steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the model's measured recommendation, "
                                         "else its export default)."),
     eta: Optional[float] = typer.Option(None, help="DDIM η (default: the model's)."),
@@ -131,7 +135,7 @@ def restore(
     options = dict(steps=steps, eta=eta, seed=seed, tile=tile, overlap=tile_overlap, batch=batch,
                    max_pixels=max_pixels, threads=threads, providers=providers, compile=compile or None,
                    device=device, precision=precision, objective=objective, sum_scale=sum_scale,
-                   time_input=time_input, translation=translation)
+                   time_input=time_input, translation=translation, test_res_or_noise=test_res_or_noise)
     ray_sizes = dict(workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
     if ray or ray_address is not None:
         from .cluster import RayRestorer
@@ -261,6 +265,7 @@ def info(model: str = typer.Argument(..., help="ONNX model, TensorRT engine or c
          sum_scale: Optional[float] = typer.Option(None, help=SUM_SCALE_HELP),
          time_input: Optional[str] = typer.Option(None, help=TIME_INPUT_HELP),
          translation: Optional[bool] = typer.Option(None, "--translation/--no-translation", help=TRANSLATION_HELP),
+         test_res_or_noise: Optional[str] = typer.Option(None, help=TEST_MODE_HELP),
          steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the model's)."),
          eta: Optional[float] = typer.Option(None, help="DDIM η (default: the model's).")):
     """Print an artifact's metadata (graph kind, steps, η, precision, architecture, diffusion)."""
@@ -270,7 +275,7 @@ def info(model: str = typer.Argument(..., help="ONNX model, TensorRT engine or c
     _quiet_onnxruntime()
     path = resolve_model(model)
     stored = read_artifact_meta(path, objective=objective, sum_scale=sum_scale, time_input=time_input,
-                                translation=translation)
+                                translation=translation, test_res_or_noise=test_res_or_noise)
     meta = stored.with_sampling(steps, eta)
     plan = meta.plan(meta.steps)
     rows = [("file", f"{path} ({path.stat().st_size / 1e6:.2f} MB)"), ("format", meta.format),
@@ -304,6 +309,7 @@ def bench(
     sum_scale: Optional[float] = typer.Option(None, help=SUM_SCALE_HELP),
     time_input: Optional[str] = typer.Option(None, help=TIME_INPUT_HELP),
     translation: Optional[bool] = typer.Option(None, "--translation/--no-translation", help=TRANSLATION_HELP),
+    test_res_or_noise: Optional[str] = typer.Option(None, help=TEST_MODE_HELP),
     size: int = typer.Option(256, help="Square input size (rounded up to the model's size multiple)."),
     batch: int = typer.Option(1, help="Images per call."),
     steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the model's)."),
@@ -335,8 +341,8 @@ def bench(
 
     runner, choice = load_runner(resolve_model(model, backend), backend, threads=threads, providers=providers,
                                  device=device, precision=precision, compile=compile or None, objective=objective,
-                                 sum_scale=sum_scale, time_input=time_input, translation=translation, steps=steps,
-                                 eta=eta)
+                                 sum_scale=sum_scale, time_input=time_input, translation=translation,
+                                 test_res_or_noise=test_res_or_noise, steps=steps, eta=eta)
     with runner:
         sampler = EngineSampler(runner)
         plan = sampler.plan()

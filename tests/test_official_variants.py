@@ -61,6 +61,7 @@ class Variant:
     tol: float = 1e-5  # max-abs against the oracle
     scaled: bool = False  # experiments 0, 4, 5: the UNets are fed ᾱ_t·T / β̄_t·T (user option time_input)
     translation: bool = False  # experiments 4, 5: img_to_img_translation, an x_t-only network (option translation)
+    only_noise: bool = False  # test_res_or_noise "noise": unet1's noise alone
 
     @property
     def network_condition(self) -> bool:
@@ -102,12 +103,33 @@ VARIANTS = [
     # test_res_or_noise "res" on a two-UNet file: unet0 alone, still fed ᾱ_t·T
     Variant("exp4-test_res-2unets", "ratio1", "pred_res", 0, scaled=True, translation=True, sum_scale=0.05,
             options={"time_input": "scaled", "translation": True}),
+    # test_res_or_noise "noise": unet1 alone (fed β̄_t·T where the time is scaled), x₀ from its noise
+    Variant("exp5-test_noise-2unets", "ddim_linear", "pred_res_noise", 0, scaled=True, translation=True,
+            only_noise=True, options={"time_input": "scaled", "translation": True, "test_res_or_noise": "noise"}),
+    Variant("exp6-test_noise-2unets", "ratio1", "pred_res_noise", 0, condition=False, sum_scale=1.0, eta=0.5,
+            only_noise=True, two_optimizers=True, options={"test_res_or_noise": "noise"}),
 ]
 
 
 def load(path, v: Variant):
     """As a user would: the objective is not in the file (except auto_res_noise's alpha_res), so it is passed."""
     return load_checkpoint(path, **{"objective": None if v.alpha_res is not None else v.objective, **v.options})
+
+
+def test_test_res_or_noise_noise_reads_the_second_unet(tmp_path):
+    v = variant("exp5-test_noise-2unets")
+    path, _, _ = write_variant(tmp_path, v)
+    loaded = load(path, v)
+    assert (loaded.diffusion.objective, loaded.unet.share_encoder, loaded.info["unused_weights"]) == \
+        ("pred_noise", -1, "unet0")
+    for options, message in (({"test_res_or_noise": "x0"}, "test_res_or_noise x0 is not supported"),
+                             ({"test_res_or_noise": "noise", "objective": "pred_res"}, "does not apply to objective"),
+                             ({"test_res_or_noise": "sometimes"}, "unknown test_res_or_noise 'sometimes'")):
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(path, **options)
+    one, _, _ = write_variant(tmp_path, variant("exp5-pred_noise-1unet"))
+    with pytest.raises(CheckpointError, match="reads the second of two UNets"):
+        load_checkpoint(one, test_res_or_noise="noise")
 
 
 def write_variant(tmp_path, v: Variant):
@@ -133,7 +155,8 @@ def oracle(v: Variant, ema, buffers, x_in, eps, zs) -> np.ndarray:
     t = torch.from_numpy
     return official.ddim_sample(ema, buffers, v.objective, t(x_in), t(eps), v.steps, condition=v.condition,
                                 sum_scale=v.sum_scale, eta=v.eta, zs=[t(z) for z in zs],
-                                alpha_res=v.alpha_res, scaled=v.scaled, translation=v.translation).numpy()
+                                alpha_res=v.alpha_res, scaled=v.scaled, translation=v.translation,
+                                only_noise=v.only_noise).numpy()
 
 
 def ours_torch(loaded, v: Variant, x_in, eps, zs) -> np.ndarray:
@@ -468,7 +491,8 @@ def test_cli_time_input_and_translation(tmp_path):
         assert r.returncode == 0, r.stderr
         outs[tag] = cv2.imread(str(tmp_path / tag / "a.png")).astype(int)
     assert np.abs(outs["index"] - outs["scaled"]).max() > 2
-    r = cli("info", path, "--time-input", "scaled", "--translation")
-    assert r.returncode == 0 and '"time_input": "scaled"' in r.stdout, r.stderr
+    r = cli("info", path, "--time-input", "scaled", "--translation", "--test-res-or-noise", "noise")
+    assert r.returncode == 0 and '"time_input": "scaled"' in r.stdout and '"objective": "pred_noise"' in r.stdout, \
+        r.stderr
     r = cli("bench", path, "--backend", "torch", "--time-input", "continuous", "--runs", 1)
     assert r.returncode == 2 and "'time_input' must be one of index, scaled" in r.stderr and "Traceback" not in r.stderr

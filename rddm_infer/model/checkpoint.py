@@ -200,6 +200,37 @@ def _config(path, **fields) -> DiffusionConfig:
         raise CheckpointError(f"{path}: {e}") from None
 
 
+TEST_MODES = ("res_noise", "res", "noise", "x0_noise", "x0")  # the reference's test_res_or_noise
+
+
+def _test_mode(objective: str | None, mode: str | None, path) -> tuple[str | None, bool]:
+    """The official ``test_res_or_noise`` (experiments 0, 3-6) -> (objective to sample with, whether the
+    second UNet alone is read). "res": unet0's residual (pred_res); "noise": unet1's noise (the pred_noise
+    formula on output 1); "res_noise" / "x0_noise": both outputs, as the objective reads them."""
+    if mode is None:
+        return objective, False
+    if mode not in TEST_MODES:
+        raise CheckpointError(f"{path}: unknown test_res_or_noise {mode!r}; expected one of {', '.join(TEST_MODES)}")
+    trained = {"res_noise": ("pred_res_noise",), "x0_noise": ("pred_x0_noise",), "res": ("pred_res_noise", "pred_res"),
+               "noise": ("pred_res_noise", "pred_x0_noise", "pred_noise")}.get(mode, ())
+    if mode == "x0":
+        raise CheckpointError(f"{path}: test_res_or_noise x0 is not supported (its x₀ is the clamped network output, "
+                              "no objective here samples that way); use x0_noise")
+    if objective is not None and objective not in trained:
+        raise CheckpointError(f"{path}: test_res_or_noise {mode} does not apply to objective {objective} "
+                              f"(it reads a model trained as {' / '.join(trained)})")
+    return {"res": "pred_res", "noise": "pred_noise"}.get(mode, objective or trained[0]), mode == "noise"
+
+
+def _second_unet(sd: dict, unet: UNetConfig, path) -> tuple[dict, UNetConfig, dict]:
+    """unet1 alone, as a one-UNet model (test_res_or_noise "noise")."""
+    if unet.share_encoder != 0:
+        raise CheckpointError(f"{path}: test_res_or_noise noise reads the second of two UNets (num_unet 2); this "
+                              f"network has share_encoder {unet.share_encoder}")
+    sd = {"unet0." + k[len("unet1."):]: v for k, v in sd.items() if k.startswith("unet1.")}
+    return sd, replace(unet, share_encoder=-1), {"unused_weights": "unet0"}
+
+
 def _fit_outputs(sd: dict, unet: UNetConfig, diffusion: DiffusionConfig, path) -> tuple[dict, UNetConfig, dict]:
     """Match the network to what the objective reads; returns (state_dict, config, info)."""
     needs = diffusion.num_outputs
@@ -232,15 +263,19 @@ def _translation(unet: UNetConfig, translation: bool | None, path) -> bool:
 
 def load_checkpoint(path: str | os.PathLike, *, objective: str | None = None, sum_scale: float | None = None,
                     timesteps: int | None = None, time_input: str | None = None, translation: bool | None = None,
-                    use_ema: bool = True, device: str = "cpu") -> LoadedModel:
+                    test_res_or_noise: str | None = None, use_ema: bool = True, device: str = "cpu") -> LoadedModel:
     """Load our ``.safetensors`` or a reference ``model-N.pt`` into a ready (eval-mode) network.
 
-    ``time_input`` ("index" | "scaled") and ``translation`` (an x_t-only network sampled towards
-    the input image) are what a reference file cannot tell (docs/OFFICIAL_VARIANTS.md)."""
+    ``time_input`` ("index" | "scaled"), ``translation`` (an x_t-only network sampled towards the input
+    image) and ``test_res_or_noise`` (which UNet(s) to read) are what a reference file cannot tell
+    (docs/OFFICIAL_VARIANTS.md)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
+    objective, second_unet = _test_mode(objective, test_res_or_noise, path)
     given = {"objective": objective, "sum_scale": sum_scale, "timesteps": timesteps, "time_input": time_input}
+    if path.suffix == ".safetensors" and test_res_or_noise is not None:
+        raise CheckpointError(f"{path}: test_res_or_noise applies to official model-N.pt checkpoints only")
     if path.suffix == ".safetensors":
         sd, meta = _read_safetensors(path)
         unet = UNetConfig.from_dict(meta["unet"])
@@ -262,7 +297,7 @@ def load_checkpoint(path: str | os.PathLike, *, objective: str | None = None, su
         sd = {k: v for k, v in sd.items() if k not in _BUFFERS}
         # the file cannot say; stated wherever the model is described
         info["time_input"] = time_input_note(diffusion.time_input)
-    sd, unet, unused = _fit_outputs(sd, unet, diffusion, path)
+    sd, unet, unused = _second_unet(sd, unet, path) if second_unet else _fit_outputs(sd, unet, diffusion, path)
     _check_time_input(unet, diffusion, path)
     info.update(unused)
     net = UnetRes(unet)
