@@ -55,7 +55,7 @@ class EngineProfile:
         c = meta.channels
         image = tuple((b, c, h, w) for b, h, w in (self.min, self.opt, self.max))
         other = {"t": tuple((s[0], *time_dims(meta.config.time_input)) for s in image), "coef": ((NUM_COEFS,),) * 3,
-                 "step_noise": tuple((meta.steps, *s) for s in image)}
+                 "step_noise": tuple((meta.plan().steps, *s) for s in image)}
         return {n: other.get(n, image) for n in KINDS[meta.graph].input_names(meta.plan().stochastic)}
 
 

@@ -54,6 +54,8 @@ TIME_INPUT_HELP = ("Reference checkpoints: what the UNet was fed as time, index 
                    "Exported models: must match.")
 TEST_MODE_HELP = ("Official checkpoints: the reference's test_res_or_noise, which UNet(s) to read: res_noise | "
                   "x0_noise (both), res (unet0's residual), noise (unet1's noise).")
+TWO_PASS_HELP = ("Reference checkpoints: sample as the official experiment 0 / root src/ ddim_sample does, K "
+                 "residual-only steps then K noise-only steps (2K network calls). Exported models: must match.")
 TRANSLATION_HELP = ("Reference checkpoints: the x_t-only network is an img2img translation model (official "
                     "img_to_img_translation, experiments 4, 5), sampled from the input image. Exported: must match.")
 
@@ -86,6 +88,7 @@ def restore(
     time_input: Optional[str] = typer.Option(None, help=TIME_INPUT_HELP),
     translation: Optional[bool] = typer.Option(None, "--translation/--no-translation", help=TRANSLATION_HELP),
     test_res_or_noise: Optional[str] = typer.Option(None, help=TEST_MODE_HELP),
+    two_pass: Optional[bool] = typer.Option(None, "--two-pass/--no-two-pass", help=TWO_PASS_HELP),
     steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the model's measured recommendation, "
                                         "else its export default)."),
     eta: Optional[float] = typer.Option(None, help="DDIM η (default: the model's)."),
@@ -135,7 +138,8 @@ def restore(
     options = dict(steps=steps, eta=eta, seed=seed, tile=tile, overlap=tile_overlap, batch=batch,
                    max_pixels=max_pixels, threads=threads, providers=providers, compile=compile or None,
                    device=device, precision=precision, objective=objective, sum_scale=sum_scale,
-                   time_input=time_input, translation=translation, test_res_or_noise=test_res_or_noise)
+                   time_input=time_input, translation=translation, test_res_or_noise=test_res_or_noise,
+                   two_pass=two_pass)
     ray_sizes = dict(workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
     if ray or ray_address is not None:
         from .cluster import RayRestorer
@@ -148,7 +152,8 @@ def restore(
     with restorer:
         if not quiet and isinstance(restorer, Restorer):
             err.print(f"backend: [bold]{escape(restorer.backend)}[/bold] ({escape(restorer.choice.reason)}); "
-                      f"{restorer.meta.graph} graph, {_steps_note(steps, restorer.meta, restorer.plan.steps)}")
+                      f"{restorer.meta.graph} graph, {_steps_note(steps, restorer.meta, restorer.plan.k)}"
+                      f"{' in two passes (experiment 0 sampler)' if restorer.plan.config.two_pass else ''}")
         summary = _run_with_progress(restorer, inputs, output, quiet=quiet or json_out, suffix=suffix, ext=ext,
                                      skip_existing=skip_existing, recursive=recursive, gt_dir=gt)
         if report:
@@ -266,6 +271,7 @@ def info(model: str = typer.Argument(..., help="ONNX model, TensorRT engine or c
          time_input: Optional[str] = typer.Option(None, help=TIME_INPUT_HELP),
          translation: Optional[bool] = typer.Option(None, "--translation/--no-translation", help=TRANSLATION_HELP),
          test_res_or_noise: Optional[str] = typer.Option(None, help=TEST_MODE_HELP),
+         two_pass: Optional[bool] = typer.Option(None, "--two-pass/--no-two-pass", help=TWO_PASS_HELP),
          steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the model's)."),
          eta: Optional[float] = typer.Option(None, help="DDIM η (default: the model's).")):
     """Print an artifact's metadata (graph kind, steps, η, precision, architecture, diffusion)."""
@@ -275,7 +281,7 @@ def info(model: str = typer.Argument(..., help="ONNX model, TensorRT engine or c
     _quiet_onnxruntime()
     path = resolve_model(model)
     stored = read_artifact_meta(path, objective=objective, sum_scale=sum_scale, time_input=time_input,
-                                translation=translation, test_res_or_noise=test_res_or_noise)
+                                translation=translation, test_res_or_noise=test_res_or_noise, two_pass=two_pass)
     meta = stored.with_sampling(steps, eta)
     plan = meta.plan(meta.steps)
     rows = [("file", f"{path} ({path.stat().st_size / 1e6:.2f} MB)"), ("format", meta.format),
@@ -310,6 +316,7 @@ def bench(
     time_input: Optional[str] = typer.Option(None, help=TIME_INPUT_HELP),
     translation: Optional[bool] = typer.Option(None, "--translation/--no-translation", help=TRANSLATION_HELP),
     test_res_or_noise: Optional[str] = typer.Option(None, help=TEST_MODE_HELP),
+    two_pass: Optional[bool] = typer.Option(None, "--two-pass/--no-two-pass", help=TWO_PASS_HELP),
     size: int = typer.Option(256, help="Square input size (rounded up to the model's size multiple)."),
     batch: int = typer.Option(1, help="Images per call."),
     steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the model's)."),
@@ -342,7 +349,7 @@ def bench(
     runner, choice = load_runner(resolve_model(model, backend), backend, threads=threads, providers=providers,
                                  device=device, precision=precision, compile=compile or None, objective=objective,
                                  sum_scale=sum_scale, time_input=time_input, translation=translation,
-                                 test_res_or_noise=test_res_or_noise, steps=steps, eta=eta)
+                                 test_res_or_noise=test_res_or_noise, two_pass=two_pass, steps=steps, eta=eta)
     with runner:
         sampler = EngineSampler(runner)
         plan = sampler.plan()

@@ -147,12 +147,14 @@ def _network(net, x_in, t: int, buffers: dict, objective: str, scaled: bool, onl
 @torch.no_grad()
 def ddim_sample(net, buffers: dict, objective: str, x_input: torch.Tensor, eps: torch.Tensor, steps: int, *,
                 condition: bool, sum_scale: float, eta: float = 0.0, zs=None, alpha_res=None, scaled: bool = False,
-                translation: bool = False, eta_forced_zero: bool = False, only_noise: bool = False) -> torch.Tensor:
+                translation: bool = False, eta_forced_zero: bool = False, only_noise: bool = False,
+                two_pass: bool = False) -> torch.Tensor:
     """The reference's few-step loop; ``eps``/``zs`` stand in for its torch.randn draws (in draw order).
 
     ``scaled``: the time input of experiments 0, 4, 5 (see :func:`_network`); ``translation``: their
     img_to_img_translation (condition on, but the network sees x_t only); ``eta_forced_zero``: experiments
-    3-5 set eta = 0 inside ddim_sample; ``only_noise``: their test_res_or_noise "noise"."""
+    3-5 set eta = 0 inside ddim_sample; ``only_noise``: their test_res_or_noise "noise"; ``two_pass``: the
+    ddim_sample of experiment 0 and the root src/ (``zs`` then holds pass 1's draws, then pass 2's)."""
     T = buffers["alphas_cumsum"].numel()
     times = list(reversed(torch.linspace(-1, T - 1, steps=steps + 1).int().tolist()))
     if condition or eta_forced_zero:
@@ -160,17 +162,25 @@ def ddim_sample(net, buffers: dict, objective: str, x_input: torch.Tensor, eps: 
     img = x_input + math.sqrt(sum_scale) * eps if condition else eps
     ac_t, b2c_t, bc_t, om_t = (buffers[k] for k in ("alphas_cumsum", "betas2_cumsum", "betas_cumsum",
                                                      "one_minus_alphas_cumsum"))
-    for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
-        x_in = torch.cat((img, x_input), dim=1) if condition and not translation else img
-        out = _network(net, x_in, t, buffers, objective, scaled, only_noise)
-        res, pred_eps, x0 = _predictions("test_noise" if only_noise else objective, out, img, x_input, ac_t[t],
-                                         bc_t[t], om_t[t], alpha_res)
-        if t_next < 0:
-            img = x0
-            continue
-        alpha = ac_t[t] - ac_t[t_next]
-        b2, b2n = b2c_t[t], b2c_t[t_next]
-        sigma2 = eta * ((b2 - b2n) * b2n / b2)
-        z = 0 if eta == 0 else zs[i]
-        img = img - alpha * res - (bc_t[t] - (b2n - sigma2).sqrt()) * pred_eps + sigma2.sqrt() * z
+    # experiment 0 / root src/: the same loop twice, first moving along the residual only, then the noise only
+    passes = ("res", "eps") if two_pass else ("both",)
+    for p, which in enumerate(passes):
+        for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
+            x_in = torch.cat((img, x_input), dim=1) if condition and not translation else img
+            out = _network(net, x_in, t, buffers, objective, scaled, only_noise)
+            res, pred_eps, x0 = _predictions("test_noise" if only_noise else objective, out, img, x_input, ac_t[t],
+                                             bc_t[t], om_t[t], alpha_res)
+            if t_next < 0:
+                img = x0
+                continue
+            alpha = ac_t[t] - ac_t[t_next]
+            b2, b2n = b2c_t[t], b2c_t[t_next]
+            sigma2 = eta * ((b2 - b2n) * b2n / b2)
+            z = 0 if eta == 0 else zs[p * steps + i]
+            if which == "res":
+                img = img - alpha * res + sigma2.sqrt() * z
+            elif which == "eps":
+                img = img - (bc_t[t] - (b2n - sigma2).sqrt()) * pred_eps + sigma2.sqrt() * z
+            else:
+                img = img - alpha * res - (bc_t[t] - (b2n - sigma2).sqrt()) * pred_eps + sigma2.sqrt() * z
     return img

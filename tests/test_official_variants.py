@@ -62,6 +62,7 @@ class Variant:
     scaled: bool = False  # experiments 0, 4, 5: the UNets are fed ᾱ_t·T / β̄_t·T (user option time_input)
     translation: bool = False  # experiments 4, 5: img_to_img_translation, an x_t-only network (option translation)
     only_noise: bool = False  # test_res_or_noise "noise": unet1's noise alone
+    two_pass: bool = False  # experiment 0 / root src/ ddim_sample (option two_pass)
 
     @property
     def network_condition(self) -> bool:
@@ -108,6 +109,19 @@ VARIANTS = [
             only_noise=True, options={"time_input": "scaled", "translation": True, "test_res_or_noise": "noise"}),
     Variant("exp6-test_noise-2unets", "ratio1", "pred_res_noise", 0, condition=False, sum_scale=1.0, eta=0.5,
             only_noise=True, two_optimizers=True, options={"test_res_or_noise": "noise"}),
+    # experiment 0 (generation, η honoured) and the root src/ (restoration): continuous time and the two-pass
+    # ddim_sample (K residual-only then K noise-only updates)
+    *[Variant(f"exp0-{o}-{'2unets' if s == 0 else '1unet'}", "ddim_linear", o, s, condition=False, sum_scale=1.0,
+              eta=eta, steps=3, scaled=True, two_pass=True, two_optimizers=True,
+              options={"time_input": "scaled", "two_pass": True})
+      for o, s, eta in (("pred_res_noise", 0, 0.5), ("pred_x0_noise", 0, 0.0), ("pred_res", -1, 0.3),
+                        ("pred_noise", -1, 0.0))],
+    Variant("exp0-test_noise-2unets", "ddim_linear", "pred_res_noise", 0, condition=False, sum_scale=1.0, steps=3,
+            scaled=True, two_pass=True, only_noise=True,
+            options={"time_input": "scaled", "two_pass": True, "test_res_or_noise": "noise"}),
+    *[Variant(f"root-{o}-{'2unets' if s == 0 else '1unet'}", "ddim_linear", o, s, steps=4, scaled=True,
+              two_pass=True, options={"time_input": "scaled", "two_pass": True})
+      for o, s in (("pred_res_noise", 0), ("pred_x0_noise", 0), ("pred_res", -1))],
 ]
 
 
@@ -147,7 +161,7 @@ def noise_for(v: Variant, seed: int = 0):
     rng = np.random.default_rng(seed)
     x_in = rng.uniform(-1, 1, SHAPE).astype(np.float32) if v.condition else np.zeros(SHAPE, np.float32)
     eps = rng.standard_normal(SHAPE, dtype=np.float32)
-    zs = [rng.standard_normal(SHAPE, dtype=np.float32) for _ in range(v.steps)]
+    zs = [rng.standard_normal(SHAPE, dtype=np.float32) for _ in range(v.steps * (2 if v.two_pass else 1))]
     return x_in, eps, zs
 
 
@@ -156,7 +170,7 @@ def oracle(v: Variant, ema, buffers, x_in, eps, zs) -> np.ndarray:
     return official.ddim_sample(ema, buffers, v.objective, t(x_in), t(eps), v.steps, condition=v.condition,
                                 sum_scale=v.sum_scale, eta=v.eta, zs=[t(z) for z in zs],
                                 alpha_res=v.alpha_res, scaled=v.scaled, translation=v.translation,
-                                only_noise=v.only_noise).numpy()
+                                only_noise=v.only_noise, two_pass=v.two_pass).numpy()
 
 
 def ours_torch(loaded, v: Variant, x_in, eps, zs) -> np.ndarray:
@@ -496,3 +510,52 @@ def test_cli_time_input_and_translation(tmp_path):
         r.stderr
     r = cli("bench", path, "--backend", "torch", "--time-input", "continuous", "--runs", 1)
     assert r.returncode == 2 and "'time_input' must be one of index, scaled" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("name, kind", [("exp0-pred_res_noise-2unets", "step"), ("exp0-pred_res_noise-2unets", "fused"),
+                                        ("root-pred_res-1unet", "unet")])
+def test_two_pass_graphs_in_onnxruntime_match_the_official_loop(tmp_path, name, kind):
+    """The two passes are 2K rows of one plan: every graph kind and runner runs them unchanged (η > 0 included)."""
+    from rddm_export.onnx_export import export_onnx
+    from rddm_infer import EngineSampler
+    from rddm_infer.backends.onnxruntime import OnnxRuntimeRunner
+
+    v = variant(name)
+    path, ema, buffers = write_variant(tmp_path, v)
+    onnx_path = export_onnx(load(path, v), tmp_path / f"{kind}.onnx", kind, steps=v.steps, eta=v.eta)
+    sampler = EngineSampler(OnnxRuntimeRunner(onnx_path))
+    assert sampler.meta.config.two_pass and sampler.meta.steps == v.steps  # K as asked; 2K network calls
+    plan = sampler.plan()
+    assert (plan.steps, plan.k, plan.stochastic) == (2 * v.steps, v.steps, v.eta > 0)
+    x_in, eps, zs = noise_for(v, 17)
+    got = sampler.run(x_in, plan, Noise.given(plan, eps, [z if plan.coefs[i, 6] > 0 else None
+                                                          for i, z in enumerate(zs)]))
+    assert np.abs(got - oracle(v, ema, buffers, x_in, eps, zs)).max() <= 1e-4
+
+
+def test_two_pass_is_an_option_of_every_entry_point(tmp_path):
+    from rddm_export.onnx_export import export_onnx
+    from rddm_infer import EngineSampler, load_model
+    from rddm_infer.backends import load_runner, read_artifact_meta
+    from rddm_infer.errors import OptionError
+    from test_cli import cli
+
+    v = variant("root-pred_res_noise-2unets")
+    path, ema, buffers = write_variant(tmp_path, v)
+    x_in, eps, zs = noise_for(v, 19)
+    want = oracle(v, ema, buffers, x_in, eps, zs)
+    one = dict(v.options, two_pass=False)
+    with load_model(path, "torch", device="cpu", steps=v.steps, **v.options) as two, \
+            load_model(path, "torch", device="cpu", steps=v.steps, **one) as single:
+        assert (two.plan.steps, single.plan.steps) == (2 * v.steps, v.steps)
+        assert np.abs(two.sampler.run(x_in, two.plan, Noise.given(two.plan, eps)) - want).max() <= 1e-5
+        assert np.abs(single.sampler.run(x_in, single.plan, Noise.given(single.plan, eps)) - want).max() > 1e-3
+    assert read_artifact_meta(path, **v.options).config.two_pass
+    step = export_onnx(load(path, v), tmp_path / "step.onnx", "step", steps=v.steps)
+    runner, _ = load_runner(step, "onnxruntime", two_pass=True)
+    assert EngineSampler(runner).plan().steps == 2 * v.steps
+    with pytest.raises(OptionError, match="two_pass False does not apply: the artifact was exported with two_pass "
+                                          "True"):
+        load_runner(step, "onnxruntime", two_pass=False)
+    r = cli("info", step, "--no-two-pass")
+    assert r.returncode == 2 and "two_pass False does not apply" in r.stderr, r.stderr

@@ -7,7 +7,7 @@ the CLI (``--backend`` help, option checks) and ``benchmarks.backends`` all read
 adding a backend is one runner module plus one row here.
 
 Model options (``objective``, ``sum_scale``, ``timesteps``, ``time_input``, ``translation``,
-``test_res_or_noise``) and sampling options
+``test_res_or_noise``, ``two_pass``) and sampling options
 (``steps``, ``eta``) mean the same for every backend: a backend that builds the model
 from a checkpoint passes the model options to :func:`rddm_infer.model.load_checkpoint`;
 an exported artifact has them baked into its metadata, and a *different* value is an
@@ -101,6 +101,8 @@ MODEL_OPTIONS = (
     Option("translation", bool, None, "an x_t-only network sampled towards the input (img2img translation)"),
     Option("test_res_or_noise", str, None, "official checkpoints: which UNet(s) to read (res: unet0, noise: unet1)",
            ("res_noise", "res", "noise", "x0_noise")),
+    Option("two_pass", bool, None, "official experiment 0 / root src/ sampler: K residual-only then K noise-only "
+           "steps"),
 )
 SAMPLING_OPTIONS = (
     Option("steps", int, None, "sampling steps (default: the model's)"),
@@ -175,7 +177,7 @@ BACKENDS: tuple[BackendSpec, ...] = (
          Option("compile", bool, False, "torch.compile the network"),
          Option("precision", str, "fp32", "fp32, or bf16 autocast", PRECISION)),
         devices=("cpu", "cuda"), model_options=("objective", "sum_scale", "timesteps", "time_input", "translation",
-                                                   "test_res_or_noise")),
+                                                   "test_res_or_noise", "two_pass")),
     BackendSpec(
         "openvino", "OpenVINO on the CPU, exact fp32 or bf16", "openvino", ("openvino",),
         ("onnx",), ".openvino:OpenVINORunner",
@@ -232,7 +234,8 @@ def split_options(spec: BackendSpec, options: Mapping[str, Any]) -> tuple[dict, 
 def check_baked_options(meta, given: Mapping[str, Any], where: str) -> None:
     """Model options against an artifact's metadata: the same value is fine, another is an error."""
     derived = {"time_input": meta.config.time_input,  # absent from older artifacts: the index t
-               "translation": meta.config.condition and not meta.unet.get("condition", True)}
+               "translation": meta.config.condition and not meta.unet.get("condition", True),
+               "two_pass": meta.config.two_pass}
     for name, value in given.items():
         have = derived[name] if name in derived else meta.diffusion.get(name)
         if have is None:

@@ -186,7 +186,7 @@ def _diffusion_from_buffers(sd: dict, given: dict, condition: bool, path="checkp
     # What the file cannot tell, the options decide; then the reference's defaults
     # (sum_scale 0.01 for restoration, 1 for generation; objective pred_res_noise).
     defaults = {"timesteps": 1000, "sum_scale": 0.01 if condition else 1.0, "objective": "pred_res_noise",
-                "time_input": "index"}
+                "time_input": "index", "two_pass": False}
     merged = {k: (given.get(k) if given.get(k) is not None else implied.get(k, defaults[k])) for k in defaults}
     merged["objective"] = _resolve_objective(sd, given.get("objective"), path) or merged["objective"]
     tables = {k: implied[k] for k in TABLES if k in implied}
@@ -263,26 +263,29 @@ def _translation(unet: UNetConfig, translation: bool | None, path) -> bool:
 
 def load_checkpoint(path: str | os.PathLike, *, objective: str | None = None, sum_scale: float | None = None,
                     timesteps: int | None = None, time_input: str | None = None, translation: bool | None = None,
-                    test_res_or_noise: str | None = None, use_ema: bool = True, device: str = "cpu") -> LoadedModel:
+                    test_res_or_noise: str | None = None, two_pass: bool | None = None, use_ema: bool = True,
+                    device: str = "cpu") -> LoadedModel:
     """Load our ``.safetensors`` or a reference ``model-N.pt`` into a ready (eval-mode) network.
 
     ``time_input`` ("index" | "scaled"), ``translation`` (an x_t-only network sampled towards the input
-    image) and ``test_res_or_noise`` (which UNet(s) to read) are what a reference file cannot tell
-    (docs/OFFICIAL_VARIANTS.md)."""
+    image), ``test_res_or_noise`` (which UNet(s) to read) and ``two_pass`` (experiment 0's sampler) are
+    what a reference file cannot tell (docs/OFFICIAL_VARIANTS.md)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     objective, second_unet = _test_mode(objective, test_res_or_noise, path)
-    given = {"objective": objective, "sum_scale": sum_scale, "timesteps": timesteps, "time_input": time_input}
+    given = {"objective": objective, "sum_scale": sum_scale, "timesteps": timesteps, "time_input": time_input,
+             "two_pass": two_pass}
     if path.suffix == ".safetensors" and test_res_or_noise is not None:
         raise CheckpointError(f"{path}: test_res_or_noise applies to official model-N.pt checkpoints only")
     if path.suffix == ".safetensors":
         sd, meta = _read_safetensors(path)
         unet = UNetConfig.from_dict(meta["unet"])
-        stored = meta["diffusion"].get("time_input", "index")
-        if time_input is not None and time_input != stored:
-            raise CheckpointError(f"{path}: --time-input {time_input} contradicts the checkpoint (time_input "
-                                  f"{stored})")
+        for name, default in (("time_input", "index"), ("two_pass", False)):  # how the network was trained
+            stored = meta["diffusion"].get(name, default)
+            if given[name] is not None and given[name] != stored:
+                raise CheckpointError(f"{path}: --{name.replace('_', '-')} {given[name]} contradicts the checkpoint "
+                                      f"({name} {stored})")
         dmeta = {**meta["diffusion"], **{k: v for k, v in given.items() if v is not None}}
         if translation is not None and _translation(unet, translation, path) != dmeta.get("condition", True):
             raise CheckpointError(f"{path}: --translation contradicts the checkpoint (condition "
