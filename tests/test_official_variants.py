@@ -99,8 +99,9 @@ VARIANTS = [
     *[Variant(f"exp{e}-{o}-{'2unets' if s == 0 else '1unet'}", sched, o, s, scaled=True, translation=True,
               sum_scale=0.05 if e == 4 else 0.01, two_optimizers=True,
               options={"time_input": "scaled", "translation": True})
-      for e, sched in ((4, "ratio1"), (5, "ddim_linear"))
-      for o, s in (("pred_res_noise", 0), ("pred_x0_noise", 0), ("pred_x0", -1), ("pred_res", -1), ("pred_noise", -1))],
+      for e, sched, cases in ((4, "ratio1", (("pred_res_noise", 0), ("pred_x0", -1), ("pred_noise", -1))),
+                              (5, "ddim_linear", (("pred_x0_noise", 0), ("pred_res", -1), ("pred_noise", -1))))
+      for o, s in cases],
     # test_res_or_noise "res" on a two-UNet file: unet0 alone, still fed ᾱ_t·T
     Variant("exp4-test_res-2unets", "ratio1", "pred_res", 0, scaled=True, translation=True, sum_scale=0.05,
             options={"time_input": "scaled", "translation": True}),
@@ -175,7 +176,7 @@ def ours_torch(loaded, v: Variant, x_in, eps, zs) -> np.ndarray:
 def error_vs_oracle(sampler, plan, v: Variant, ema, buffers, seed: int) -> float:
     """Max-abs difference between ``sampler`` (an EngineSampler) and the oracle on the same explicit noise."""
     x_in, eps, zs = noise_for(v, seed)
-    noise = Noise.given(plan, eps, [z if plan.coefs[i, 6] > 0 else None for i, z in enumerate(zs)])
+    noise = Noise.given(plan, eps, [z if plan.coefs[i, 6] > 0 else None for i, z in enumerate(zs[:plan.steps])])
     return float(np.abs(sampler.run(x_in, plan, noise) - oracle(v, ema, buffers, x_in, eps, zs)).max())
 
 
