@@ -265,8 +265,8 @@ def keep_contract_inputs(model: onnx.ModelProto, graph: torch.nn.Module, channel
     if all(n in present for n in names):
         return
     image = ["batch", channels, "height", "width"]
-    dims = {"t": ["batch", *getattr(graph, "time_dims", ())], "coef": [NUM_COEFS], "step_noise": [getattr(graph, "plan", None) and graph.plan.steps,
-                                                                  *image]}
+    dims = {"t": ["batch", *getattr(graph, "time_dims", ())], "coef": [NUM_COEFS],
+            "step_noise": [getattr(graph, "plan", None) and graph.plan.steps, *image]}
     for n in names:
         if n not in present:
             present[n] = onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, dims.get(n, image))

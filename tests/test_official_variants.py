@@ -468,14 +468,18 @@ def test_entry_points_refuse_an_unknown_value(tmp_path, options, message):
 
 
 def test_exported_time_input_is_checked_and_our_checkpoints_keep_it(tmp_path):
-    from rddm_export.onnx_export import export_onnx
     from rddm_infer.backends import load_runner
     from rddm_infer.errors import OptionError
+
+    from rddm_export.pipeline import export_all
 
     v = variant("exp5-pred_noise-1unet")
     path, _, _ = write_variant(tmp_path, v)
     loaded = load(path, v)
-    step = export_onnx(loaded, tmp_path / "step.onnx", "step", steps=v.steps)
+    (art,) = export_all(path, tmp_path / "out", graphs=("step",), steps=v.steps, validate=True,
+                        load_options={"objective": v.objective, **v.options})  # rddm-export's path, validated
+    assert art.validation.ok and art.meta.config == loaded.diffusion
+    step = art.path
     load_runner(step, "onnxruntime", time_input="scaled", translation=True)  # the same values: fine
     with pytest.raises(OptionError, match="time_input index does not apply: the artifact was exported with "
                                           "time_input scaled"):
