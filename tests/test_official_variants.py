@@ -395,9 +395,8 @@ def variant(name: str) -> Variant:
 
 
 GRAPH_CASES = [  # two UNets (a time column each) / one UNet fed β̄_t·T or ᾱ_t·T; two passes with η > 0
-    ("exp4-pred_res_noise-2unets", "unet"), ("exp4-pred_res_noise-2unets", "fused"), ("exp5-pred_noise-1unet", "unet"),
-    ("exp5-pred_noise-1unet", "step"), ("exp0-pred_res_noise-2unets", "step"), ("exp0-pred_res_noise-2unets", "fused"),
-    ("root-pred_res-1unet", "unet")]
+    ("exp4-pred_res_noise-2unets", "unet"), ("exp5-pred_noise-1unet", "unet"), ("exp5-pred_noise-1unet", "step"),
+    ("exp0-pred_res_noise-2unets", "step"), ("exp0-pred_res_noise-2unets", "fused"), ("root-pred_res-1unet", "unet")]
 
 
 @pytest.mark.parametrize("name, kind", GRAPH_CASES)
