@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from rddm_infer.cli import TEST_MODE_HELP, TIME_INPUT_HELP, TRANSLATION_HELP, TWO_PASS_HELP
 from rddm_infer.errors import RDDMError
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -34,6 +35,10 @@ def export(
     exporter: str = typer.Option("legacy", help="legacy (TorchScript) | dynamo (torch.export, opset ≥ 18)."),
     objective: Optional[str] = typer.Option(None, help="Override the objective (reference checkpoints)."),
     sum_scale: Optional[float] = typer.Option(None, help="Override sum_scale (reference checkpoints)."),
+    time_input: Optional[str] = typer.Option(None, help=TIME_INPUT_HELP),
+    translation: Optional[bool] = typer.Option(None, "--translation/--no-translation", help=TRANSLATION_HELP),
+    test_res_or_noise: Optional[str] = typer.Option(None, help=TEST_MODE_HELP),
+    two_pass: Optional[bool] = typer.Option(None, "--two-pass/--no-two-pass", help=TWO_PASS_HELP),
     online: bool = typer.Option(False, "--online", help="Use the online weights instead of the EMA."),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="Compare every artifact with PyTorch."),
     min_shape: str = typer.Option("1x64x64", help="TensorRT profile minimum, BxHxW."),
@@ -58,7 +63,8 @@ def export(
 
         trt_opts = dict(profile=EngineProfile.parse(min_shape, opt_shape, max_shape), opt_level=opt_level,
                         timing_cache=timing_cache, workspace_gb=workspace_gb)
-    load = dict(objective=objective, sum_scale=sum_scale, use_ema=not online)
+    load = dict(objective=objective, sum_scale=sum_scale, time_input=time_input, translation=translation,
+                test_res_or_noise=test_res_or_noise, two_pass=two_pass, use_ema=not online)
     log = (lambda s: None) if json_out else (lambda s: err.print(f"[dim]{escape(s)}[/dim]"))
     artifacts = export_all(checkpoint, out_dir, graphs=tuple(dict.fromkeys(graph)), fp16=fp16, int8=int8, calib=calib,
                            steps=steps, eta=eta, exporter=exporter, validate=validate, tensorrt=trt_opts, load_options=load, log=log)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rddm_infer.graph_kinds import KINDS
-from rddm_infer.sampler import step
+from rddm_infer.graph_kinds import KINDS, time_dims
+from rddm_infer.sampler import select_time, step
 from rddm_infer.schedule import COEF_NAMES, DiffusionConfig, SamplingPlan
 
-_SIGMA = COEF_NAMES.index("sigma")
+_SIGMA, _ALPHA_BAR, _BETA_BAR = (COEF_NAMES.index(n) for n in ("sigma", "alpha_bar", "beta_bar"))
 
 
 def _batch_vector(x: torch.Tensor, value) -> torch.Tensor:
@@ -23,17 +23,27 @@ def _batch_vector(x: torch.Tensor, value) -> torch.Tensor:
     return torch.ones_like(x[:, 0, 0, 0]) * value
 
 
-class _Net(nn.Module):
-    """(x_t, x_input, t) -> network outputs, concatenating the condition as the reference does."""
+def _scaled_time(x: torch.Tensor, alpha_bar, beta_bar, timesteps: int) -> torch.Tensor:
+    """(B, 2) [ᾱ_t·T, β̄_t·T], multiplied in float32 inside the graph as the reference does with its buffers."""
+    return torch.stack((_batch_vector(x, alpha_bar * timesteps), _batch_vector(x, beta_bar * timesteps)), dim=1)
 
-    def __init__(self, net: nn.Module, condition: bool):
+
+class _Net(nn.Module):
+    """(x_t, x_input, t) -> network outputs, concatenating the condition as the reference does.
+
+    ``concat``: whether the network takes x_input as channels (an img2img translation network does not);
+    ``t`` is (B,) or, for a "scaled" time input, (B, 2), routed to the network(s) by ``select_time``."""
+
+    def __init__(self, net: nn.Module, diffusion: DiffusionConfig, concat: bool | None, num_outputs: int):
         super().__init__()
         self.net = net
-        self.condition = condition
+        self.condition = diffusion.condition if concat is None else concat
+        self.num_outputs, self.objective = num_outputs, diffusion.objective
+        self.time_dims = time_dims(diffusion.time_input)
 
     def call(self, x_t, x_input, t):
         x = torch.cat((x_t, x_input), dim=1) if self.condition else x_t
-        outs = self.net(x, t)
+        outs = self.net(x, select_time(t, self.num_outputs, self.objective))
         return outs[0], (outs[1] if len(outs) > 1 else None)
 
 
@@ -42,8 +52,8 @@ class UNetGraph(_Net):
 
     input_names = KINDS["unet"].inputs
 
-    def __init__(self, net, diffusion: DiffusionConfig, num_outputs: int):
-        super().__init__(net, diffusion.condition)
+    def __init__(self, net, diffusion: DiffusionConfig, num_outputs: int, concat: bool | None = None):
+        super().__init__(net, diffusion, concat, num_outputs)
         self.output_names = KINDS["unet"].output_names(num_outputs)
 
     def forward(self, x_t, x_input, t):
@@ -57,12 +67,15 @@ class StepGraph(_Net):
     input_names = KINDS["step"].inputs
     output_names = KINDS["step"].outputs
 
-    def __init__(self, net, diffusion: DiffusionConfig):
-        super().__init__(net, diffusion.condition)
+    def __init__(self, net, diffusion: DiffusionConfig, num_outputs: int = 2, concat: bool | None = None):
+        super().__init__(net, diffusion, concat, num_outputs)
         self.diffusion = diffusion
 
     def forward(self, x_t, x_input, coef, noise):
-        out0, out1 = self.call(x_t, x_input, _batch_vector(x_t, coef[0]))
+        d = self.diffusion
+        t = _batch_vector(x_t, coef[0]) if d.time_input == "index" else \
+            _scaled_time(x_t, coef[_ALPHA_BAR], coef[_BETA_BAR], d.timesteps)
+        out0, out1 = self.call(x_t, x_input, t)
         return step(self.diffusion.objective, out0, out1, x_t, x_input, coef, noise)
 
 
@@ -71,8 +84,8 @@ class FusedGraph(_Net):
 
     output_names = KINDS["fused"].outputs
 
-    def __init__(self, net, plan: SamplingPlan):
-        super().__init__(net, plan.config.condition)
+    def __init__(self, net, plan: SamplingPlan, num_outputs: int = 2, concat: bool | None = None):
+        super().__init__(net, plan.config, concat, num_outputs)
         self.plan = plan
         self.input_names = KINDS["fused"].input_names(plan.stochastic)
 
@@ -81,21 +94,25 @@ class FusedGraph(_Net):
         x = (x_input if plan.config.condition else 0.0) + plan.init_scale() * noise
         for i in range(plan.steps):
             coef = plan.coefs[i]
-            out0, out1 = self.call(x, x_input, _batch_vector(x_input, float(coef[0])))
+            t = plan.net_time(i)  # constants: the index, or the float32 pair (ᾱ_t·T, β̄_t·T)
+            t = _batch_vector(x_input, float(t)) if not isinstance(t, tuple) else \
+                torch.stack([_batch_vector(x_input, v) for v in t], dim=1)
+            out0, out1 = self.call(x, x_input, t)
             z = step_noise[i] if (step_noise is not None and coef[_SIGMA] > 0) else None
             x, _ = step(plan.config.objective, out0, out1, x, x_input, coef, z)
         return x
 
 
 def build_graph(net: nn.Module, diffusion: DiffusionConfig, kind: str, num_outputs: int, steps: int = 5,
-                eta: float = 0.0) -> nn.Module:
-    """The wrapper module for one graph kind."""
+                eta: float = 0.0, concat: bool | None = None) -> nn.Module:
+    """The wrapper module for one graph kind (``concat``: the network takes x_input as channels;
+    default ``diffusion.condition``)."""
     if kind == "unet":
-        return UNetGraph(net, diffusion, num_outputs).eval()
+        return UNetGraph(net, diffusion, num_outputs, concat).eval()
     if kind == "step":
-        return StepGraph(net, diffusion).eval()
+        return StepGraph(net, diffusion, num_outputs, concat).eval()
     if kind == "fused":
-        return FusedGraph(net, SamplingPlan.create(diffusion, steps, eta)).eval()
+        return FusedGraph(net, SamplingPlan.create(diffusion, steps, eta), num_outputs, concat).eval()
     raise ValueError(f"unknown graph kind {kind!r}; expected unet, step or fused")
 
 
@@ -105,7 +122,7 @@ def example_inputs(graph: nn.Module, shape: tuple[int, int, int, int], steps: in
     rnd = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     b = shape[0]
     if isinstance(graph, UNetGraph):
-        return rnd(*shape), rnd(*shape).clamp(-1, 1), torch.rand(b, generator=g) * 999
+        return rnd(*shape), rnd(*shape).clamp(-1, 1), torch.rand(b, *graph.time_dims, generator=g) * 999
     if isinstance(graph, StepGraph):
         plan = SamplingPlan.create(graph.diffusion, steps)
         return rnd(*shape), rnd(*shape).clamp(-1, 1), torch.tensor(plan.coefs[0], dtype=torch.float32), rnd(*shape)

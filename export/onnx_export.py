@@ -28,7 +28,7 @@ from torch import nn
 
 from rddm_infer.artifact import ArtifactMeta
 from rddm_infer.errors import CheckpointError
-from rddm_infer.graph_kinds import dynamic_axes
+from rddm_infer.graph_kinds import dynamic_axes, time_dims
 from rddm_infer.model import LoadedModel, to_export_form
 from rddm_infer.schedule import NUM_COEFS, SamplingPlan
 
@@ -67,7 +67,7 @@ class GraphBuilder:
             model = self._whole_graph(kind, steps, eta)
         else:
             wrapper = build_graph(NetPlaceholder(loaded.unet.channels, loaded.unet.num_outputs), loaded.diffusion,
-                                  kind, loaded.unet.num_outputs, steps, eta)
+                                  kind, loaded.unet.num_outputs, steps, eta, concat=loaded.unet.condition)
             model = inline_net(trace(wrapper, loaded.unet.channels, loaded.unet.size_multiple, opset=self.opset,
                                      custom_opsets={_DOMAIN: 1}), self.net(), in_place=last)
             if last:
@@ -89,7 +89,9 @@ class GraphBuilder:
             u = self.loaded.unet
             export_form = to_export_form(copy.deepcopy(self.loaded.net).float().cpu().eval())
             t0 = time.perf_counter()
-            self._net = trace(_NetGraph(export_form), u.channels, u.size_multiple, opset=self.opset)
+            # two UNets fed a "scaled" time take its (B, 2) pair; one network gets its column (graphs.select_time)
+            dims = time_dims(self.loaded.diffusion.time_input) if u.num_outputs == 2 else ()
+            self._net = trace(_NetGraph(export_form, dims), u.channels, u.size_multiple, opset=self.opset)
             del export_form
             gc.collect()
             self.log(f"  traced the network: {len(self._net.graph.node)} nodes in {time.perf_counter() - t0:.1f} s")
@@ -103,7 +105,8 @@ class GraphBuilder:
     def _whole_graph(self, kind: str, steps: int, eta: float) -> onnx.ModelProto:
         loaded = self.loaded
         net = to_export_form(copy.deepcopy(loaded.net).float().cpu().eval())
-        graph = build_graph(net, loaded.diffusion, kind, loaded.unet.num_outputs, steps, eta)
+        graph = build_graph(net, loaded.diffusion, kind, loaded.unet.num_outputs, steps, eta,
+                            concat=loaded.unet.condition)
         t0 = time.perf_counter()
         model = trace(graph, loaded.unet.channels, loaded.unet.size_multiple, self.exporter, self.opset)
         self.log(f"  traced {kind} graph: {len(model.graph.node)} nodes in {time.perf_counter() - t0:.1f} s")
@@ -154,9 +157,10 @@ class NetPlaceholder(nn.Module):
 class _NetGraph(nn.Module):
     """The network on its own: (x, t) with x already holding the condition channels."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, time_dims: tuple[int, ...] = ()):
         super().__init__()
         self.net = net
+        self.time_dims = time_dims
         self.input_names = ("x", "t")
         self.output_names = ("out0", "out1")[:net.config.num_outputs]
         self.in_channels = net.config.in_channels
@@ -230,7 +234,8 @@ def trace(graph: torch.nn.Module, channels: int, size_multiple: int, exporter: s
     # Batch 2: the dynamo exporter silently fixes a batch of 1 even where the graph says otherwise.
     if isinstance(graph, _NetGraph):
         g = torch.Generator().manual_seed(0)
-        args = (torch.randn(2, graph.in_channels, 2 * m, 3 * m, generator=g), torch.rand(2, generator=g) * 999)
+        args = (torch.randn(2, graph.in_channels, 2 * m, 3 * m, generator=g),
+                torch.rand(2, *graph.time_dims, generator=g) * 999)
     else:
         args = example_inputs(graph, (2, channels, 2 * m, 3 * m), getattr(getattr(graph, "plan", None), "steps", 5))
     names, outs = list(graph.input_names), list(graph.output_names)
@@ -260,8 +265,8 @@ def keep_contract_inputs(model: onnx.ModelProto, graph: torch.nn.Module, channel
     if all(n in present for n in names):
         return
     image = ["batch", channels, "height", "width"]
-    dims = {"t": ["batch"], "coef": [NUM_COEFS], "step_noise": [getattr(graph, "plan", None) and graph.plan.steps,
-                                                                  *image]}
+    dims = {"t": ["batch", *getattr(graph, "time_dims", ())], "coef": [NUM_COEFS],
+            "step_noise": [getattr(graph, "plan", None) and graph.plan.steps, *image]}
     for n in names:
         if n not in present:
             present[n] = onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, dims.get(n, image))

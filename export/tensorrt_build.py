@@ -19,7 +19,7 @@ from rddm_infer.atomic import write_bytes_atomic
 from rddm_infer.artifact import ArtifactMeta
 from rddm_infer.engine_file import BuildTarget, local_target, write_engine
 from rddm_infer.errors import BackendUnavailable, RDDMError
-from rddm_infer.graph_kinds import KINDS
+from rddm_infer.graph_kinds import KINDS, time_dims
 from rddm_infer.schedule import NUM_COEFS
 
 from .artifact import Artifact, write_validated
@@ -54,8 +54,8 @@ class EngineProfile:
         self.check(meta.size_multiple)
         c = meta.channels
         image = tuple((b, c, h, w) for b, h, w in (self.min, self.opt, self.max))
-        other = {"t": tuple((s[0],) for s in image), "coef": ((NUM_COEFS,),) * 3,
-                 "step_noise": tuple((meta.steps, *s) for s in image)}
+        other = {"t": tuple((s[0], *time_dims(meta.config.time_input)) for s in image), "coef": ((NUM_COEFS,),) * 3,
+                 "step_noise": tuple((meta.plan().steps, *s) for s in image)}
         return {n: other.get(n, image) for n in KINDS[meta.graph].input_names(meta.plan().stochastic)}
 
 

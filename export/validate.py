@@ -22,7 +22,7 @@ from rddm_infer.errors import RDDMError
 from rddm_infer.graph_kinds import KINDS
 from rddm_infer.metrics import psnr
 from rddm_infer.model import LoadedModel, TorchRDDM, fold_weight_standardization
-from rddm_infer.sampler import initial_state, sample, step
+from rddm_infer.sampler import initial_state, sample, step, time_array
 from rddm_infer.schedule import COEF_NAMES
 
 from .artifact import read_metadata
@@ -133,13 +133,13 @@ def validate_onnx(path: str | os.PathLike, loaded: LoadedModel, *, meta: Artifac
         x_in, noise, zs, ref, first = _reference(torch_rddm, plan, shape, rng)
         x_t = initial_state(plan, x_in, noise=noise)
         if meta.graph == "unet":
-            t = np.full(shape[0], plan.times[0], dtype=np.float32)
+            t = time_array(plan.net_time(0), shape[0])
             names = KINDS["unet"].inputs
             got = sess.run(None, dict(zip(names, (x_t, x_in, t))))
             err = max(_max_abs(g, w) for g, w in zip(got, first))
 
             def model(x, xi, tt):
-                return sess.run(None, dict(zip(names, (x, xi, np.full(x.shape[0], tt, dtype=np.float32)))))
+                return sess.run(None, dict(zip(names, (x, xi, time_array(tt, x.shape[0])))))
 
             image = sample(model, plan, x_in, x_t, lambda i: zs[i])
         elif meta.graph == "step":

@@ -56,7 +56,7 @@ def metadata_problem(d: dict) -> str:
         (_is_number(sum_scale) and sum_scale > 0, "diffusion.sum_scale must be a finite number > 0", sum_scale),
     ]
     checks += [(isinstance(diff.get(k, ""), str), f"diffusion.{k} must be a string", diff.get(k))
-               for k in ("objective", "alpha_schedule", "beta_schedule")]
+               for k in ("objective", "alpha_schedule", "beta_schedule", "time_input")]
     for ok, msg, value in checks:
         if not ok:
             return f"{msg}, got {value!r}"

@@ -159,7 +159,7 @@ def calibrate(model: str | os.PathLike, *, size: int = 128, steps: int | None = 
                 sampler = EngineSampler(runner)
                 plan = sampler.plan(steps)
                 times, y = time_restores(sampler, plan, probe_shape(runner.meta, size), runs, warmup=1)
-            table.steps = plan.steps
+            table.steps = plan.k
             if ref is None:
                 ref = y
             entry.median_ms = round(float(np.median(times)) * 1e3, 2)

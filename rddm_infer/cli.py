@@ -45,9 +45,19 @@ BACKEND_HELP = backend_help()
 DEVICE_HELP = "auto | cpu | cuda | cuda:N (onnxruntime provider + device_id, torch device, TensorRT device_id)."
 PRECISION_HELP = ("fp32 | bf16 (torch autocast, OpenVINO inference precision); other backends run the artifact's. "
                   "auto: with --backend auto, allow a calibrated reduced precision (see bench --calibrate).")
-OBJECTIVE_HELP = ("Checkpoints: what the network predicts (pred_res_noise | pred_res | pred_noise); "
+OBJECTIVE_HELP = ("Checkpoints: what the network predicts (pred_res_noise | pred_res | pred_noise | pred_x0_noise | "
+                  "pred_x0 | pred_res_add_noise | pred_x0_add_noise | auto_res_noise); "
                   "exported models: must match the one they were exported with.")
 SUM_SCALE_HELP = "Checkpoints: the schedule's sum_scale; exported models: must match the one baked in."
+TIME_INPUT_HELP = ("Reference checkpoints: what the UNet was fed as time, index (t: official experiments 2, 3, "
+                   "6) or scaled (ᾱ_t·T / β̄_t·T: experiments 0, 4, 5, root src/); the file cannot tell. "
+                   "Exported models: must match.")
+TEST_MODE_HELP = ("Official checkpoints: the reference's test_res_or_noise, which UNet(s) to read: res_noise | "
+                  "x0_noise (both), res (unet0's residual), noise (unet1's noise).")
+TWO_PASS_HELP = ("Reference checkpoints: sample as the official experiment 0 / root src/ ddim_sample does, K "
+                 "residual-only steps then K noise-only steps (2K network calls). Exported models: must match.")
+TRANSLATION_HELP = ("Reference checkpoints: the x_t-only network is an img2img translation model (official "
+                    "img_to_img_translation, experiments 4, 5), sampled from the input image. Exported: must match.")
 
 
 def _error(msg: str) -> None:
@@ -76,6 +86,10 @@ def restore(
     precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
     objective: Optional[str] = typer.Option(None, help=OBJECTIVE_HELP),
     sum_scale: Optional[float] = typer.Option(None, help=SUM_SCALE_HELP),
+    time_input: Optional[str] = typer.Option(None, help=TIME_INPUT_HELP),
+    translation: Optional[bool] = typer.Option(None, "--translation/--no-translation", help=TRANSLATION_HELP),
+    test_res_or_noise: Optional[str] = typer.Option(None, help=TEST_MODE_HELP),
+    two_pass: Optional[bool] = typer.Option(None, "--two-pass/--no-two-pass", help=TWO_PASS_HELP),
     steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the model's measured recommendation, "
                                         "else its export default)."),
     eta: Optional[float] = typer.Option(None, help="DDIM η (default: the model's)."),
@@ -126,7 +140,9 @@ def restore(
     _quiet_onnxruntime()
     options = dict(steps=steps, eta=eta, seed=seed, tile=tile, overlap=tile_overlap, batch=batch,
                    max_pixels=max_pixels, threads=threads, providers=providers, compile=compile or None,
-                   device=device, precision=precision, objective=objective, sum_scale=sum_scale)
+                   device=device, precision=precision, objective=objective, sum_scale=sum_scale,
+                   time_input=time_input, translation=translation, test_res_or_noise=test_res_or_noise,
+                   two_pass=two_pass)
     ray_sizes = dict(workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
     if ray or ray_address is not None:
         from .cluster import RayRestorer
@@ -139,7 +155,8 @@ def restore(
     with restorer:
         if not quiet and isinstance(restorer, Restorer):
             err.print(f"backend: [bold]{escape(restorer.backend)}[/bold] ({escape(restorer.choice.reason)}); "
-                      f"{restorer.meta.graph} graph, {_steps_note(steps, restorer.meta, restorer.plan.steps)}")
+                      f"{restorer.meta.graph} graph, {_steps_note(steps, restorer.meta, restorer.plan.k)}"
+                      f"{' in two passes (experiment 0 sampler)' if restorer.plan.config.two_pass else ''}")
         summary = _run_with_progress(restorer, inputs, output, quiet=quiet or json_out, suffix=suffix, ext=ext,
                                      skip_existing=skip_existing, recursive=recursive, gt_dir=gt)
         if report:
@@ -255,6 +272,10 @@ def report(output: Path = typer.Argument(..., help="An output folder of `restore
 def info(model: str = typer.Argument(..., help="ONNX model, TensorRT engine or checkpoint."),
          objective: Optional[str] = typer.Option(None, help=OBJECTIVE_HELP),
          sum_scale: Optional[float] = typer.Option(None, help=SUM_SCALE_HELP),
+         time_input: Optional[str] = typer.Option(None, help=TIME_INPUT_HELP),
+         translation: Optional[bool] = typer.Option(None, "--translation/--no-translation", help=TRANSLATION_HELP),
+         test_res_or_noise: Optional[str] = typer.Option(None, help=TEST_MODE_HELP),
+         two_pass: Optional[bool] = typer.Option(None, "--two-pass/--no-two-pass", help=TWO_PASS_HELP),
          steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the model's)."),
          eta: Optional[float] = typer.Option(None, help="DDIM η (default: the model's).")):
     """Print an artifact's metadata (graph kind, steps, η, precision, architecture, diffusion)."""
@@ -263,7 +284,8 @@ def info(model: str = typer.Argument(..., help="ONNX model, TensorRT engine or c
 
     _quiet_onnxruntime()
     path = resolve_model(model)
-    stored = read_artifact_meta(path, objective=objective, sum_scale=sum_scale)
+    stored = read_artifact_meta(path, objective=objective, sum_scale=sum_scale, time_input=time_input,
+                                translation=translation, test_res_or_noise=test_res_or_noise, two_pass=two_pass)
     meta = stored.with_sampling(steps, eta)
     plan = meta.plan(meta.steps)
     rows = [("file", f"{path} ({path.stat().st_size / 1e6:.2f} MB)"), ("format", meta.format),
@@ -295,6 +317,10 @@ def bench(
     precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
     objective: Optional[str] = typer.Option(None, help=OBJECTIVE_HELP),
     sum_scale: Optional[float] = typer.Option(None, help=SUM_SCALE_HELP),
+    time_input: Optional[str] = typer.Option(None, help=TIME_INPUT_HELP),
+    translation: Optional[bool] = typer.Option(None, "--translation/--no-translation", help=TRANSLATION_HELP),
+    test_res_or_noise: Optional[str] = typer.Option(None, help=TEST_MODE_HELP),
+    two_pass: Optional[bool] = typer.Option(None, "--two-pass/--no-two-pass", help=TWO_PASS_HELP),
     size: int = typer.Option(256, help="Square input size (rounded up to the model's size multiple)."),
     batch: int = typer.Option(1, help="Images per call."),
     steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the model's)."),
@@ -326,7 +352,8 @@ def bench(
 
     runner, choice = load_runner(resolve_model(model, backend), backend, threads=threads, providers=providers,
                                  device=device, precision=precision, compile=compile or None, objective=objective,
-                                 sum_scale=sum_scale, steps=steps, eta=eta)
+                                 sum_scale=sum_scale, time_input=time_input, translation=translation,
+                                 test_res_or_noise=test_res_or_noise, two_pass=two_pass, steps=steps, eta=eta)
     with runner:
         sampler = EngineSampler(runner)
         plan = sampler.plan()

@@ -45,6 +45,12 @@ def graph_kind(name: str) -> GraphKind:
         raise ValueError(f"unknown graph kind {name!r}; expected one of {', '.join(GRAPH_KINDS)}") from None
 
 
+def time_dims(time_input: str) -> tuple[int, ...]:
+    """Trailing dims of a ``unet`` graph's ``t`` after the batch: none for the index t, (2,) for the
+    "scaled" pair (ᾱ_t·T, β̄_t·T) (rddm_infer.schedule.TIME_INPUTS)."""
+    return (2,) if time_input == "scaled" else ()
+
+
 def dynamic_axes(name: str) -> dict[int, str]:
     """Which axes of the input/output ``name`` are dynamic, and what they are called."""
     return dict(AXES.get(name, IMAGE_AXES))

@@ -75,7 +75,26 @@ def step(objective: str, out0, out1, x_t, x_input, coef, noise=None):
     return update(x_t, res, eps, x0, coef, noise), x0
 
 
-ModelFn = Callable[[object, object, int], Sequence[object]]
+ModelFn = Callable[[object, object, "int | tuple[float, float]"], Sequence[object]]
+
+
+def time_array(value, batch: int) -> np.ndarray:
+    """A step's network time (:meth:`SamplingPlan.net_time`) as the ``unet`` graph's ``t`` input, float32:
+    (B,) holding the index t, or (B, 2) holding (ᾱ_t·T, β̄_t·T) for a "scaled" time input."""
+    if isinstance(value, tuple):
+        return np.tile(np.asarray(value, dtype=np.float32), (batch, 1))
+    return np.full((batch,), value, dtype=np.float32)
+
+
+def select_time(time, num_outputs: int, objective: str):
+    """The time one network call gets, from ``t`` of shape (B,) or (B, 2) (numpy or torch).
+
+    (B, 2) is the reference's [ᾱ_t·T, β̄_t·T]: two UNets take a column each; one UNet takes β̄_t·T when it
+    predicts the noise (pred_noise) and ᾱ_t·T otherwise, as the official ``UnetRes.forward`` routes it.
+    """
+    if time.ndim == 1 or num_outputs == 2:
+        return time
+    return time[:, 1] if objective == "pred_noise" else time[:, 0]
 
 
 def initial_state(plan: SamplingPlan, x_input: np.ndarray, rng: np.random.Generator | None = None,
@@ -91,13 +110,14 @@ def sample(model: ModelFn, plan: SamplingPlan, x_input, x_t, step_noise: Callabl
            stop: int | None = None):
     """Run the K-step reverse loop with any model callable; returns the restored sample in [-1, 1].
 
-    ``x_input`` and ``x_t`` are arrays/tensors of the same kind; ``step_noise(i)`` supplies
+    ``x_input`` and ``x_t`` are arrays/tensors of the same kind; the model gets each step's
+    :meth:`~rddm_infer.schedule.SamplingPlan.net_time` (an int, or a float pair); ``step_noise(i)`` supplies
     z for stochastic steps (η > 0). ``stop`` = k runs only the first k steps and returns the
     state the loop holds before step k (the trainer's rollout).
     """
     for i in range(plan.steps if stop is None else stop):
         coef = plan.coefs[i]
-        outs = model(x_t, x_input, int(plan.times[i]))
+        outs = model(x_t, x_input, plan.net_time(i))
         out1 = outs[1] if len(outs) > 1 else None
         z = step_noise(i) if (step_noise is not None and coef[_I["sigma"]] > 0) else None
         x_t, _ = step(plan.config.objective, outs[0], out1, x_t, x_input, coef, z)

@@ -27,6 +27,10 @@ SCHEDULES = ("increased", "decreased", "average")
 OBJECTIVES = ("pred_res_noise", "pred_res", "pred_noise", "pred_x0_noise", "pred_res_add_noise",
               "pred_x0_add_noise", "pred_x0")
 SINGLE_OUTPUT = ("pred_res", "pred_noise", "pred_x0")  # objectives that read only the first network output
+# What the network is fed as its time (the checkpoint cannot tell; docs/OFFICIAL_VARIANTS.md):
+# "index": the step index t (official experiments 2, 3, 6, rddm-train);
+# "scaled": ᾱ_t·T to the residual UNet and β̄_t·T to the noise UNet, as floats (experiments 0, 4, 5, root src/).
+TIME_INPUTS = ("index", "scaled")
 # Explicit per-t tables a DiffusionConfig may carry: the four buffers the reference's ddim_sample
 # reads (the last two are derived from the first two when absent).
 TABLES = ("alphas_cumsum", "betas2_cumsum", "betas_cumsum", "one_minus_alphas_cumsum")
@@ -62,10 +66,18 @@ class DiffusionConfig:
     betas2_cumsum: tuple[float, ...] | None = None
     betas_cumsum: tuple[float, ...] | None = None
     one_minus_alphas_cumsum: tuple[float, ...] | None = None
+    time_input: str = "index"  # one of TIME_INPUTS
+    # Official experiment 0 / root src/ ddim_sample: K residual-only updates, then K noise-only updates
+    # (2K network calls); rddm-train and experiments 2-6 take both in one update.
+    two_pass: bool = False
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; expected one of {OBJECTIVES}")
+        if self.time_input not in TIME_INPUTS:
+            raise ValueError(f"unknown time_input {self.time_input!r}; expected one of {TIME_INPUTS}")
+        if not isinstance(self.two_pass, bool):
+            raise ValueError(f"two_pass must be true or false, got {self.two_pass!r}")
         if self.timesteps < 1:
             raise ValueError("timesteps must be >= 1")
         if not self.sum_scale > 0:
@@ -188,6 +200,7 @@ COEF_NAMES = (
     "last",  # 1.0 on the final step: return the x₀ estimate
 )
 NUM_COEFS = len(COEF_NAMES)
+_C_RES, _C_EPS = COEF_NAMES.index("c_res"), COEF_NAMES.index("c_eps")
 
 
 @dataclass(frozen=True)
@@ -198,7 +211,7 @@ class SamplingPlan:
     steps: int
     eta: float
     times: tuple[int, ...]
-    coefs: np.ndarray = field(repr=False)  # (steps, NUM_COEFS) float64
+    coefs: np.ndarray = field(repr=False)  # (steps, NUM_COEFS) float64; steps = network calls (2K if two_pass)
 
     @classmethod
     def create(cls, config: DiffusionConfig, steps: int = 5, eta: float = 0.0) -> "SamplingPlan":
@@ -222,11 +235,32 @@ class SamplingPlan:
                 row.update(c_res=ac[t] - ac[t_next], c_eps=bc[t] - np.sqrt(b2n - sigma2), sigma=np.sqrt(sigma2),
                            last=0.0)
             rows.append([float(row[n]) for n in COEF_NAMES])
-        return cls(config, steps, float(eta), tuple(grid[:-1]), np.asarray(rows, dtype=np.float64))
+        rows, times = np.asarray(rows, dtype=np.float64), tuple(grid[:-1])
+        if config.two_pass:
+            # Official experiment 0 / root src/: the K steps twice, the first pass moving x along the residual
+            # only (c_eps = 0), the second along the noise only (c_res = 0); each pass ends on its x₀ estimate.
+            res_only, noise_only = rows.copy(), rows.copy()
+            res_only[:, _C_EPS] = 0.0
+            noise_only[:, _C_RES] = 0.0
+            rows, times = np.concatenate([res_only, noise_only]), times + times
+        return cls(config, len(rows), float(eta), times, rows)
+
+    @property
+    def k(self) -> int:
+        """The K asked for: ``steps`` counts the network calls, 2K for a two-pass plan."""
+        return self.steps // 2 if self.config.two_pass else self.steps
 
     @property
     def stochastic(self) -> bool:
         return bool(np.any(self.coefs[:, COEF_NAMES.index("sigma")] > 0))
+
+    def net_time(self, i: int) -> int | tuple[float, float]:
+        """What step i feeds the network: the index t, or ("scaled") the pair (ᾱ_t·T, β̄_t·T) computed
+        in float32 as the reference multiplies its float32 buffers by T."""
+        if self.config.time_input == "index":
+            return int(self.times[i])
+        T = np.float32(self.config.timesteps)
+        return tuple(float(np.float32(self.coefs[i, COEF_NAMES.index(n)]) * T) for n in ("alpha_bar", "beta_bar"))
 
     def row(self, i: int) -> dict[str, float]:
         return dict(zip(COEF_NAMES, (float(v) for v in self.coefs[i])))

@@ -117,6 +117,9 @@ def _predictions(objective, out, x, x_input, ac, bc, om, alpha_res=None):
     if objective == "pred_noise":
         x0 = clip((x - ac * x_input - bc * out[0]) / om)
         return clip(x_input - x0), out[0], x0
+    if objective == "test_noise":  # test_res_or_noise "noise": the noise of output 1, then as pred_noise
+        x0 = clip((x - ac * x_input - bc * out[1]) / om)
+        return clip(x_input - x0), out[1], x0
     if objective in ("pred_res", "pred_x0"):  # pred_x0: experiments 4/5, one network predicting x₀
         res = clip(out[0]) if objective == "pred_res" else clip(x_input - out[0])
         eps = (x - x_input - (ac - 1) * res) / bc
@@ -124,27 +127,60 @@ def _predictions(objective, out, x, x_input, ac, bc, om, alpha_res=None):
     raise ValueError(objective)
 
 
+def _network(net, x_in, t: int, buffers: dict, objective: str, scaled: bool, only_noise: bool = False):
+    """One ``self.model(x_in, time)`` call. Experiments 2, 3, 6 pass the index t; 0, 4, 5 and the root src/
+    pass the list [alphas_cumsum[t]·T, betas_cumsum[t]·T] (float32), which their ``UnetRes.forward`` routes:
+    num_unet 2 -> unet0 gets the first, unet1 the second; num_unet 1 -> the second for pred_noise, else the first."""
+    b = x_in.shape[0]
+    index = torch.full((b,), t, dtype=torch.long)
+    if not scaled and not only_noise:
+        return net(x_in, index)
+    T = buffers["alphas_cumsum"].numel()
+    time = [buffers["alphas_cumsum"][index] * T, buffers["betas_cumsum"][index] * T] if scaled else [index, index]
+    if only_noise:  # test_res_or_noise "noise": num_unet 2 returns (0, unet1(x, time[1]))
+        return 0, net.unet1(x_in, time[1])
+    if hasattr(net, "unet1"):
+        return net.unet0(x_in, time[0]), net.unet1(x_in, time[1])
+    return [net.unet0(x_in, time[1] if objective == "pred_noise" else time[0])]
+
+
 @torch.no_grad()
 def ddim_sample(net, buffers: dict, objective: str, x_input: torch.Tensor, eps: torch.Tensor, steps: int, *,
-                condition: bool, sum_scale: float, eta: float = 0.0, zs=None, alpha_res=None) -> torch.Tensor:
-    """The reference's few-step loop; ``eps``/``zs`` stand in for its torch.randn draws (in draw order)."""
+                condition: bool, sum_scale: float, eta: float = 0.0, zs=None, alpha_res=None, scaled: bool = False,
+                translation: bool = False, eta_forced_zero: bool = False, only_noise: bool = False,
+                two_pass: bool = False) -> torch.Tensor:
+    """The reference's few-step loop; ``eps``/``zs`` stand in for its torch.randn draws (in draw order).
+
+    ``scaled``: the time input of experiments 0, 4, 5 (see :func:`_network`); ``translation``: their
+    img_to_img_translation (condition on, but the network sees x_t only); ``eta_forced_zero``: experiments
+    3-5 set eta = 0 inside ddim_sample; ``only_noise``: their test_res_or_noise "noise"; ``two_pass``: the
+    ddim_sample of experiment 0 and the root src/ (``zs`` then holds pass 1's draws, then pass 2's)."""
     T = buffers["alphas_cumsum"].numel()
     times = list(reversed(torch.linspace(-1, T - 1, steps=steps + 1).int().tolist()))
-    if condition:
+    if condition or eta_forced_zero:
         eta = 0.0  # restoration: the constructor zeroes ddim_sampling_eta
     img = x_input + math.sqrt(sum_scale) * eps if condition else eps
     ac_t, b2c_t, bc_t, om_t = (buffers[k] for k in ("alphas_cumsum", "betas2_cumsum", "betas_cumsum",
                                                      "one_minus_alphas_cumsum"))
-    for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
-        x_in = torch.cat((img, x_input), dim=1) if condition else img
-        out = net(x_in, torch.full((img.shape[0],), t, dtype=torch.long))
-        res, pred_eps, x0 = _predictions(objective, out, img, x_input, ac_t[t], bc_t[t], om_t[t], alpha_res)
-        if t_next < 0:
-            img = x0
-            continue
-        alpha = ac_t[t] - ac_t[t_next]
-        b2, b2n = b2c_t[t], b2c_t[t_next]
-        sigma2 = eta * ((b2 - b2n) * b2n / b2)
-        z = 0 if eta == 0 else zs[i]
-        img = img - alpha * res - (bc_t[t] - (b2n - sigma2).sqrt()) * pred_eps + sigma2.sqrt() * z
+    # experiment 0 / root src/: the same loop twice, first moving along the residual only, then the noise only
+    passes = ("res", "eps") if two_pass else ("both",)
+    for p, which in enumerate(passes):
+        for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
+            x_in = torch.cat((img, x_input), dim=1) if condition and not translation else img
+            out = _network(net, x_in, t, buffers, objective, scaled, only_noise)
+            res, pred_eps, x0 = _predictions("test_noise" if only_noise else objective, out, img, x_input, ac_t[t],
+                                             bc_t[t], om_t[t], alpha_res)
+            if t_next < 0:
+                img = x0
+                continue
+            alpha = ac_t[t] - ac_t[t_next]
+            b2, b2n = b2c_t[t], b2c_t[t_next]
+            sigma2 = eta * ((b2 - b2n) * b2n / b2)
+            z = 0 if eta == 0 else zs[p * steps + i]
+            if which == "res":
+                img = img - alpha * res + sigma2.sqrt() * z
+            elif which == "eps":
+                img = img - (bc_t[t] - (b2n - sigma2).sqrt()) * pred_eps + sigma2.sqrt() * z
+            else:
+                img = img - alpha * res - (bc_t[t] - (b2n - sigma2).sqrt()) * pred_eps + sigma2.sqrt() * z
     return img

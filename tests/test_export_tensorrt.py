@@ -31,6 +31,13 @@ def test_profile_covers_every_input_of_each_graph_kind():
     gen = ArtifactMeta(graph="fused", unet=TINY.to_dict(), steps=3, eta=0.5, size_multiple=2,
                        diffusion=DiffusionConfig(condition=False).to_dict())
     assert p.input_shapes(gen)["step_noise"] == tuple((3, *s) for s in image)
+    # official experiment 0 / root src/: a (B, 2) time pair, and 2K rows of step noise for the two passes
+    scaled = ArtifactMeta(graph="unet", unet=TINY.to_dict(), size_multiple=2,
+                          diffusion=DiffusionConfig(time_input="scaled").to_dict())
+    assert p.input_shapes(scaled)["t"] == ((1, 2), (2, 2), (4, 2))
+    two = ArtifactMeta(graph="fused", unet=TINY.to_dict(), steps=3, eta=0.5, size_multiple=2,
+                       diffusion=DiffusionConfig(condition=False, two_pass=True).to_dict())
+    assert p.input_shapes(two)["step_noise"] == tuple((6, *s) for s in image)
 
 
 @pytest.mark.parametrize("args, message", [

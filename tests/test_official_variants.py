@@ -59,6 +59,14 @@ class Variant:
     two_optimizers: bool = False  # experiments 0/3-6 save opt0/opt1
     options: dict = field(default_factory=dict)  # what the user passes where the file cannot tell
     tol: float = 1e-5  # max-abs against the oracle
+    scaled: bool = False  # experiments 0, 4, 5: the UNets are fed ᾱ_t·T / β̄_t·T (user option time_input)
+    translation: bool = False  # experiments 4, 5: img_to_img_translation, an x_t-only network (option translation)
+    only_noise: bool = False  # test_res_or_noise "noise": unet1's noise alone
+    two_pass: bool = False  # experiment 0 / root src/ ddim_sample (option two_pass)
+
+    @property
+    def network_condition(self) -> bool:
+        return self.condition and not self.translation
 
 
 VARIANTS = [
@@ -86,6 +94,35 @@ VARIANTS = [
     Variant("ddim-scaled_linear", "ddim_scaled_linear", "pred_res_noise", 1),
     Variant("ddim-cosine-x0_add", "ddim_cosine", "pred_x0_add_noise", 0, steps=3),
     Variant("ddim-linear-generation", "ddim_linear", "pred_res_noise", 0, condition=False, sum_scale=1.0, eta=0.5),
+    # experiments 4 (inpainting, ratio-form schedule) and 5 (translation, DDIM-converted betas): continuous time
+    # ᾱ_t·T / β̄_t·T and img_to_img_translation; neither is in the file, so the user names both
+    *[Variant(f"exp{e}-{o}-{'2unets' if s == 0 else '1unet'}", sched, o, s, scaled=True, translation=True,
+              sum_scale=0.05 if e == 4 else 0.01, two_optimizers=True,
+              options={"time_input": "scaled", "translation": True})
+      for e, sched, cases in ((4, "ratio1", (("pred_res_noise", 0), ("pred_x0", -1), ("pred_noise", -1))),
+                              (5, "ddim_linear", (("pred_x0_noise", 0), ("pred_res", -1), ("pred_noise", -1))))
+      for o, s in cases],
+    # test_res_or_noise "res" on a two-UNet file: unet0 alone, still fed ᾱ_t·T
+    Variant("exp4-test_res-2unets", "ratio1", "pred_res", 0, scaled=True, translation=True, sum_scale=0.05,
+            options={"time_input": "scaled", "translation": True}),
+    # test_res_or_noise "noise": unet1 alone (fed β̄_t·T where the time is scaled), x₀ from its noise
+    Variant("exp5-test_noise-2unets", "ddim_linear", "pred_res_noise", 0, scaled=True, translation=True,
+            only_noise=True, options={"time_input": "scaled", "translation": True, "test_res_or_noise": "noise"}),
+    Variant("exp6-test_noise-2unets", "ratio1", "pred_res_noise", 0, condition=False, sum_scale=1.0, eta=0.5,
+            only_noise=True, two_optimizers=True, options={"test_res_or_noise": "noise"}),
+    # experiment 0 (generation, η honoured) and the root src/ (restoration): continuous time and the two-pass
+    # ddim_sample (K residual-only then K noise-only updates)
+    *[Variant(f"exp0-{o}-{'2unets' if s == 0 else '1unet'}", "ddim_linear", o, s, condition=False, sum_scale=1.0,
+              eta=eta, steps=3, scaled=True, two_pass=True, two_optimizers=True,
+              options={"time_input": "scaled", "two_pass": True})
+      for o, s, eta in (("pred_res_noise", 0, 0.5), ("pred_x0_noise", 0, 0.0), ("pred_res", -1, 0.3),
+                        ("pred_noise", -1, 0.0))],
+    Variant("exp0-test_noise-2unets", "ddim_linear", "pred_res_noise", 0, condition=False, sum_scale=1.0, steps=3,
+            scaled=True, two_pass=True, only_noise=True,
+            options={"time_input": "scaled", "two_pass": True, "test_res_or_noise": "noise"}),
+    *[Variant(f"root-{o}-{'2unets' if s == 0 else '1unet'}", "ddim_linear", o, s, steps=4, scaled=True,
+              two_pass=True, options={"time_input": "scaled", "two_pass": True})
+      for o, s in (("pred_res_noise", 0), ("pred_x0_noise", 0), ("pred_res", -1))],
 ]
 
 
@@ -94,9 +131,17 @@ def load(path, v: Variant):
     return load_checkpoint(path, **{"objective": None if v.alpha_res is not None else v.objective, **v.options})
 
 
+def test_test_res_or_noise_noise_reads_the_second_unet(tmp_path):
+    v = variant("exp5-test_noise-2unets")
+    path, _, _ = write_variant(tmp_path, v)
+    loaded = load(path, v)
+    assert (loaded.diffusion.objective, loaded.unet.share_encoder, loaded.info["unused_weights"]) == \
+        ("pred_noise", -1, "unet0")
+
+
 def write_variant(tmp_path, v: Variant):
     """The checkpoint file this variant's official Trainer.save would write, and its registered buffers."""
-    cfg = net_config(v.share_encoder, v.condition)
+    cfg = net_config(v.share_encoder, v.network_condition)
     online, ema = tiny_net(cfg, seed=1), tiny_net(cfg, seed=2)
     buffers = official.registered_buffers(*SCHEDULES[v.schedule](v.sum_scale))
     params = {} if v.alpha_res is None else {"alpha_res": torch.tensor([v.alpha_res])}
@@ -109,7 +154,7 @@ def noise_for(v: Variant, seed: int = 0):
     rng = np.random.default_rng(seed)
     x_in = rng.uniform(-1, 1, SHAPE).astype(np.float32) if v.condition else np.zeros(SHAPE, np.float32)
     eps = rng.standard_normal(SHAPE, dtype=np.float32)
-    zs = [rng.standard_normal(SHAPE, dtype=np.float32) for _ in range(v.steps)]
+    zs = [rng.standard_normal(SHAPE, dtype=np.float32) for _ in range(v.steps * (2 if v.two_pass else 1))]
     return x_in, eps, zs
 
 
@@ -117,7 +162,8 @@ def oracle(v: Variant, ema, buffers, x_in, eps, zs) -> np.ndarray:
     t = torch.from_numpy
     return official.ddim_sample(ema, buffers, v.objective, t(x_in), t(eps), v.steps, condition=v.condition,
                                 sum_scale=v.sum_scale, eta=v.eta, zs=[t(z) for z in zs],
-                                alpha_res=v.alpha_res).numpy()
+                                alpha_res=v.alpha_res, scaled=v.scaled, translation=v.translation,
+                                only_noise=v.only_noise, two_pass=v.two_pass).numpy()
 
 
 def ours_torch(loaded, v: Variant, x_in, eps, zs) -> np.ndarray:
@@ -125,6 +171,13 @@ def ours_torch(loaded, v: Variant, x_in, eps, zs) -> np.ndarray:
     noise = Noise.given(plan, eps, [z if plan.coefs[i, 6] > 0 else None for i, z in enumerate(zs)])
     return TorchRDDM(loaded.net, loaded.diffusion).sample_model_space(x_in, plan, noise=noise.eps,
                                                                      step_noises=noise.steps)
+
+
+def error_vs_oracle(sampler, plan, v: Variant, ema, buffers, seed: int) -> float:
+    """Max-abs difference between ``sampler`` (an EngineSampler) and the oracle on the same explicit noise."""
+    x_in, eps, zs = noise_for(v, seed)
+    noise = Noise.given(plan, eps, [z if plan.coefs[i, 6] > 0 else None for i, z in enumerate(zs[:plan.steps])])
+    return float(np.abs(sampler.run(x_in, plan, noise) - oracle(v, ema, buffers, x_in, eps, zs)).max())
 
 
 @pytest.mark.parametrize("v", VARIANTS, ids=lambda v: v.name)
@@ -191,6 +244,16 @@ def test_ddim_converted_sum_scale_comes_from_the_options(tmp_path):
     (Variant("d", "exp2", "pred_res_noise", 1), {"objective": "auto_res_noise"}, "needs the checkpoint's alpha_res"),
     (Variant("e", "exp2", "pred_res", -1), {"objective": "pred_x0_add_noise"}, "needs 2 network outputs"),
     (Variant("f", "exp2", "pred_res_noise", 1), {"objective": "pred_magic"}, "unknown objective 'pred_magic'"),
+    # options the file cannot answer, where they do not apply to it
+    (Variant("g", "exp2", "pred_res_noise", 1), {"time_input": "scaled"},
+     "time_input scaled does not apply to a shared-encoder network"),
+    (Variant("h", "exp2", "pred_res_noise", 0), {"translation": True}, "translation does not apply"),
+    (Variant("i", "exp2", "pred_res_noise", 0), {"test_res_or_noise": "x0"}, "test_res_or_noise x0 is not supported"),
+    (Variant("j", "exp2", "pred_res_noise", 0), {"test_res_or_noise": "noise", "objective": "pred_res"},
+     "does not apply to objective"),
+    (Variant("k", "exp2", "pred_res_noise", 0), {"test_res_or_noise": "sometimes"},
+     "unknown test_res_or_noise 'sometimes'"),
+    (Variant("l", "exp2", "pred_res", -1), {"test_res_or_noise": "noise"}, "reads the second of two UNets"),
 ])
 def test_conflicts_are_clear_errors(tmp_path, v, options, message):
     path, _, _ = write_variant(tmp_path, v)
@@ -323,3 +386,153 @@ def test_restore_array_takes_explicit_noise(tmp_path):
         r.restore_array(pixels, noise=Noise.given(r.plan, np.ones((3, 8, 8), np.float32)))
     with pytest.raises(RDDMError, match="untiled image"):
         r.restore_array(np.zeros((40, 40, 3), np.uint8), noise=Noise.given(r.plan, np.ones((3, 40, 40), np.float32)))
+
+
+# -- continuous time (ᾱ_t·T / β̄_t·T) and img2img translation: every entry point and graph kind
+
+def variant(name: str) -> Variant:
+    return VARIANTS[[x.name for x in VARIANTS].index(name)]
+
+
+GRAPH_CASES = [  # two UNets (a time column each) / one UNet fed β̄_t·T or ᾱ_t·T; two passes with η > 0
+    ("exp4-pred_res_noise-2unets", "unet"), ("exp5-pred_noise-1unet", "unet"), ("exp5-pred_noise-1unet", "step"),
+    ("exp0-pred_res_noise-2unets", "step"), ("exp0-pred_res_noise-2unets", "fused"), ("root-pred_res-1unet", "unet")]
+
+
+@pytest.mark.parametrize("name, kind", GRAPH_CASES)
+def test_continuous_time_translation_and_two_pass_graphs_in_onnxruntime(tmp_path, name, kind):
+    """The exported graph knows its time input, translation and passes, and samples as the official loop."""
+    import onnxruntime as ort
+    from rddm_export.onnx_export import export_onnx
+    from rddm_infer import EngineSampler
+    from rddm_infer.backends.onnxruntime import OnnxRuntimeRunner
+
+    v = variant(name)
+    path, ema, buffers = write_variant(tmp_path, v)
+    onnx_path = export_onnx(load(path, v), tmp_path / f"{kind}.onnx", kind, steps=v.steps, eta=v.eta)
+    sampler = EngineSampler(OnnxRuntimeRunner(onnx_path))
+    d, unet = sampler.meta.config, sampler.meta.unet
+    assert (d.time_input, d.two_pass, d.condition and not unet["condition"]) == ("scaled", v.two_pass, v.translation)
+    if kind == "unet":  # the graph's time input carries the float pair (ᾱ_t·T, β̄_t·T)
+        t = {i.name: i for i in ort.InferenceSession(str(onnx_path)).get_inputs()}["t"]
+        assert t.type == "tensor(float)" and t.shape[1:] == [2]
+    plan = sampler.plan()
+    assert (sampler.meta.steps, plan.k, plan.steps, plan.stochastic) == \
+        (v.steps, v.steps, v.steps * (2 if v.two_pass else 1), v.eta > 0)  # K as asked; 2K calls for two passes
+    assert error_vs_oracle(sampler, plan, v, ema, buffers, 11) <= 1e-4
+
+
+def test_time_input_and_translation_reach_the_model_through_every_entry_point(tmp_path):
+    from rddm_infer import EngineSampler, Restorer, load_model
+    from rddm_infer.backends import load_runner, read_artifact_meta
+    from rddm_infer.model import time_input_note
+
+    v = variant("exp4-pred_res_noise-2unets")
+    path, ema, buffers = write_variant(tmp_path, v)
+
+    def error(runner):
+        sampler = EngineSampler(runner)
+        return error_vs_oracle(sampler, sampler.plan(v.steps), v, ema, buffers, 13)
+
+    runner, _ = load_runner(path, "torch", device="cpu", **v.options)
+    assert error(runner) <= 1e-5
+    assert time_input_note("scaled") in runner.description  # the choice is stated wherever the model is described
+    index, _ = load_runner(path, "torch", device="cpu", translation=True)  # time_input index: the default
+    assert "step index t" in index.description
+    assert error(index) > 1e-3  # the option changes the sampling, not only the metadata
+    with load_model(path, "torch", device="cpu", steps=v.steps, **v.options) as m, \
+            Restorer(path, "torch", device="cpu", steps=v.steps, **v.options) as r:
+        assert m.meta.config.time_input == r.meta.config.time_input == "scaled"
+        assert error_vs_oracle(m.sampler, m.plan, v, ema, buffers, 13) <= 1e-5
+    assert read_artifact_meta(path, **v.options).config.time_input == "scaled"
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"time_input": "continuous"}, "model option 'time_input' must be one of index, scaled"),
+    ({"translation": "yes"}, "model option 'translation' must be bool"),
+])
+def test_entry_points_refuse_an_unknown_value(tmp_path, options, message):
+    from rddm_infer import load_model
+    from rddm_infer.backends import load_runner, read_artifact_meta
+    from rddm_infer.errors import OptionError
+
+    path, _, _ = write_variant(tmp_path, variant("exp4-pred_res_noise-2unets"))
+    for call in (lambda: load_runner(path, "torch", device="cpu", **options),
+                 lambda: load_model(path, "torch", device="cpu", **options),
+                 lambda: read_artifact_meta(path, **options)):
+        with pytest.raises(OptionError, match=message):
+            call()
+    with pytest.raises(CheckpointError, match="unknown time_input 'continuous'"):
+        load_checkpoint(path, time_input="continuous")
+
+
+def test_exported_time_input_is_checked_and_our_checkpoints_keep_it(tmp_path):
+    from rddm_infer.backends import load_runner
+    from rddm_infer.errors import OptionError
+
+    from rddm_export.pipeline import export_all
+
+    v = variant("exp5-pred_noise-1unet")
+    path, _, _ = write_variant(tmp_path, v)
+    loaded = load(path, v)
+    (art,) = export_all(path, tmp_path / "out", graphs=("step",), steps=v.steps, validate=True,
+                        load_options={"objective": v.objective, **v.options})  # rddm-export's path, validated
+    assert art.validation.ok and art.meta.config == loaded.diffusion
+    step = art.path
+    load_runner(step, "onnxruntime", time_input="scaled", translation=True)  # the same values: fine
+    with pytest.raises(OptionError, match="time_input index does not apply: the artifact was exported with "
+                                          "time_input scaled"):
+        load_runner(step, "onnxruntime", time_input="index")
+    with pytest.raises(OptionError, match="translation False does not apply"):
+        load_runner(step, "onnxruntime", translation=False)
+    ours = save_checkpoint(tmp_path / "ours.safetensors", loaded.net, loaded.unet, loaded.diffusion)
+    assert load_checkpoint(ours).diffusion == loaded.diffusion  # time_input and translation travel with the file
+    with pytest.raises(CheckpointError, match="--time-input index contradicts the checkpoint"):
+        load_checkpoint(ours, time_input="index")
+
+
+def test_cli_time_input_and_translation(tmp_path):
+    import cv2
+    from test_cli import cli
+
+    path, _, _ = write_variant(tmp_path, variant("exp4-pred_res_noise-2unets"))
+    img = tmp_path / "a.png"
+    cv2.imwrite(str(img), np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    outs = {}
+    for tag in ("index", "scaled"):
+        r = cli("restore", img, "--model", path, "--backend", "torch", "--device", "cpu", "-o", tmp_path / tag,
+                "-q", "--translation", "--time-input", tag)
+        assert r.returncode == 0, r.stderr
+        outs[tag] = cv2.imread(str(tmp_path / tag / "a.png")).astype(int)
+    assert np.abs(outs["index"] - outs["scaled"]).max() > 2
+    r = cli("info", path, "--time-input", "scaled", "--translation", "--test-res-or-noise", "noise")
+    assert r.returncode == 0 and '"time_input": "scaled"' in r.stdout and '"objective": "pred_noise"' in r.stdout, \
+        r.stderr
+    r = cli("bench", path, "--backend", "torch", "--time-input", "continuous", "--runs", 1)
+    assert r.returncode == 2 and "'time_input' must be one of index, scaled" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_two_pass_is_an_option_of_every_entry_point(tmp_path):
+    from rddm_export.onnx_export import export_onnx
+    from rddm_infer import EngineSampler, load_model
+    from rddm_infer.backends import load_runner, read_artifact_meta
+    from rddm_infer.errors import OptionError
+    from test_cli import cli
+
+    v = variant("root-pred_res_noise-2unets")
+    path, ema, buffers = write_variant(tmp_path, v)
+    one = dict(v.options, two_pass=False)
+    with load_model(path, "torch", device="cpu", steps=v.steps, **v.options) as two, \
+            load_model(path, "torch", device="cpu", steps=v.steps, **one) as single:
+        assert (two.plan.steps, single.plan.steps) == (2 * v.steps, v.steps)
+        assert error_vs_oracle(two.sampler, two.plan, v, ema, buffers, 19) <= 1e-5
+        assert error_vs_oracle(single.sampler, single.plan, v, ema, buffers, 19) > 1e-3
+    assert read_artifact_meta(path, **v.options).config.two_pass
+    step = export_onnx(load(path, v), tmp_path / "step.onnx", "step", steps=v.steps)
+    runner, _ = load_runner(step, "onnxruntime", two_pass=True)
+    assert EngineSampler(runner).plan().steps == 2 * v.steps
+    with pytest.raises(OptionError, match="two_pass False does not apply: the artifact was exported with two_pass "
+                                          "True"):
+        load_runner(step, "onnxruntime", two_pass=False)
+    r = cli("info", step, "--no-two-pass")
+    assert r.returncode == 2 and "two_pass False does not apply" in r.stderr, r.stderr

@@ -107,3 +107,31 @@ def test_q_sample_then_exact_inversion(t, rng):
     np.testing.assert_allclose(r, res, atol=1e-9)
     r, e, x0_hat = predictions("pred_x0_noise", x0, eps, x_t, x_in, coef)
     np.testing.assert_allclose(r, res, atol=1e-12)
+
+
+def test_scaled_time_is_the_reference_float32_product():
+    """time_input scaled feeds alphas_cumsum[t]·T and betas_cumsum[t]·T as the reference computes them:
+    a float32 buffer times the int T, rounded once in float32."""
+    cfg = DiffusionConfig(time_input="scaled", sum_scale=0.3)
+    plan, s = SamplingPlan.create(cfg, 4), Schedule.from_config(cfg)
+    ac, bc = torch.tensor(s.alphas_cumsum, dtype=torch.float32), torch.tensor(s.betas_cumsum, dtype=torch.float32)
+    for i, t in enumerate(plan.times):
+        assert plan.net_time(i) == ((ac[t] * cfg.timesteps).item(), (bc[t] * cfg.timesteps).item())
+    assert SamplingPlan.create(DiffusionConfig(), 4).net_time(1) == 749  # index: the integer t
+    with pytest.raises(ValueError, match="unknown time_input 'continuous'"):
+        DiffusionConfig(time_input="continuous")
+
+
+def test_two_pass_plan_is_the_residual_pass_then_the_noise_pass():
+    cfg = DiffusionConfig(condition=False, sum_scale=1.0)
+    one, two = SamplingPlan.create(cfg, 3, 0.5), SamplingPlan.create(DiffusionConfig(**{**cfg.to_dict(),
+                                                                                        "two_pass": True}), 3, 0.5)
+    c_res, c_eps = COEF_NAMES.index("c_res"), COEF_NAMES.index("c_eps")
+    assert (two.steps, two.k, two.times) == (6, 3, one.times * 2)
+    res_pass, eps_pass = two.coefs[:3], two.coefs[3:]
+    np.testing.assert_array_equal(res_pass[:, c_res], one.coefs[:, c_res])
+    np.testing.assert_array_equal(eps_pass[:, c_eps], one.coefs[:, c_eps])
+    assert not res_pass[:, c_eps].any() and not eps_pass[:, c_res].any()
+    for part in (res_pass, eps_pass):  # the rest (time, ᾱ, β̄, σ, last: each pass ends on its x₀) as one pass
+        keep = [i for i in range(len(COEF_NAMES)) if i not in (c_res, c_eps)]
+        np.testing.assert_array_equal(part[:, keep], one.coefs[:, keep])

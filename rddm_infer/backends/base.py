@@ -22,7 +22,7 @@ import numpy as np
 from ..artifact import ArtifactMeta
 from ..errors import RDDMError
 from ..graph_kinds import KINDS
-from ..sampler import initial_state, sample
+from ..sampler import initial_state, sample, time_array
 from ..schedule import COEF_NAMES, SamplingPlan
 
 _SIGMA = COEF_NAMES.index("sigma")
@@ -208,7 +208,7 @@ class EngineSampler:
         batch = x_input.shape[0]
 
         def model(xt, xi, t):
-            outs = r.infer(dict(zip(kind.inputs, (xt, xi, put(np.full((batch,), t, dtype=np.float32))))))
+            outs = r.infer(dict(zip(kind.inputs, (xt, xi, put(time_array(t, batch))))))
             return [get(outs[k]) for k in outputs if k in outs]
 
         out = sample(model, plan, put(x_input), put(x_t), lambda i: put(noise.steps[i]))

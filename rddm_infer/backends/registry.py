@@ -6,7 +6,8 @@ its typed options, and where its runner class lives. ``choose_backend``/``load_r
 the CLI (``--backend`` help, option checks) and ``benchmarks.backends`` all read it, so
 adding a backend is one runner module plus one row here.
 
-Model options (``objective``, ``sum_scale``, ``timesteps``) and sampling options
+Model options (``objective``, ``sum_scale``, ``timesteps``, ``time_input``, ``translation``,
+``test_res_or_noise``, ``two_pass``) and sampling options
 (``steps``, ``eta``) mean the same for every backend: a backend that builds the model
 from a checkpoint passes the model options to :func:`rddm_infer.model.load_checkpoint`;
 an exported artifact has them baked into its metadata, and a *different* value is an
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import BackendUnavailable, OptionError
+from ..schedule import OBJECTIVES
 
 ARTIFACTS = {  # artifact kind -> file extensions
     "onnx": (".onnx",),
@@ -91,9 +93,16 @@ PRECISION = ("fp32", "bf16")
 
 # The same for every backend (see the module docstring).
 MODEL_OPTIONS = (
-    Option("objective", str, None, "what the network predicts", ("pred_res_noise", "pred_res", "pred_noise")),
+    Option("objective", str, None, "what the network predicts", (*OBJECTIVES, "auto_res_noise")),
     Option("sum_scale", float, None, "the schedule's Σβ² (noise level of x_T)"),
     Option("timesteps", int, None, "length of the training schedule"),
+    Option("time_input", str, None, "what the UNet is fed as time: index (t) or scaled (ᾱ_t·T / β̄_t·T)",
+           ("index", "scaled")),
+    Option("translation", bool, None, "an x_t-only network sampled towards the input (img2img translation)"),
+    Option("test_res_or_noise", str, None, "official checkpoints: which UNet(s) to read (res: unet0, noise: unet1)",
+           ("res_noise", "res", "noise", "x0_noise")),
+    Option("two_pass", bool, None, "official experiment 0 / root src/ sampler: K residual-only then K noise-only "
+           "steps"),
 )
 SAMPLING_OPTIONS = (
     Option("steps", int, None, "sampling steps (default: the model's)"),
@@ -167,7 +176,8 @@ BACKENDS: tuple[BackendSpec, ...] = (
         (DEVICE, Option("threads", int, None, "torch.set_num_threads (process-wide)"),
          Option("compile", bool, False, "torch.compile the network"),
          Option("precision", str, "fp32", "fp32, or bf16 autocast", PRECISION)),
-        devices=("cpu", "cuda"), model_options=("objective", "sum_scale", "timesteps")),
+        devices=("cpu", "cuda"), model_options=("objective", "sum_scale", "timesteps", "time_input", "translation",
+                                                   "test_res_or_noise", "two_pass")),
     BackendSpec(
         "openvino", "OpenVINO on the CPU, exact fp32 or bf16", "openvino", ("openvino",),
         ("onnx",), ".openvino:OpenVINORunner",
@@ -223,12 +233,15 @@ def split_options(spec: BackendSpec, options: Mapping[str, Any]) -> tuple[dict, 
 
 def check_baked_options(meta, given: Mapping[str, Any], where: str) -> None:
     """Model options against an artifact's metadata: the same value is fine, another is an error."""
+    derived = {"time_input": meta.config.time_input,  # absent from older artifacts: the index t
+               "translation": meta.config.condition and not meta.unet.get("condition", True),
+               "two_pass": meta.config.two_pass}
     for name, value in given.items():
-        have = meta.diffusion.get(name)
+        have = derived[name] if name in derived else meta.diffusion.get(name)
         if have is None:
             raise OptionError(f"{where}: {name} does not apply: the artifact records no {name}")
-        same = abs(float(have) - float(value)) <= 1e-6 * max(1.0, abs(float(have))) if name != "objective" \
-            else have == value
+        same = abs(float(have) - float(value)) <= 1e-6 * max(1.0, abs(float(have))) \
+            if name in ("sum_scale", "timesteps") else have == value
         if not same:
             raise OptionError(f"{where}: {name} {value} does not apply: the artifact was exported with "
                               f"{name} {have} (re-export it from the checkpoint to change it)")

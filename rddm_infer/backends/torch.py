@@ -33,7 +33,7 @@ class TorchRunner(Runner):
 
     ``precision="bf16"`` runs the network under bf16 autocast (CPU with AMX / avx512_bf16, or CUDA);
     the sampler arithmetic stays fp32. ``threads`` is torch.set_num_threads (process-wide).
-    ``objective`` / ``sum_scale`` / ``timesteps`` go to the checkpoint loader.
+    ``objective`` / ``sum_scale`` / ``timesteps`` / ``time_input`` / ``translation`` go to the checkpoint loader.
     """
 
     name = "torch"
@@ -92,5 +92,6 @@ class TorchRunner(Runner):
         x_t, x_input, t = (f if torch.is_tensor(f) else self.upload(f) for f in
                            (feeds[n] for n in UNET.inputs))
         with torch.inference_mode():
-            outs = self._rddm.model_fn(x_t, x_input, int(t.reshape(-1)[0]))
+            row = t.reshape(t.shape[0], -1)[0].tolist()  # one step's time: (B,) index or (B, 2) scaled pair
+            outs = self._rddm.model_fn(x_t, x_input, tuple(row) if len(row) == 2 else int(row[0]))
         return dict(zip(UNET.outputs, outs))

@@ -5,8 +5,8 @@ Needs the ``torch`` extra (``pip install rddm-infer[torch]``). The lean runtime
 """
 
 from .unet import UNetConfig, UnetRes, fold_weight_standardization, to_export_form
-from .checkpoint import LoadedModel, load_checkpoint, save_checkpoint, infer_unet_config
+from .checkpoint import LoadedModel, load_checkpoint, save_checkpoint, infer_unet_config, time_input_note
 from .torch_sampler import TorchRDDM
 
 __all__ = ["UNetConfig", "UnetRes", "fold_weight_standardization", "to_export_form", "LoadedModel", "load_checkpoint",
-           "save_checkpoint", "infer_unet_config", "TorchRDDM"]
+           "save_checkpoint", "infer_unet_config", "time_input_note", "TorchRDDM"]

@@ -30,10 +30,23 @@ _BUFFERS = ("alphas", "alphas_cumsum", "one_minus_alphas_cumsum", "betas2", "bet
             "alpha_res")  # experiment 3's learned auto_res_noise switch (a parameter, not a buffer)
 
 
-# The official experiments 2, 3 and 6 feed the UNet the step index t; 0, 4 and 5 feed it ᾱ_t·T / β̄_t·T, and
-# nothing in their checkpoints tells the two apart (docs/OFFICIAL_VARIANTS.md).
-TIME_INPUT_NOTE = ("UNet time input = step index t, as the official experiments 2, 3 and 6 (experiments 0, 4 and 5 "
-                   "feed ᾱ_t·T / β̄_t·T: not supported)")
+# The official experiments 2, 3 and 6 feed the UNet the step index t; 0, 4, 5 and the root src/ feed it
+# ᾱ_t·T / β̄_t·T, and nothing in their checkpoints tells the two apart (docs/OFFICIAL_VARIANTS.md): the
+# option time_input decides, and every description of a reference checkpoint states the choice.
+TIME_INPUT_NOTES = {
+    "index": "step index t (time_input index, as the official experiments 2, 3 and 6; experiments 0, 4, 5 "
+             "and the root src/ feed ᾱ_t·T / β̄_t·T: pass time_input scaled)",
+    "scaled": "ᾱ_t·T to the residual UNet, β̄_t·T to the noise UNet (time_input scaled, as the official "
+              "experiments 0, 4, 5 and the root src/; experiments 2, 3 and 6 feed the index t)",
+}
+
+
+def time_input_note(time_input: str) -> str:
+    """The stated line: which time input a reference checkpoint is sampled with, and why it is a choice."""
+    return "UNet time input = " + TIME_INPUT_NOTES[time_input]
+
+
+TIME_INPUT_NOTE = time_input_note("index")  # the default
 
 
 @dataclass
@@ -172,7 +185,8 @@ def _diffusion_from_buffers(sd: dict, given: dict, condition: bool, path="checkp
                                   f"schedule ({v})")
     # What the file cannot tell, the options decide; then the reference's defaults
     # (sum_scale 0.01 for restoration, 1 for generation; objective pred_res_noise).
-    defaults = {"timesteps": 1000, "sum_scale": 0.01 if condition else 1.0, "objective": "pred_res_noise"}
+    defaults = {"timesteps": 1000, "sum_scale": 0.01 if condition else 1.0, "objective": "pred_res_noise",
+                "time_input": "index", "two_pass": False}
     merged = {k: (given.get(k) if given.get(k) is not None else implied.get(k, defaults[k])) for k in defaults}
     merged["objective"] = _resolve_objective(sd, given.get("objective"), path) or merged["objective"]
     tables = {k: implied[k] for k in TABLES if k in implied}
@@ -184,6 +198,37 @@ def _config(path, **fields) -> DiffusionConfig:
         return DiffusionConfig(**fields)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
+
+
+TEST_MODES = ("res_noise", "res", "noise", "x0_noise", "x0")  # the reference's test_res_or_noise
+
+
+def _test_mode(objective: str | None, mode: str | None, path) -> tuple[str | None, bool]:
+    """The official ``test_res_or_noise`` (experiments 0, 3-6) -> (objective to sample with, whether the
+    second UNet alone is read). "res": unet0's residual (pred_res); "noise": unet1's noise (the pred_noise
+    formula on output 1); "res_noise" / "x0_noise": both outputs, as the objective reads them."""
+    if mode is None:
+        return objective, False
+    if mode not in TEST_MODES:
+        raise CheckpointError(f"{path}: unknown test_res_or_noise {mode!r}; expected one of {', '.join(TEST_MODES)}")
+    trained = {"res_noise": ("pred_res_noise",), "x0_noise": ("pred_x0_noise",), "res": ("pred_res_noise", "pred_res"),
+               "noise": ("pred_res_noise", "pred_x0_noise", "pred_noise")}.get(mode, ())
+    if mode == "x0":
+        raise CheckpointError(f"{path}: test_res_or_noise x0 is not supported (its x₀ is the clamped network output, "
+                              "no objective here samples that way); use x0_noise")
+    if objective is not None and objective not in trained:
+        raise CheckpointError(f"{path}: test_res_or_noise {mode} does not apply to objective {objective} "
+                              f"(it reads a model trained as {' / '.join(trained)})")
+    return {"res": "pred_res", "noise": "pred_noise"}.get(mode, objective or trained[0]), mode == "noise"
+
+
+def _second_unet(sd: dict, unet: UNetConfig, path) -> tuple[dict, UNetConfig, dict]:
+    """unet1 alone, as a one-UNet model (test_res_or_noise "noise")."""
+    if unet.share_encoder != 0:
+        raise CheckpointError(f"{path}: test_res_or_noise noise reads the second of two UNets (num_unet 2); this "
+                              f"network has share_encoder {unet.share_encoder}")
+    sd = {"unet0." + k[len("unet1."):]: v for k, v in sd.items() if k.startswith("unet1.")}
+    return sd, replace(unet, share_encoder=-1), {"unused_weights": "unet0"}
 
 
 def _fit_outputs(sd: dict, unet: UNetConfig, diffusion: DiffusionConfig, path) -> tuple[dict, UNetConfig, dict]:
@@ -200,27 +245,63 @@ def _fit_outputs(sd: dict, unet: UNetConfig, diffusion: DiffusionConfig, path) -
     return sd, unet, {}
 
 
+def _check_time_input(unet: UNetConfig, diffusion: DiffusionConfig, path) -> None:
+    if diffusion.time_input == "scaled" and unet.share_encoder == 1:
+        raise CheckpointError(f"{path}: time_input scaled does not apply to a shared-encoder network "
+                              "(share_encoder 1): the official modules that feed ᾱ_t·T / β̄_t·T build one or two "
+                              "separate UNets (num_unet 1 / 2)")
+
+
+def _translation(unet: UNetConfig, translation: bool | None, path) -> bool:
+    """Sampled towards x_input (restoration form): a network that sees x_input, or an x_t-only one
+    the user names an img2img translation network (reference img_to_img_translation, experiments 4, 5)."""
+    if translation and unet.condition:
+        raise CheckpointError(f"{path}: translation does not apply: this network takes x_input as an input "
+                              "channel (an img2img translation network sees x_t only)")
+    return unet.condition or bool(translation)
+
+
 def load_checkpoint(path: str | os.PathLike, *, objective: str | None = None, sum_scale: float | None = None,
-                    timesteps: int | None = None, use_ema: bool = True, device: str = "cpu") -> LoadedModel:
-    """Load our ``.safetensors`` or a reference ``model-N.pt`` into a ready (eval-mode) network."""
+                    timesteps: int | None = None, time_input: str | None = None, translation: bool | None = None,
+                    test_res_or_noise: str | None = None, two_pass: bool | None = None, use_ema: bool = True,
+                    device: str = "cpu") -> LoadedModel:
+    """Load our ``.safetensors`` or a reference ``model-N.pt`` into a ready (eval-mode) network.
+
+    ``time_input`` ("index" | "scaled"), ``translation`` (an x_t-only network sampled towards the input
+    image), ``test_res_or_noise`` (which UNet(s) to read) and ``two_pass`` (experiment 0's sampler) are
+    what a reference file cannot tell (docs/OFFICIAL_VARIANTS.md)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    given = {"objective": objective, "sum_scale": sum_scale, "timesteps": timesteps}
+    objective, second_unet = _test_mode(objective, test_res_or_noise, path)
+    given = {"objective": objective, "sum_scale": sum_scale, "timesteps": timesteps, "time_input": time_input,
+             "two_pass": two_pass}
+    if path.suffix == ".safetensors" and test_res_or_noise is not None:
+        raise CheckpointError(f"{path}: test_res_or_noise applies to official model-N.pt checkpoints only")
     if path.suffix == ".safetensors":
         sd, meta = _read_safetensors(path)
         unet = UNetConfig.from_dict(meta["unet"])
+        for name, default in (("time_input", "index"), ("two_pass", False)):  # how the network was trained
+            stored = meta["diffusion"].get(name, default)
+            if given[name] is not None and given[name] != stored:
+                raise CheckpointError(f"{path}: --{name.replace('_', '-')} {given[name]} contradicts the checkpoint "
+                                      f"({name} {stored})")
         dmeta = {**meta["diffusion"], **{k: v for k, v in given.items() if v is not None}}
+        if translation is not None and _translation(unet, translation, path) != dmeta.get("condition", True):
+            raise CheckpointError(f"{path}: --translation contradicts the checkpoint (condition "
+                                  f"{dmeta.get('condition')})")
         diffusion = _config(path, **{k: v for k, v in dmeta.items() if k in DiffusionConfig.__dataclass_fields__})
         info = {k: meta[k] for k in ("weights", "step") if k in meta}
     else:
         obj = _torch_load(path)
         sd, info = _unwrap_reference(obj, use_ema)
         unet = infer_unet_config(sd)
-        diffusion = _diffusion_from_buffers(sd, given, unet.condition, path)
+        diffusion = _diffusion_from_buffers(sd, given, _translation(unet, translation, path), path)
         sd = {k: v for k, v in sd.items() if k not in _BUFFERS}
-        info["time_input"] = TIME_INPUT_NOTE  # the file cannot say; stated wherever the model is described
-    sd, unet, unused = _fit_outputs(sd, unet, diffusion, path)
+        # the file cannot say; stated wherever the model is described
+        info["time_input"] = time_input_note(diffusion.time_input)
+    sd, unet, unused = _second_unet(sd, unet, path) if second_unet else _fit_outputs(sd, unet, diffusion, path)
+    _check_time_input(unet, diffusion, path)
     info.update(unused)
     net = UnetRes(unet)
     try:

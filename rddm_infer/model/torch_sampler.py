@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import RDDMError
-from ..sampler import initial_state, sample
+from ..sampler import initial_state, sample, select_time
 from ..schedule import DiffusionConfig, SamplingPlan
 from .unet import UnetRes
 
@@ -26,13 +26,24 @@ class TorchRDDM:
                             "which the sampler has no input for; it cannot be sampled here")
         self.net = net.eval().to(device)
         self.diffusion = diffusion
+        # The network's own input decides what is concatenated: an img2img translation network
+        # (reference img_to_img_translation) sees x_t only although it samples towards x_input.
+        self.concat = cfg.condition if cfg is not None else diffusion.condition
+        self.num_outputs = cfg.num_outputs if cfg is not None else 2
         self.device = torch.device(device)
         self.dtype = dtype
 
-    def model_fn(self, x_t: torch.Tensor, x_input: torch.Tensor, t: int):
-        """(x_t, x_input, t) -> network outputs, the interface every backend implements."""
-        x = torch.cat((x_t, x_input), dim=1) if self.diffusion.condition else x_t
-        time = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+    def model_fn(self, x_t: torch.Tensor, x_input: torch.Tensor, t: int | tuple[float, float]):
+        """(x_t, x_input, t) -> network outputs, the interface every backend implements.
+
+        ``t``: the step index, or the pair (ᾱ_t·T, β̄_t·T) of a "scaled" time input
+        (:meth:`~rddm_infer.schedule.SamplingPlan.net_time`)."""
+        x = torch.cat((x_t, x_input), dim=1) if self.concat else x_t
+        if isinstance(t, tuple):
+            time = torch.tensor(t, device=x.device, dtype=torch.float32).expand(x.shape[0], 2)
+            time = select_time(time, self.num_outputs, self.diffusion.objective)
+        else:
+            time = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             outs = self.net(x, time)
         return tuple(o.float() for o in outs)

@@ -341,6 +341,11 @@ class UnetRes(_Encoder):
                 self.unet1 = Unet(cfg)
 
     def forward(self, x, time):
+        """``time``: (B,), or (B, 2) for two UNets fed the reference's [ᾱ_t·T, β̄_t·T] (one column each)."""
+        if time.ndim == 2:
+            if self.config.share_encoder != 0:
+                raise ValueError("a (B, 2) time input needs two UNets; select the column for one network")
+            return self.unet0(x, time[:, 0]), self.unet1(x, time[:, 1])
         if self.config.share_encoder == 0:
             return self.unet0(x, time), self.unet1(x, time)
         if self.config.share_encoder == -1:
