@@ -31,9 +31,11 @@ def test_fp32_matches_onnxruntime(kind, tmp_path):
     assert np.abs(a).max() > 0.1  # a real image, not zeros
 
 
-def test_layernorm_rewrite_and_static_shapes_keep_the_math(tmp_path):
+def test_layernorm_rewrite_and_static_shapes_keep_the_math(tmp_path, monkeypatch):
     """Each channel LayerNorm becomes one MVN over the channel axis; static and dynamic compiles agree."""
     import onnx
+
+    import rddm_infer.backends.openvino as ov_backend
 
     path = models.onnx_model("step")
     layernorms = sum(n.op_type == "LayerNormalization" for n in onnx.load(path).graph.node)
@@ -46,6 +48,10 @@ def test_layernorm_rewrite_and_static_shapes_keep_the_math(tmp_path):
     other = X[:1, :, :8, :16]  # another size compiles another static model
     EngineSampler(runner)(other)
     assert len(runner._compiled) == 2
+    monkeypatch.setattr(ov_backend, "MAX_STATIC_SIZES", 2)  # past the cap: one shared dynamic model
+    c2 = EngineSampler(runner)(X[:1])
+    assert list(runner._compiled)[2:] == [None]
+    np.testing.assert_allclose(c2, EngineSampler(dynamic)(X[:1]), atol=1e-5)
 
 
 def test_fp16_and_int8_graphs_run(tmp_path):

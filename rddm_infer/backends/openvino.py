@@ -10,7 +10,8 @@ Two load-time changes make OpenVINO's CPU kernels faster on our graphs, neither 
 (benchmarks/NOTES.md, session 11): each channel LayerNorm, exported for ONNX Runtime as
 Transpose → LayerNormalization → Transpose, becomes one MVN over the channel axis (no transposes, no
 layout reorders around them), and with ``static_shapes`` each input size is compiled as its own static
-model (no run-time shape arithmetic; every new size compiles once, then comes from the disk cache).
+model (no run-time shape arithmetic; every new size compiles once, then comes from the disk cache;
+beyond :data:`MAX_STATIC_SIZES` sizes per runner the rest share one dynamic model).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .registry import PRECISION, parse_device, user_cache_dir
 
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 _NHWC, _NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
+MAX_STATIC_SIZES = 8  # static models compiled per runner (each ~ the weights' size in the disk cache)
 
 
 def _ov():
@@ -167,6 +169,8 @@ class OpenVINORunner(Runner):
 
     def _request_for(self, shapes: tuple | None):
         key = shapes if self.static_shapes else None
+        if key not in self._compiled and sum(k is not None for k in self._compiled) >= MAX_STATIC_SIZES:
+            key = None  # a folder of many sizes: further sizes share the dynamic model (same math, slower calls)
         if key not in self._requests:
             compiled = self._compiled.get(key) or self._compile(key)
             if not self.active:  # an infer outside activate(): a fresh request, not kept
