@@ -149,11 +149,11 @@ class OpenVINORunner(Runner):
 
     def _compile(self, shapes: tuple | None):
         """Compile the model for these input shapes (None: as exported, dynamic) and check its precision."""
-        model = self._model
-        if shapes is not None:
-            model = model.clone()
-            model.reshape({i: list(shape) for i, shape in enumerate(shapes)})
         try:
+            model = self._model
+            if shapes is not None:
+                model = model.clone()
+                model.reshape({i: list(shape) for i, shape in enumerate(shapes)})
             compiled = self._core.compile_model(model, "CPU", self._config)
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
