@@ -153,7 +153,9 @@ def onnx_variants(paths: dict[str, Path], plan, threads: int | None, providers: 
 
 def registry_variants(paths: dict[str, Path], plan, threads: int | None) -> list[Variant]:
     """Every other installed CPU backend of the registry that runs ONNX graphs (OpenVINO today), at each
-    precision it offers, on the fp32 graphs (and once on the int8 ones); options go through ``load_runner``."""
+    precision it offers, on the fp32 and int8 graphs (bf16 then runs what int8 leaves in float), plus the
+    reduced precision once with dynamic shapes where the backend compiles static ones (the lever's effect);
+    options go through ``load_runner``."""
     from rddm_infer.backends import BACKENDS, load_runner
 
     out = []
@@ -164,16 +166,21 @@ def registry_variants(paths: dict[str, Path], plan, threads: int | None) -> list
         prec = spec.option("precision")
         for key, path in paths.items():
             kind, graph_prec = key.split("_")
-            for p in (prec.choices if prec else (None,)) if graph_prec == "fp32" else (prec.default if prec else None,):
-                opts = {"precision": p} if p else {}
+            precs = list(prec.choices) if prec else [None]
+            combos = [(p, None) for p in precs] + \
+                ([(precs[-1], False)] if spec.option("static_shapes") and graph_prec == "fp32" else [])
+            for p, st in combos:
+                opts = {k: v for k, v in (("precision", p), ("static_shapes", st)) if v is not None}
                 try:
                     runner, _ = load_runner(path, spec.name, device="cpu", threads=threads, **opts)
                 except Exception as e:  # e.g. bf16 on a CPU without it: reported, not fatal
                     print(f"{spec.name} {key} {p}: not run ({e})", flush=True)
                     continue
-                reduced = graph_prec == "fp32" and p not in (None, "fp32")
-                label = f"{spec.name} {kind} {graph_prec}" + (f" ({p} inference)" if reduced else "")
-                out.append(Variant(label, _engine(runner, plan), kind, p if reduced else graph_prec))
+                reduced = p not in (None, "fp32")
+                label = f"{spec.name} {kind} {graph_prec}" + (f" ({p} inference)" if reduced else "") + \
+                    (", dynamic shapes" if st is False else "")
+                prec_label = (p if graph_prec == "fp32" else f"{graph_prec}+{p}") if reduced else graph_prec
+                out.append(Variant(label, _engine(runner, plan), kind, prec_label))
     return out
 
 

@@ -31,6 +31,29 @@ def test_fp32_matches_onnxruntime(kind, tmp_path):
     assert np.abs(a).max() > 0.1  # a real image, not zeros
 
 
+def test_layernorm_rewrite_and_static_shapes_keep_the_math(tmp_path, monkeypatch):
+    """Each channel LayerNorm becomes one MVN over the channel axis; static and dynamic compiles agree."""
+    import onnx
+
+    import rddm_infer.backends.openvino as ov_backend
+
+    path = models.onnx_model("step")
+    layernorms = sum(n.op_type == "LayerNormalization" for n in onnx.load(path).graph.node)
+    a, b, runner = _pair(path, tmp_path, precision="fp32")
+    assert layernorms > 0 and runner.layernorms_rewritten == layernorms
+    _, c, dynamic = _pair(path, tmp_path, precision="fp32", static_shapes=False)
+    assert list(runner._compiled) == [tuple(x.shape for x in (X, X, np.zeros(8), X))] and list(dynamic._compiled) == [None]
+    np.testing.assert_allclose(b, a, atol=1e-5)
+    np.testing.assert_allclose(c, a, atol=1e-5)
+    other = X[:1, :, :8, :16]  # another size compiles another static model
+    EngineSampler(runner)(other)
+    assert len(runner._compiled) == 2
+    monkeypatch.setattr(ov_backend, "MAX_STATIC_SIZES", 2)  # past the cap: one shared dynamic model
+    c2 = EngineSampler(runner)(X[:1])
+    assert list(runner._compiled)[2:] == [None]
+    np.testing.assert_allclose(c2, EngineSampler(dynamic)(X[:1]), atol=1e-5)
+
+
 def test_fp16_and_int8_graphs_run(tmp_path):
     from rddm_export.int8 import quantize_int8, synthetic_calibration
 
@@ -58,6 +81,7 @@ def test_compiled_model_is_cached_and_options_checked(tmp_path):
     cache = tmp_path / "cache"
     r, choice = load_runner(models.onnx_model("step"), "openvino", threads=1, cache_dir=str(cache))
     assert choice.backend == "openvino" and r.description == "openvino (CPU, fp32 exact, 1 threads)"
+    EngineSampler(r)(X)  # static shapes: the first call of a size compiles it
     assert any(cache.iterdir()), "no compiled blob in the cache folder"
     with pytest.raises(OptionError, match="--device cuda: the openvino backend runs on cpu"):
         load_runner(models.onnx_model("step"), "openvino", device="cuda")

@@ -5,6 +5,13 @@ CPUs with AMX / avx512_bf16, silently. ``precision="fp32"`` is exact (matches ON
 ~1e-5); ``"bf16"`` is the fast mode on such CPUs. The precision OpenVINO actually compiled for
 is read back and stated in :attr:`description`; a mismatch is an error, never a quiet fallback.
 Compiling takes seconds, so the compiled model is cached on disk (``cache_dir``; ``""`` disables).
+
+Two load-time changes make OpenVINO's CPU kernels faster on our graphs, neither changes the math
+(benchmarks/NOTES.md, session 11): each channel LayerNorm, exported for ONNX Runtime as
+Transpose → LayerNormalization → Transpose, becomes one MVN over the channel axis (no transposes, no
+layout reorders around them), and with ``static_shapes`` each input size is compiled as its own static
+model (no run-time shape arithmetic; every new size compiles once, then comes from the disk cache;
+beyond :data:`MAX_STATIC_SIZES` sizes per runner the rest share one dynamic model).
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from .base import Runner
 from .registry import PRECISION, parse_device, user_cache_dir
 
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+_NHWC, _NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
+MAX_STATIC_SIZES = 8  # static models compiled per runner (each ~ the weights' size in the disk cache)
 
 
 def _ov():
@@ -35,13 +44,67 @@ def default_cache_dir() -> Path:
     return user_cache_dir("openvino")
 
 
+def _const(node) -> np.ndarray | None:
+    return node.get_data() if node.get_type_name() == "Constant" else None
+
+
+def _order(transpose) -> list[int] | None:
+    order = _const(transpose.input_value(1).get_node())
+    return None if order is None else [int(v) for v in order.reshape(-1)]
+
+
+def channel_layernorms(model) -> int:
+    """Rewrite ``Transpose(0,2,3,1) → MVN(last axis) → ×g → +b → Transpose(0,3,1,2)`` into
+    ``MVN(axis 1) × g + b`` in NCHW (in place); returns how many. Same eps, same eps mode: same math."""
+    from openvino import opset13 as ops
+
+    count = 0
+    for mvn in model.get_ordered_ops():
+        if mvn.get_type_name() != "MVN" or mvn.get_input_size() != 2:
+            continue
+        first = mvn.input_value(0).get_node()
+        if first.get_type_name() != "Transpose" or _order(first) != _NHWC or len(first.input_value(0).get_partial_shape()) != 4:
+            continue
+        axes = _const(mvn.input_value(1).get_node())  # the ONNX frontend computes LayerNormalization's axes:
+        if axes is None:  # from axis to the rank, so one axis (a static shape of [1]) is the last one
+            shape = mvn.input_value(1).get_partial_shape()
+            if not (shape.is_static and list(shape.to_shape()) == [1]):
+                continue
+        elif [int(a) % 4 for a in axes.reshape(-1)] != [3]:
+            continue
+        affine, node = [], mvn
+        while True:
+            users = [i.get_node() for i in node.output(0).get_target_inputs()]
+            if len(users) != 1:
+                break
+            node = users[0]
+            k = _const(node.input_value(1).get_node()) if node.get_type_name() in ("Multiply", "Add") else None
+            if k is None or k.ndim != 1:
+                break
+            affine.append((node.get_type_name(), k))
+        if node.get_type_name() != "Transpose" or _order(node) != _NCHW:
+            continue
+        a = mvn.get_attributes()
+        y = ops.mvn(first.input_value(0), ops.constant(np.array([1], np.int64)), a["normalize_variance"], a["eps"],
+                    a["eps_mode"].lower())
+        for op, k in affine:
+            k = ops.constant(np.ascontiguousarray(k.reshape(1, -1, 1, 1)))
+            y = ops.multiply(y, k) if op == "Multiply" else ops.add(y, k)
+        for target in list(node.output(0).get_target_inputs()):
+            target.replace_source_output(y.output(0))
+        count += 1
+    if count:
+        model.validate_nodes_and_infer_types()
+    return count
+
+
 class OpenVINORunner(Runner):
     """An ONNX artifact compiled by OpenVINO for the CPU, with one reusable infer request."""
 
     name = "openvino"
 
     def __init__(self, path: str | os.PathLike, precision: str = "fp32", threads: int | None = None,
-                 cache_dir: str | os.PathLike | None = None, device: str | None = None):
+                 cache_dir: str | os.PathLike | None = None, device: str | None = None, static_shapes: bool = True):
         ov = _ov()
         self.path = Path(path)
         if not self.path.is_file():
@@ -51,9 +114,12 @@ class OpenVINORunner(Runner):
                                      f"(use onnxruntime or tensorrt on a CUDA GPU)")
         if precision not in PRECISION:
             raise OptionError(f"openvino option 'precision' must be one of {', '.join(PRECISION)}, got {precision!r}")
-        self.precision, self.threads = precision, threads
+        self.precision, self.threads, self.static_shapes = precision, threads, bool(static_shapes)
         self.cache_dir = default_cache_dir() if cache_dir is None else (Path(cache_dir) if str(cache_dir) else None)
-        core = ov.Core()
+        self._core = core = ov.Core()
+        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            raise BackendUnavailable("openvino: bf16 was asked for but this CPU has no bf16 support "
+                                     "(bf16 needs AMX or avx512_bf16); use --precision fp32")
         try:
             model = core.read_model(str(self.path))
         except Exception as e:
@@ -63,27 +129,54 @@ class OpenVINORunner(Runner):
             raise CheckpointError(f"{self.path}: ONNX model has no '{META_KEY}' metadata; export it with rddm-export")
         super().__init__(ArtifactMeta.from_json(model.get_rt_info(["framework", META_KEY]).astype(str),
                                                 where=str(self.path)))
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": OV_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY"}
+        self.layernorms_rewritten = channel_layernorms(model)
+        self._model = model
+        self._config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": OV_PRECISION[precision],
+                                        "PERFORMANCE_HINT": "LATENCY"}
         if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
+            self._config["INFERENCE_NUM_THREADS"] = int(threads)
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            config["CACHE_DIR"] = str(self.cache_dir)
-        try:  # from the path: the cache then skips reading and compiling the model on later runs
-            self.compiled = core.compile_model(str(self.path), "CPU", config)
+            self._config["CACHE_DIR"] = str(self.cache_dir)
+        # A port can carry several tensor names (any_name may pick an internal one): index them all.
+        self._inputs = {n: i for i, port in enumerate(model.inputs) for n in port.get_names()}
+        self._outputs = {n: i for i, port in enumerate(model.outputs) for n in port.get_names()}
+        self._compiled: dict[tuple | None, Any] = {}  # input shapes (None: dynamic) -> compiled model
+        self._requests: dict[tuple | None, Any] = {}
+        self.compiled_precision = None
+        if not self.static_shapes:
+            self._compile(None)
+
+    def _compile(self, shapes: tuple | None):
+        """Compile the model for these input shapes (None: as exported, dynamic) and check its precision."""
+        try:
+            model = self._model
+            if shapes is not None:
+                model = model.clone()
+                model.reshape({i: list(shape) for i, shape in enumerate(shapes)})
+            compiled = self._core.compile_model(model, "CPU", self._config)
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise RDDMError(f"{self.path}: OpenVINO could not compile the model ({first[:200]})") from None
-        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        hint = compiled.get_property("INFERENCE_PRECISION_HINT")
         got = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
         self.compiled_precision = {"float32": "fp32", "f32": "fp32", "bfloat16": "bf16", "bf16": "bf16"}.get(got, got)
-        if self.compiled_precision != precision:
-            raise BackendUnavailable(f"openvino: {precision} was asked for but this CPU runs {got} "
+        if self.compiled_precision != self.precision:
+            raise BackendUnavailable(f"openvino: {self.precision} was asked for but this CPU runs {got} "
                                      f"(bf16 needs AMX or avx512_bf16); use --precision fp32")
-        # A port can carry several tensor names (any_name may pick an internal one): index them all.
-        self._inputs = {n: i for i, port in enumerate(self.compiled.inputs) for n in port.get_names()}
-        self._outputs = {n: port for port in self.compiled.outputs for n in port.get_names()}
-        self._request = None
+        self._compiled[shapes] = compiled
+        return compiled
+
+    def _request_for(self, shapes: tuple | None):
+        key = shapes if self.static_shapes else None
+        if key not in self._compiled and sum(k is not None for k in self._compiled) >= MAX_STATIC_SIZES:
+            key = None  # a folder of many sizes: further sizes share the dynamic model (same math, slower calls)
+        if key not in self._requests:
+            compiled = self._compiled.get(key) or self._compile(key)
+            if not self.active:  # an infer outside activate(): a fresh request, not kept
+                return compiled.create_infer_request()
+            self._requests[key] = compiled.create_infer_request()
+        return self._requests[key]
 
     @property
     def description(self) -> str:
@@ -91,19 +184,18 @@ class OpenVINORunner(Runner):
         graph = "" if self.meta.precision == "fp32" else f", {self.meta.precision} graph"
         return f"openvino (CPU, {exact}{graph}{f', {self.threads} threads' if self.threads else ''})"
 
-    def _activate(self) -> None:
-        self._request = self.compiled.create_infer_request()
-
     def _deactivate(self) -> None:
-        self._request = None
+        self._requests = {}
 
     def infer(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        request = self._request or self.compiled.create_infer_request()
         feeds = {self._inputs[k]: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()
                  if k in self._inputs}
-        try:
-            results = request.infer(feeds)
+        shapes = tuple(feeds[i].shape for i in sorted(feeds)) if len(feeds) == len(self._model.inputs) else None
+        request = self._request_for(shapes)
+        try:  # share_inputs: OpenVINO reads the numpy buffers in place instead of copying them in
+            results = request.infer(feeds, share_inputs=True)
         except Exception as e:  # e.g. out of memory for a huge tile: that image fails, the run goes on
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise RDDMError(f"{self.path.name}: inference failed ({first[:200]})") from None
-        return {n: np.array(results[port]) for n, port in self._outputs.items()}
+        values = results.to_tuple()
+        return {n: np.array(values[i]) for n, i in self._outputs.items()}

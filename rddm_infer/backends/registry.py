@@ -182,7 +182,9 @@ BACKENDS: tuple[BackendSpec, ...] = (
         "openvino", "OpenVINO on the CPU, exact fp32 or bf16", "openvino", ("openvino",),
         ("onnx",), ".openvino:OpenVINORunner",
         (DEVICE, THREADS, Option("precision", str, "fp32", "fp32 (exact) or bf16 (AMX / avx512_bf16)", PRECISION),
-         Option("cache_dir", str, None, "compiled-model cache (default: user cache dir; '' disables)")),
+         Option("cache_dir", str, None, "compiled-model cache (default: user cache dir; '' disables)"),
+         Option("static_shapes", bool, True, "compile each input size as a static model (faster calls; "
+                                             "each new size compiles once)")),
         devices=("cpu",)),
 )
 BY_NAME = {b.name: b for b in BACKENDS}
