@@ -183,11 +183,14 @@ def restore(
 
 def _steps_note(asked: int | None, meta, steps: int) -> str:
     """Where the step count came from: the user, the model's measured recommendation, or its export default."""
+    # The reference samples K = T with its posterior-form p_sample_loop, not the DDIM update run here: say so.
+    full = ("; K = T runs the DDIM update, not the reference's p_sample_loop"
+            if steps == (meta.diffusion or {}).get("timesteps") else "")
     if asked is not None:
-        return f"--steps {steps}"
+        return f"--steps {steps}{full}"
     measured = meta.recommended_steps is not None and meta.graph != "fused"
     count = f"{steps} step{'s' * (steps != 1)}"
-    return f"{count} (the model's recommended)" if measured else count
+    return (f"{count} (the model's recommended)" if measured else count) + full
 
 
 def _run_with_progress(restorer, inputs, output, *, quiet: bool, **kw):

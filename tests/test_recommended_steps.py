@@ -145,3 +145,13 @@ def test_anchors_score_classical_denoisers_on_the_same_noisy_files(sets, tmp_pat
     rows = json.loads(out.read_text())
     assert [(r["data"], r["method"]) for r in rows] == [(d, "nlm") for d in ("clean", "clean gray", "pairs/noisy")]
     assert all(r["psnr"] > r["psnr_in"] + 2 for r in rows)  # smooth images: non-local means must gain a lot
+
+
+def test_steps_equal_to_t_say_that_the_reference_would_sample_otherwise():
+    """K = T: the reference switches to its posterior-form p_sample_loop; the DDIM update run here is stated."""
+    from rddm_infer.cli import _steps_note
+
+    meta = ArtifactMeta(graph="step", unet={"share_encoder": -1}, diffusion={"timesteps": 10}, recommended_steps=1)
+    assert _steps_note(10, meta, 10) == "--steps 10; K = T runs the DDIM update, not the reference's p_sample_loop"
+    assert _steps_note(None, meta, 1) == "1 step (the model's recommended)"
+    assert "p_sample_loop" not in _steps_note(9, meta, 9)
