@@ -369,6 +369,7 @@ def test_an_empty_folder_or_imageless_glob_is_a_failure_that_says_so(model, tmp_
 
 _KILL_AT_RENAME = """
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as on a terminal, even if started with SIGINT ignored
 real = os.replace
 count = [0]
 def replace(src, dst):
