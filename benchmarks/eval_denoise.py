@@ -162,6 +162,13 @@ def write_recommended(model: Path, steps: int) -> None:
         onnx.save(m, str(tmp))
 
 
+def _runs(restorer, a) -> list:
+    """One evaluation per (folder, gray or not, σ), then the real pairs: what ``restorer`` is scored on."""
+    runs = [lambda f=f, s=s, g=g: evaluate(restorer, f, s, a.limit, g)
+            for f in a.data for g in ((False, True) if a.gray else (False,)) for s in a.sigma]
+    return runs + ([lambda: evaluate_pairs(restorer, *a.pairs, a.limit)] if a.pairs else [])
+
+
 def _print(res: dict, what: str) -> None:
     sigma = "real " if res["sigma"] is None else f"σ={res['sigma']:4.0f}"
     print(f"{res['data']:16s} {sigma} {what:>8s}: PSNR {res['psnr']:.2f} dB (input {res['psnr_in']:.2f}), "
@@ -200,23 +207,17 @@ def main(argv=None):
     results = []
     opts = {"threads": a.threads} if a.threads else {}
     try:
-        with Restorer(a.model, a.backend, steps=(a.steps or [None])[0], tile=a.tile, **opts) as r:
-            print(f"model {a.model or 'built-in'} on {r.backend}, tile {a.tile}")
-            for k in [] if a.only_anchors else a.steps or [None]:
-                r.plan = r.sampler.plan(k)  # same session, another step count
-                runs = [lambda f=f, s=s, g=g: evaluate(r, f, s, a.limit, g)
-                        for f in a.data for g in ((False, True) if a.gray else (False,)) for s in a.sigma]
-                runs += [lambda: evaluate_pairs(r, *a.pairs, a.limit)] if a.pairs else []
-                for run in runs:
-                    res = {**run(), "steps": r.plan.steps, "method": "model"}
-                    results.append(res)
-                    _print(res, f"{res['steps']:2d} steps")
+        if not a.only_anchors:
+            with Restorer(a.model, a.backend, steps=(a.steps or [None])[0], tile=a.tile, **opts) as r:
+                print(f"model {a.model or 'built-in'} on {r.backend}, tile {a.tile}")
+                for k in a.steps or [None]:
+                    r.plan = r.sampler.plan(k)  # same session, another step count
+                    for run in _runs(r, a):
+                        res = {**run(), "steps": r.plan.steps, "method": "model"}
+                        results.append(res)
+                        _print(res, f"{res['steps']:2d} steps")
         for name in a.anchor:
-            anchor = Anchor(name)
-            runs = [lambda f=f, s=s, g=g: evaluate(anchor, f, s, a.limit, g)
-                    for f in a.data for g in ((False, True) if a.gray else (False,)) for s in a.sigma]
-            runs += [lambda: evaluate_pairs(anchor, *a.pairs, a.limit)] if a.pairs else []
-            for run in runs:
+            for run in _runs(Anchor(name), a):
                 res = {**run(), "method": name}
                 results.append(res)
                 _print(res, name)

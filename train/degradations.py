@@ -105,9 +105,14 @@ def low_light(img: np.ndarray, rng: np.random.Generator, gamma: Range = (1.5, 3.
     return dark + (draw(rng, sigma) / 255.0) * rng.standard_normal(img.shape, dtype=np.float32)
 
 
+# BT.601 RGB -> YCbCr (luma row = _luma's weights) and back, for the in-camera chroma noise reduction.
+_TO_YCC = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], np.float32)
+_FROM_YCC = np.linalg.inv(_TO_YCC).astype(np.float32)
+
+
 def _luma(img: np.ndarray) -> np.ndarray:
     """ITU-R BT.601 luma, the weights OpenCV (and most scanners) use to make a gray image from RGB."""
-    return img @ np.array([0.299, 0.587, 0.114], np.float32)
+    return img @ _TO_YCC[0]
 
 
 def gray_gaussian(img: np.ndarray, rng: np.random.Generator,
@@ -242,11 +247,10 @@ def chroma_smooth(noise: np.ndarray, rng: np.random.Generator, sigma: Range) -> 
     s = draw(rng, sigma)
     if s <= 0:
         return noise
-    to_ycc = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], np.float32)
-    ycc = noise.astype(np.float32) @ to_ycc.T
+    ycc = noise.astype(np.float32) @ _TO_YCC.T
     for c in (1, 2):
         ycc[..., c] = cv2.GaussianBlur(ycc[..., c], (0, 0), s, borderType=cv2.BORDER_REFLECT_101)
-    return ycc @ np.linalg.inv(to_ycc).T.astype(np.float32)
+    return ycc @ _FROM_YCC.T
 
 
 def camera_noise(img: np.ndarray, rng: np.random.Generator, shot: Range = (1e-4, 1.2e-2),
