@@ -31,16 +31,19 @@ def test_fp32_matches_onnxruntime(kind, tmp_path):
     assert np.abs(a).max() > 0.1  # a real image, not zeros
 
 
-def test_layernorm_rewrite_and_static_shapes_keep_the_math(tmp_path, monkeypatch):
-    """Each channel LayerNorm becomes one MVN over the channel axis; static and dynamic compiles agree."""
+def test_norm_rewrites_and_static_shapes_keep_the_math(tmp_path, monkeypatch):
+    """Each channel LayerNorm becomes one MVN over the channel axis and each GroupNorm reshape-free ops;
+    static and dynamic compiles agree with ONNX Runtime."""
     import onnx
 
     import rddm_infer.backends.openvino as ov_backend
 
     path = models.onnx_model("step")
-    layernorms = sum(n.op_type == "LayerNormalization" for n in onnx.load(path).graph.node)
+    ops = [n.op_type for n in onnx.load(path).graph.node]
     a, b, runner = _pair(path, tmp_path, precision="fp32")
-    assert layernorms > 0 and runner.layernorms_rewritten == layernorms
+    assert runner.rewrites == {"channel_layernorm": ops.count("LayerNormalization"),
+                               "group_norm": ops.count("InstanceNormalization")}  # torch's GroupNorm export
+    assert min(runner.rewrites.values()) > 0
     _, c, dynamic = _pair(path, tmp_path, precision="fp32", static_shapes=False)
     assert list(runner._compiled) == [tuple(x.shape for x in (X, X, np.zeros(8), X))] and list(dynamic._compiled) == [None]
     np.testing.assert_allclose(b, a, atol=1e-5)
@@ -52,6 +55,29 @@ def test_layernorm_rewrite_and_static_shapes_keep_the_math(tmp_path, monkeypatch
     c2 = EngineSampler(runner)(X[:1])
     assert list(runner._compiled)[2:] == [None]
     np.testing.assert_allclose(c2, EngineSampler(dynamic)(X[:1]), atol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [1, 4, 8])
+def test_group_norm_rewrite_matches_torch(groups, tmp_path):
+    """Any group count (one group, several channels per group, one channel per group), a batch of two, and
+    an input whose mean is far from zero (where a one-pass variance would lose digits)."""
+    import openvino as ov
+    import torch
+
+    from rddm_infer.backends.openvino_rewrites import rewrite
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.GroupNorm(groups, 8), torch.nn.SiLU())
+    torch.nn.init.uniform_(net[1].weight, 0.5, 1.5), torch.nn.init.uniform_(net[1].bias, -0.5, 0.5)
+    x = torch.from_numpy(X) * 3 + 20
+    torch.onnx.export(net, (x,), tmp_path / "gn.onnx", input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}}, dynamo=False)
+    model = ov.Core().read_model(tmp_path / "gn.onnx")
+    assert rewrite(model) == {"channel_layernorm": 0, "group_norm": 1}
+    assert "MVN" not in {op.get_type_name() for op in model.get_ordered_ops()}  # the old subgraph is gone
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1})
+    with torch.no_grad():
+        want = net(x).numpy()
+    np.testing.assert_allclose(compiled({"x": x.numpy()})[0], want, atol=2e-5, rtol=1e-5)
 
 
 def test_fp16_and_int8_graphs_run(tmp_path):

@@ -7,9 +7,9 @@ is read back and stated in :attr:`description`; a mismatch is an error, never a 
 Compiling takes seconds, so the compiled model is cached on disk (``cache_dir``; ``""`` disables).
 
 Two load-time changes make OpenVINO's CPU kernels faster on our graphs, neither changes the math
-(benchmarks/NOTES.md, session 11): each channel LayerNorm, exported for ONNX Runtime as
-Transpose → LayerNormalization → Transpose, becomes one MVN over the channel axis (no transposes, no
-layout reorders around them), and with ``static_shapes`` each input size is compiled as its own static
+(benchmarks/NOTES.md, sessions 11-12): the channel LayerNorms and GroupNorms, exported in ONNX Runtime's
+shapes, are rewritten into ops that need no layout reorders around the convolutions
+(:mod:`.openvino_rewrites`), and with ``static_shapes`` each input size is compiled as its own static
 model (no run-time shape arithmetic; every new size compiles once, then comes from the disk cache;
 beyond :data:`MAX_STATIC_SIZES` sizes per runner the rest share one dynamic model).
 """
@@ -25,10 +25,10 @@ import numpy as np
 from ..artifact import META_KEY, ArtifactMeta
 from ..errors import BackendUnavailable, CheckpointError, OptionError, RDDMError
 from .base import Runner
+from .openvino_rewrites import rewrite
 from .registry import PRECISION, parse_device, user_cache_dir
 
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
-_NHWC, _NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
 MAX_STATIC_SIZES = 8  # static models compiled per runner (each ~ the weights' size in the disk cache)
 
 
@@ -42,60 +42,6 @@ def _ov():
 
 def default_cache_dir() -> Path:
     return user_cache_dir("openvino")
-
-
-def _const(node) -> np.ndarray | None:
-    return node.get_data() if node.get_type_name() == "Constant" else None
-
-
-def _order(transpose) -> list[int] | None:
-    order = _const(transpose.input_value(1).get_node())
-    return None if order is None else [int(v) for v in order.reshape(-1)]
-
-
-def channel_layernorms(model) -> int:
-    """Rewrite ``Transpose(0,2,3,1) → MVN(last axis) → ×g → +b → Transpose(0,3,1,2)`` into
-    ``MVN(axis 1) × g + b`` in NCHW (in place); returns how many. Same eps, same eps mode: same math."""
-    from openvino import opset13 as ops
-
-    count = 0
-    for mvn in model.get_ordered_ops():
-        if mvn.get_type_name() != "MVN" or mvn.get_input_size() != 2:
-            continue
-        first = mvn.input_value(0).get_node()
-        if first.get_type_name() != "Transpose" or _order(first) != _NHWC or len(first.input_value(0).get_partial_shape()) != 4:
-            continue
-        axes = _const(mvn.input_value(1).get_node())  # the ONNX frontend computes LayerNormalization's axes:
-        if axes is None:  # from axis to the rank, so one axis (a static shape of [1]) is the last one
-            shape = mvn.input_value(1).get_partial_shape()
-            if not (shape.is_static and list(shape.to_shape()) == [1]):
-                continue
-        elif [int(a) % 4 for a in axes.reshape(-1)] != [3]:
-            continue
-        affine, node = [], mvn
-        while True:
-            users = [i.get_node() for i in node.output(0).get_target_inputs()]
-            if len(users) != 1:
-                break
-            node = users[0]
-            k = _const(node.input_value(1).get_node()) if node.get_type_name() in ("Multiply", "Add") else None
-            if k is None or k.ndim != 1:
-                break
-            affine.append((node.get_type_name(), k))
-        if node.get_type_name() != "Transpose" or _order(node) != _NCHW:
-            continue
-        a = mvn.get_attributes()
-        y = ops.mvn(first.input_value(0), ops.constant(np.array([1], np.int64)), a["normalize_variance"], a["eps"],
-                    a["eps_mode"].lower())
-        for op, k in affine:
-            k = ops.constant(np.ascontiguousarray(k.reshape(1, -1, 1, 1)))
-            y = ops.multiply(y, k) if op == "Multiply" else ops.add(y, k)
-        for target in list(node.output(0).get_target_inputs()):
-            target.replace_source_output(y.output(0))
-        count += 1
-    if count:
-        model.validate_nodes_and_infer_types()
-    return count
 
 
 class OpenVINORunner(Runner):
@@ -129,7 +75,7 @@ class OpenVINORunner(Runner):
             raise CheckpointError(f"{self.path}: ONNX model has no '{META_KEY}' metadata; export it with rddm-export")
         super().__init__(ArtifactMeta.from_json(model.get_rt_info(["framework", META_KEY]).astype(str),
                                                 where=str(self.path)))
-        self.layernorms_rewritten = channel_layernorms(model)
+        self.rewrites = rewrite(model)  # {rewrite: count}, see openvino_rewrites
         self._model = model
         self._config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": OV_PRECISION[precision],
                                         "PERFORMANCE_HINT": "LATENCY"}
