@@ -106,7 +106,8 @@ def test_bf16_is_stated_and_close(tmp_path):
 def test_compiled_model_is_cached_and_options_checked(tmp_path):
     cache = tmp_path / "cache"
     r, choice = load_runner(models.onnx_model("step"), "openvino", threads=1, cache_dir=str(cache))
-    assert choice.backend == "openvino" and r.description == "openvino (CPU, fp32 exact, 1 threads)"
+    assert choice.backend == "openvino" and r.description == ("openvino (CPU, fp32 exact, 1 thread, "
+                                                                  "compiled once per input size (up to 8))")
     EngineSampler(r)(X)  # static shapes: the first call of a size compiles it
     assert any(cache.iterdir()), "no compiled blob in the cache folder"
     with pytest.raises(OptionError, match="--device cuda: the openvino backend runs on cpu"):

@@ -28,6 +28,11 @@ from ..schedule import COEF_NAMES, SamplingPlan
 _SIGMA = COEF_NAMES.index("sigma")
 
 
+def threads_note(threads: int | None) -> str:
+    """The ", N thread(s)" a runner's description carries when the thread count was set."""
+    return f", {threads} thread{'s' if threads != 1 else ''}" if threads else ""
+
+
 class Runner:
     """One loaded artifact on one engine. Arrays in/out are the runner's own "handles"
     (numpy by default); ``upload``/``download`` convert, so a GPU runner can keep state on

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..artifact import META_KEY, ArtifactMeta
 from ..errors import BackendUnavailable, CheckpointError, OptionError, RDDMError
-from .base import Runner
+from .base import Runner, threads_note
 from .openvino_rewrites import rewrite
 from .registry import PRECISION, parse_device, user_cache_dir
 
@@ -128,7 +128,8 @@ class OpenVINORunner(Runner):
     def description(self) -> str:
         exact = "fp32 exact" if self.precision == "fp32" else "bf16 inference precision"
         graph = "" if self.meta.precision == "fp32" else f", {self.meta.precision} graph"
-        return f"openvino (CPU, {exact}{graph}{f', {self.threads} threads' if self.threads else ''})"
+        shapes = f", compiled once per input size (up to {MAX_STATIC_SIZES})" if self.static_shapes else ", dynamic shapes"
+        return f"openvino (CPU, {exact}{graph}{threads_note(self.threads)}{shapes})"
 
     def _deactivate(self) -> None:
         self._requests = {}

@@ -15,7 +15,7 @@ import numpy as np
 from ..artifact import ArtifactMeta
 from ..errors import BackendUnavailable, OptionError
 from ..graph_kinds import KINDS
-from .base import Runner
+from .base import Runner, threads_note
 
 UNET = KINDS["unet"]  # the torch runner is a unet-kind runner
 
@@ -73,7 +73,7 @@ class TorchRunner(Runner):
     @property
     def description(self) -> str:
         extra = "".join((", bf16 autocast" if self.precision == "bf16" else ", fp32",
-                         ", compiled" if self._compile else "", f", {self.threads} threads" if self.threads else ""))
+                         ", compiled" if self._compile else "", threads_note(self.threads)))
         note = self.loaded.info.get("time_input")
         return f"torch ({self.device}{extra})" + (f"; reference checkpoint: {note}" if note else "")
 
