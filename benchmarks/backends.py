@@ -151,11 +151,15 @@ def onnx_variants(paths: dict[str, Path], plan, threads: int | None, providers: 
     return out
 
 
+LEVERS = {"static_shapes": "dynamic shapes", "rewrite_norms": "norms as exported"}  # option -> label when off
+
+
 def registry_variants(paths: dict[str, Path], plan, threads: int | None) -> list[Variant]:
     """Every other installed CPU backend of the registry that runs ONNX graphs (OpenVINO today), at each
     precision it offers, on the fp32 and int8 graphs (bf16 then runs what int8 leaves in float), plus the
-    reduced precision once with dynamic shapes where the backend compiles static ones (the lever's effect);
-    options go through ``load_runner``."""
+    reduced precision once more with each of its on-by-default levers turned off (``LEVERS``: dynamic instead of
+    static shapes, the norms as exported) so each lever's effect is measured in the same run; options go through
+    ``load_runner``."""
     from rddm_infer.backends import BACKENDS, load_runner
 
     out = []
@@ -168,9 +172,9 @@ def registry_variants(paths: dict[str, Path], plan, threads: int | None) -> list
             kind, graph_prec = key.split("_")
             precs = list(prec.choices) if prec else [None]
             combos = [(p, None) for p in precs] + \
-                ([(precs[-1], False)] if spec.option("static_shapes") and graph_prec == "fp32" else [])
-            for p, st in combos:
-                opts = {k: v for k, v in (("precision", p), ("static_shapes", st)) if v is not None}
+                ([(precs[-1], lever) for lever in LEVERS if spec.option(lever)] if graph_prec == "fp32" else [])
+            for p, lever in combos:
+                opts = ({"precision": p} if p is not None else {}) | ({lever: False} if lever else {})
                 try:
                     runner, _ = load_runner(path, spec.name, device="cpu", threads=threads, **opts)
                 except Exception as e:  # e.g. bf16 on a CPU without it: reported, not fatal
@@ -178,7 +182,7 @@ def registry_variants(paths: dict[str, Path], plan, threads: int | None) -> list
                     continue
                 reduced = p not in (None, "fp32")
                 label = f"{spec.name} {kind} {graph_prec}" + (f" ({p} inference)" if reduced else "") + \
-                    (", dynamic shapes" if st is False else "")
+                    (f", {LEVERS[lever]}" if lever else "")
                 prec_label = (p if graph_prec == "fp32" else f"{graph_prec}+{p}") if reduced else graph_prec
                 out.append(Variant(label, _engine(runner, plan), kind, prec_label))
     return out

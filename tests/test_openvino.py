@@ -45,6 +45,9 @@ def test_norm_rewrites_and_static_shapes_keep_the_math(tmp_path, monkeypatch):
                                "group_norm": ops.count("InstanceNormalization")}  # torch's GroupNorm export
     assert min(runner.rewrites.values()) > 0
     _, c, dynamic = _pair(path, tmp_path, precision="fp32", static_shapes=False)
+    _, d, plain = _pair(path, tmp_path, precision="fp32", rewrite_norms=False)  # the escape hatch: as exported
+    assert plain.rewrites == {} and plain.description.endswith(", norms as exported)")
+    np.testing.assert_allclose(d, a, atol=1e-5)
     assert list(runner._compiled) == [tuple(x.shape for x in (X, X, np.zeros(8), X))] and list(dynamic._compiled) == [None]
     np.testing.assert_allclose(b, a, atol=1e-5)
     np.testing.assert_allclose(c, a, atol=1e-5)

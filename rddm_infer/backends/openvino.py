@@ -50,7 +50,8 @@ class OpenVINORunner(Runner):
     name = "openvino"
 
     def __init__(self, path: str | os.PathLike, precision: str = "fp32", threads: int | None = None,
-                 cache_dir: str | os.PathLike | None = None, device: str | None = None, static_shapes: bool = True):
+                 cache_dir: str | os.PathLike | None = None, device: str | None = None, static_shapes: bool = True,
+                 rewrite_norms: bool = True):
         ov = _ov()
         self.path = Path(path)
         if not self.path.is_file():
@@ -75,7 +76,7 @@ class OpenVINORunner(Runner):
             raise CheckpointError(f"{self.path}: ONNX model has no '{META_KEY}' metadata; export it with rddm-export")
         super().__init__(ArtifactMeta.from_json(model.get_rt_info(["framework", META_KEY]).astype(str),
                                                 where=str(self.path)))
-        self.rewrites = rewrite(model)  # {rewrite: count}, see openvino_rewrites
+        self.rewrites = rewrite(model) if rewrite_norms else {}  # {rewrite: count}, see openvino_rewrites
         self._model = model
         self._config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": OV_PRECISION[precision],
                                         "PERFORMANCE_HINT": "LATENCY"}
@@ -129,7 +130,8 @@ class OpenVINORunner(Runner):
         exact = "fp32 exact" if self.precision == "fp32" else "bf16 inference precision"
         graph = "" if self.meta.precision == "fp32" else f", {self.meta.precision} graph"
         shapes = f", compiled once per input size (up to {MAX_STATIC_SIZES})" if self.static_shapes else ", dynamic shapes"
-        return f"openvino (CPU, {exact}{graph}{threads_note(self.threads)}{shapes})"
+        norms = "" if self.rewrites else ", norms as exported"
+        return f"openvino (CPU, {exact}{graph}{threads_note(self.threads)}{shapes}{norms})"
 
     def _deactivate(self) -> None:
         self._requests = {}

@@ -184,7 +184,9 @@ BACKENDS: tuple[BackendSpec, ...] = (
         (DEVICE, THREADS, Option("precision", str, "fp32", "fp32 (exact) or bf16 (AMX / avx512_bf16)", PRECISION),
          Option("cache_dir", str, None, "compiled-model cache (default: user cache dir; '' disables)"),
          Option("static_shapes", bool, True, "compile each input size as a static model (faster calls; "
-                                             "each new size compiles once)")),
+                                             "each new size compiles once)"),
+         Option("rewrite_norms", bool, True, "rewrite LayerNorm / GroupNorm at load into ops that need no layout "
+                                             "reorders (same math; off: the graph as exported)")),
         devices=("cpu",)),
 )
 BY_NAME = {b.name: b for b in BACKENDS}
