@@ -23,7 +23,7 @@ def test_default_model_is_small_and_describes_itself():
     assert sum(p.stat().st_size for p in weights.iterdir() if p.is_file()) <= 20e6
     meta = read_artifact_meta(DEFAULT_MODEL)
     assert meta.graph == "step" and meta.steps == 5 and meta.precision == "fp32"
-    assert meta.recommended_steps == 1  # measured (weights/README.md, "Steps"): restore's default
+    assert meta.recommended_steps == 2  # measured (weights/README.md, "Steps"): restore's default
     assert meta.diffusion["objective"] == "pred_res" and meta.unet["dim"] == 16
     assert (weights / "default.safetensors").is_file()  # the checkpoint it was exported from
 
