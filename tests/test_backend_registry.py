@@ -205,12 +205,13 @@ def test_sampling_options_mean_the_same_everywhere():
     with pytest.raises(OptionError, match="'steps' must be >= 1"):
         load_runner(models.onnx_model("step"), steps=0)
     assert read_artifact_meta(models.onnx_model("step"), steps=2).plan().steps == 2
-    # an asked-for step count beats the measured recommendation (the built-in model recommends 1)
+    # an asked-for step count beats the measured recommendation (the built-in model recommends 2)
     from rddm_infer.pipeline import DEFAULT_MODEL
 
     stamped, _ = load_runner(DEFAULT_MODEL, steps=5)
     assert EngineSampler(stamped).plan().steps == 5 and read_artifact_meta(DEFAULT_MODEL, steps=5).plan().steps == 5
-    assert read_artifact_meta(DEFAULT_MODEL).plan().steps == 1
+    meta = read_artifact_meta(DEFAULT_MODEL)
+    assert meta.recommended_steps == 2 and meta.plan().steps == 2  # and without --steps, the recommendation
 
 
 # ------------------------------------------------------------------------------------------ torch

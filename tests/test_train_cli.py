@@ -129,5 +129,5 @@ def test_real_denoiser_config_fine_tunes_the_built_in_model(tmp_path, photos):
     assert r.returncode == 0, r.stderr
     assert "step 2/2 (done), val PSNR" in r.stdout
     saved = config.load(out / "config.toml")
-    assert saved.data.degradations[0]["one_of"][1]["name"] == "camera_noise" and saved.model.dim == 16
+    assert saved.data.degradations[0]["one_of"][2]["name"] == "camera_noise" and saved.model.dim == 16
     assert load_checkpoint(out / "ema.safetensors").info == {"weights": "ema", "step": 2}
