@@ -3,8 +3,9 @@
 Gaussian noise of σ (0-255 scale) with a fixed seed per image, clipped and rounded to 8 bits;
 PSNR / SSIM of the restored 8-bit output against the clean image (RGB, full image). ``--gray`` adds the
 gray versions of the sets (one noise field: a gray file, as the runtime reads it), ``--pairs`` real noisy/clean
-pairs. With several ``--steps`` it reports PSNR per step count and the recommended steps (the fewest within
-0.05 dB of the best, averaged over everything measured); ``--write-recommended`` stamps them into an ONNX model.
+pairs, ``--pixel-shuffle 1 2`` restore's pixel-shuffle mode next to the plain restore. With several ``--steps`` it
+reports PSNR per step count and the recommended steps (the fewest within 0.05 dB of the best, averaged over
+everything measured); ``--write-recommended`` stamps them into an ONNX model.
 ``--anchor nlm bm3d`` scores classical denoisers on the very same noisy files next to the model (OpenCV non-local
 means; BM3D / CBM3D from the ``bm3d`` package, extra ``eval``, evaluation only). They are given the true noise level,
 an advantage the blind model does not get: σ of synthetic noise, and on real pairs the standard deviation of
@@ -31,7 +32,7 @@ from rddm_infer import Restorer, psnr, read_image, ssim
 from rddm_infer.artifact import META_KEY, ArtifactMeta
 from rddm_infer.atomic import atomic_path
 from rddm_infer.errors import RDDMError
-from rddm_infer.tiling import DEFAULT_TILE
+from rddm_infer.tiling import DEFAULT_TILE, MAX_PIXEL_SHUFFLE
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif")
 TOLERANCE_DB = 0.05  # steps within this of the best PSNR count as "as good"
@@ -185,6 +186,8 @@ def main(argv=None):
     ap.add_argument("--sigma", nargs="+", type=float, default=[25.0])
     ap.add_argument("--steps", nargs="+", type=int, default=None,
                     help="step counts to measure (default: the model's); several: PSNR per count + the recommended")
+    ap.add_argument("--pixel-shuffle", nargs="+", type=int, default=[1], choices=range(1, MAX_PIXEL_SHUFFLE + 1),
+                    metavar="S", help="restore's --pixel-shuffle values to measure (default 1: off)")
     ap.add_argument("--limit", type=int, default=None, help="first N images of each folder")
     ap.add_argument("--threads", type=int, default=None, help="backend intra-op threads (default: all cores)")
     ap.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile size (the runtime's default unless given)")
@@ -212,10 +215,12 @@ def main(argv=None):
                 print(f"model {a.model or 'built-in'} on {r.backend}, tile {a.tile}")
                 for k in a.steps or [None]:
                     r.plan = r.sampler.plan(k)  # same session, another step count
-                    for run in _runs(r, a):
-                        res = {**run(), "steps": r.plan.steps, "method": "model"}
-                        results.append(res)
-                        _print(res, f"{res['steps']:2d} steps")
+                    for ps in a.pixel_shuffle:
+                        r.pixel_shuffle = ps
+                        for run in _runs(r, a):
+                            res = {**run(), "steps": r.plan.steps, "pixel_shuffle": ps, "method": "model"}
+                            results.append(res)
+                            _print(res, f"{res['steps']:2d} steps" + (f" ps{ps}" if ps > 1 else ""))
         for name in a.anchor:
             for run in _runs(Anchor(name), a):
                 res = {**run(), "method": name}

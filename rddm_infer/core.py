@@ -9,6 +9,9 @@ batch or worker restored an image.
 Each image is reflect-padded to the model's size multiple and cropped back; images larger
 than ``tile`` are cut into overlapping tiles blended without seams. Noise is drawn per
 image over its padded size (seeded), so results do not depend on batching or tiling.
+With ``pixel_shuffle=s`` each image is restored as its s² sub-images of every s-th pixel,
+interleaved back afterwards (pixel-shuffle downsampling, Zhou et al. 2020): real camera noise
+is spatially correlated, which a denoiser keeps as texture; one pixel in s apart it is not.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from .backends import Choice, EngineSampler, Noise, Runner, load_runner
 from .errors import CheckpointError, ImageError, OptionError, RDDMError
 from .imageio import Image, check_float_range, from_model, to_model
 from .onnx_external import check_external_data
-from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE, Tile, pad_to_multiple, run_tiled
+from .tiling import (DEFAULT_OVERLAP, DEFAULT_TILE, MAX_PIXEL_SHUFFLE, Tile, pad_to_multiple, run_tiled,
+                     shuffle_index, shuffle_merge, shuffle_split)
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "default.onnx"
 DEFAULT_CHECKPOINT = DEFAULT_MODEL.with_suffix(".safetensors")  # what the built-in ONNX model was exported from
@@ -57,7 +61,10 @@ class ImageRestorer:
 
     def __init__(self, model: str | os.PathLike | Runner | None = None, backend: str = "auto", *,
                  steps: int | None = None, eta: float | None = None, seed: int | None = 0, tile: int = DEFAULT_TILE,
-                 overlap: int = DEFAULT_OVERLAP, batch: int = 1, **backend_options):
+                 overlap: int = DEFAULT_OVERLAP, batch: int = 1, pixel_shuffle: int = 1, **backend_options):
+        if isinstance(pixel_shuffle, bool) or not isinstance(pixel_shuffle, (int, np.integer)) or \
+                not 1 <= pixel_shuffle <= MAX_PIXEL_SHUFFLE:
+            raise RDDMError(f"--pixel-shuffle {pixel_shuffle}: must be an integer from 1 (off) to {MAX_PIXEL_SHUFFLE}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
             raise RDDMError(f"--seed {seed}: must be an integer >= 0")
         if isinstance(model, Runner):
@@ -76,6 +83,7 @@ class ImageRestorer:
         if overlap < 0 or batch < 1:
             raise RDDMError("--tile-overlap must be >= 0 and --batch >= 1")
         self.tile, self.overlap, self.batch = tile, overlap, batch
+        self.pixel_shuffle = int(pixel_shuffle)
 
     @property
     def meta(self):
@@ -96,11 +104,21 @@ class ImageRestorer:
 
     # -- model space
     def _prepare(self, img: Image) -> tuple[np.ndarray, Noise]:
-        x = pad_to_multiple(to_model(img, self.meta.channels), self.multiple)
+        x = pad_to_multiple(to_model(img, self.meta.channels), self.multiple * self.pixel_shuffle)
         return x, Noise.draw(self.plan, x.shape, self.seed)
 
     def _padded(self, img: Image) -> tuple[int, int]:
-        return tuple(-(-s // self.multiple) * self.multiple for s in img.size)
+        m = self.multiple * self.pixel_shuffle
+        return tuple(-(-s // m) * m for s in img.size)
+
+    def _parts(self, x: np.ndarray, noise: Noise) -> list[tuple[np.ndarray, Noise]]:
+        """The padded image (and its noise) as the s² sub-images of every s-th pixel; itself when s = 1."""
+        s = self.pixel_shuffle
+        return [(x, noise)] if s == 1 else list(zip(shuffle_split(x, s), (noise.crop(i) for i in shuffle_index(s))))
+
+    def _merge(self, ys: list[np.ndarray]) -> np.ndarray:
+        """Restored sub-images interleaved back into one image (the inverse of ``_parts``)."""
+        return ys[0] if self.pixel_shuffle == 1 else shuffle_merge(ys, self.pixel_shuffle)
 
     def _fits(self, x: np.ndarray) -> bool:
         return max(x.shape[-2:]) <= self.tile
@@ -129,21 +147,22 @@ class ImageRestorer:
                       on_tile: Callable[[int, int], None] | None = None) -> list[np.ndarray | ImageError]:
         """Restore several decoded images; same-size small ones run as one batch, large ones tiled.
         Each entry is the restored pixels or the error of that image alone."""
-        prepared = [self._prepare(img) for img in images]
-        out: list = [None] * len(images)
-        groups: dict[tuple, list[int]] = {}
-        for i, (x, noise) in enumerate(prepared):
-            if self._fits(x):
-                groups.setdefault(x.shape, []).append(i)
-            else:
-                out[i] = self._finish(self._restore_tiled(x, noise, on_tile), images[i], ext)
+        parts = [self._parts(*self._prepare(img)) for img in images]
+        ys: list[list] = [[None] * len(p) for p in parts]
+        groups: dict[tuple, list[tuple[int, int]]] = {}
+        for i, image_parts in enumerate(parts):
+            for j, (x, noise) in enumerate(image_parts):
+                if self._fits(x):
+                    groups.setdefault(x.shape, []).append((i, j))
+                else:
+                    ys[i][j] = self._restore_tiled(x, noise, on_tile)
         for idx in groups.values():
             for k in range(0, len(idx), self.batch):
-                part = idx[k:k + self.batch]
-                ys = self._run(np.stack([prepared[i][0] for i in part]), [prepared[i][1] for i in part])
-                for i, y in zip(part, ys):
-                    out[i] = self._finish(y, images[i], ext)
-        return out
+                chunk = idx[k:k + self.batch]
+                out = self._run(np.stack([parts[i][j][0] for i, j in chunk]), [parts[i][j][1] for i, j in chunk])
+                for (i, j), y in zip(chunk, out):
+                    ys[i][j] = y
+        return [self._finish(self._merge(y), img, ext) for y, img in zip(ys, images)]
 
     def restore_images(self, images: Sequence[Image], ext: str | None = None,
                        on_tile: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
@@ -161,7 +180,8 @@ class ImageRestorer:
         float TIFFs); floats outside [0, 1] or not finite are refused, never clipped.
 
         ``noise``: explicit noise instead of the seed (``Noise.given(restorer.plan, eps)``), shaped
-        like the padded model-space image (C, H', W') with H', W' rounded up to ``size_multiple``;
+        like the padded model-space image (C, H', W') with H', W' rounded up to ``size_multiple`` (times
+        ``pixel_shuffle``);
         only for images that are not tiled."""
         if pixels is None:
             raise ImageError("expected an image array, got None (did cv2.imread fail to read the file?)")
@@ -177,10 +197,13 @@ class ImageRestorer:
         ext = ".png" if pixels.dtype != np.float32 else ".tif"
         if noise is not None:
             x, _ = self._prepare(img)
-            if not self._fits(x):
-                raise RDDMError(f"explicit noise needs an untiled image: {x.shape[1:]} exceeds tile {self.tile}")
             noise.check(self.plan, x.shape)
-            out = self._finish(self._run(x[None], [noise])[0], img, ext)
+            parts = self._parts(x, noise)
+            if not self._fits(parts[0][0]):
+                raise RDDMError(f"explicit noise needs an untiled image: {parts[0][0].shape[1:]} exceeds tile "
+                                f"{self.tile}")
+            ys = self._run(np.stack([p for p, _ in parts]), [n for _, n in parts])
+            out = self._finish(self._merge(list(ys)), img, ext)
             if isinstance(out, ImageError):
                 raise out
         else:

@@ -15,6 +15,7 @@ import numpy as np
 
 DEFAULT_TILE = 512  # the lead may tune this for the default model
 DEFAULT_OVERLAP = 32
+MAX_PIXEL_SHUFFLE = 4  # beyond 4 the sub-images lose the detail that tells noise from content
 
 
 def pad_to_multiple(x: np.ndarray, multiple: int) -> np.ndarray:
@@ -25,6 +26,26 @@ def pad_to_multiple(x: np.ndarray, multiple: int) -> np.ndarray:
         return x
     pad = [(0, 0)] * (x.ndim - 2) + [(0, ph), (0, pw)]
     return np.pad(x, pad, mode="reflect" if min(h, w) > 1 else "edge")
+
+
+def shuffle_index(s: int) -> list[tuple]:
+    """Pixel-shuffle downsampling: the index of each of the s² sub-images of every s-th pixel (last two axes),
+    row-major by offset (dy, dx). Real camera noise is correlated between neighbouring pixels, not s pixels apart."""
+    return [(Ellipsis, slice(dy, None, s), slice(dx, None, s)) for dy in range(s) for dx in range(s)]
+
+
+def shuffle_split(x: np.ndarray, s: int) -> list[np.ndarray]:
+    """The s² sub-images of ``x`` (last two axes multiples of ``s``), each contiguous."""
+    return [np.ascontiguousarray(x[i]) for i in shuffle_index(s)]
+
+
+def shuffle_merge(parts: list[np.ndarray], s: int) -> np.ndarray:
+    """The inverse of :func:`shuffle_split`: sub-images interleaved back into one array."""
+    *lead, h, w = parts[0].shape
+    out = np.empty((*lead, h * s, w * s), parts[0].dtype)
+    for i, p in zip(shuffle_index(s), parts):
+        out[i] = p
+    return out
 
 
 def _starts(length: int, tile: int, overlap: int) -> list[int]:

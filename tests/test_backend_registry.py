@@ -9,7 +9,7 @@ import pytest
 import _runtime_models as models
 from rddm_infer.backends import EngineSampler, choose_backend, load_runner, read_artifact_meta
 from rddm_infer.backends.registry import BACKENDS, BY_NAME, NAMES, artifact_kind, backend_help, parse_device
-from rddm_infer.errors import BackendUnavailable, CheckpointError, OptionError
+from rddm_infer.errors import BackendUnavailable, OptionError
 from rddm_infer.graph_kinds import KINDS, dynamic_axes
 from test_cli import cli
 
@@ -237,8 +237,10 @@ def test_torch_without_model_uses_the_builtin_checkpoint():
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["backend"].startswith("torch (cpu, fp32") and res["graph"] == "unet"
-    r = cli("bench", "--backend", "onnxruntime", "--size", 16, "--runs", 1, "--warmup", 0, "--steps", 1, "--json")
+    r = cli("bench", "--backend", "onnxruntime", "--size", 16, "--runs", 1, "--warmup", 0, "--steps", 1,
+            "--threads", 1, "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["graph"] == "step", r.stderr  # built-in ONNX model
+    assert json.loads(r.stdout)["backend"] == "onnxruntime (CPUExecutionProvider, 1 thread)"  # stated like the others
 
 
 # ------------------------------------------------------------------------------------ calibration

@@ -189,8 +189,9 @@ def test_ray_options_without_ray_are_refused(tmp_path):
 def test_restore_folder_executor_ray_matches_the_local_executor(ray_cluster, tmp_path):
     _images(tmp_path / "in", 2, seed=6)
     code = ("import json, sys; from rddm_infer import restore_folder; src, one, ray, addr = sys.argv[1:]; "
-            "a = restore_folder(src, one, seed=7); "
-            "b = restore_folder(src, ray, seed=7, executor='ray', address=addr, workers=1, cpus_per_worker=0.5); "
+            "a = restore_folder(src, one, seed=7, pixel_shuffle=2); "  # restore options reach the actors
+            "b = restore_folder(src, ray, seed=7, pixel_shuffle=2, executor='ray', address=addr, workers=1, "
+            "cpus_per_worker=0.5); "
             "print(json.dumps([a.line(), b.line()]))")
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "in"), str(tmp_path / "one"), str(tmp_path / "ray"),
                         ray_cluster], capture_output=True, text=True, timeout=200, env={**os.environ, **RAY_ENV})

@@ -21,7 +21,7 @@ import pytest
 
 import _runtime_models as models
 from rddm_infer.atomic import remove_stale_temps, write_bytes_atomic
-from rddm_infer.errors import ImageError, RDDMError
+from rddm_infer.errors import ImageError
 from rddm_infer.imageio import read_image
 
 RNG = np.random.default_rng(11)

@@ -55,7 +55,6 @@ def test_recommended_is_the_fewest_steps_within_0_05_db_of_the_best(means, best)
 def sets(tmp_path_factory):
     """Tiny clean photos, plus 'real' pairs (a fixed noisy shot of each)."""
     root = tmp_path_factory.mktemp("sets")
-    rng = np.random.default_rng(0)
     for name in ("clean", "pairs/noisy", "pairs/clean"):
         (root / name).mkdir(parents=True)
     for i in range(2):
@@ -91,6 +90,15 @@ def test_eval_measures_steps_gray_and_real_pairs_and_stamps_the_model(sets, tmp_
     before.pop("recommended_steps", None)
     assert after == before  # every other key as it was
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json", "m.onnx"]  # written in place, no temp left
+
+
+def test_eval_measures_pixel_shuffle_next_to_the_plain_restore(sets, tmp_path):
+    out = tmp_path / "eval.json"
+    eval_denoise.main(["--model", str(models.onnx_model("step")), "--pairs", str(sets / "pairs/noisy"),
+                       str(sets / "pairs/clean"), "--pixel-shuffle", "1", "2", "--threads", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert [r["pixel_shuffle"] for r in rows] == [1, 2] and rows[0]["psnr_in"] == rows[1]["psnr_in"]
+    assert rows[0]["psnr"] != rows[1]["psnr"]  # the sub-images really were restored apart
 
 
 def test_stamping_refuses_fused_graphs_and_foreign_files(tmp_path):

@@ -200,3 +200,53 @@ def test_rollout_trains_on_the_states_the_sampler_itself_reaches(tmp_path, photo
         assert torch.allclose(x_t, seen[k], atol=1e-5), k
     with pytest.raises(RDDMError, match="optim.rollout needs optim.t_grid"):
         Trainer(tiny_config(tmp_path / "bad", photos, "optim.rollout=true"))
+
+
+def test_best_validation_weights_are_kept_and_a_resume_only_replaces_them_with_better(tmp_path, photos):
+    out = tmp_path / "run"
+    extra = [f"val.clean='{photos}'", "val.every=1", "val.steps=1", "run.checkpoint_every=2", "optim.lr=2e-3",
+             "data.degradations=[{name = 'gaussian', sigma = [10, 40]}]"]
+
+    def rows():
+        return [json.loads(line) for line in (out / "val_log.jsonl").read_text().splitlines()]
+
+    def best():
+        return json.loads((out / "best_ema.json").read_text())
+
+    Trainer(tiny_config(out, photos, *extra, "run.steps=4")).fit()
+    top = max(rows(), key=lambda r: r["psnr"])
+    assert (best()["step"], best()["val_psnr"]) == (top["step"], top["psnr"])
+    assert load_checkpoint(out / "best_ema.safetensors").info["weights"] == "ema"
+    if top["step"] == 4:  # the best is the last: then it is exactly the final EMA
+        a, b = load_checkpoint(out / "best_ema.safetensors").net, load_checkpoint(out / "ema.safetensors").net
+        assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+
+    # Resumed: the file is the record, so a worse score later never replaces it.
+    (out / "best_ema.json").write_text(json.dumps({**best(), "val_psnr": 99.0}))
+    Trainer(tiny_config(out, photos, *extra, "run.steps=6")).fit(resume=True)
+    assert [r["step"] for r in rows()] == [1, 2, 3, 4, 5, 6] and best()["val_psnr"] == 99.0
+    (out / "best_ema.json").unlink()
+    Trainer(tiny_config(out, photos, *extra, "run.steps=7")).fit(resume=True)
+    assert best()["step"] == 7  # no record left: the next validation is the best so far
+
+
+def test_validation_restores_as_pixel_shuffle_restore_does(tmp_path, photos):
+    """val.pixel_shuffle = 2 scores the sub-images restored apart (what `restore --pixel-shuffle 2` will do)."""
+    from rddm_infer.tiling import shuffle_merge, shuffle_split
+    from rddm_train.validation import scores
+
+    extra = [f"val.clean='{photos}'", "val.steps=1", "val.crop=32", "run.steps=1"]
+    plain = Trainer(tiny_config(tmp_path / "a", photos, *extra))
+    split = Trainer(tiny_config(tmp_path / "b", photos, *extra, "val.pixel_shuffle=2"))
+    val = plain.validation_data()
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    a, b = plain.validate(val), split.validate(val)
+    assert a["psnr_input"] == b["psnr_input"] and a["psnr"] != b["psnr"]
+    inp, gt, _ = val
+    sampler = TorchRDDM(split.ema.model, split.diffusion)
+    x = np.concatenate(shuffle_split(inp, 2))  # 2 images -> 8 sub-images of 16², restored 4 per batch (batch_size)
+    assert x.shape == (8, 3, 16, 16)
+    restored = np.concatenate([sampler.restore(x[i:i + 4], 1, seed=1234) for i in (0, 4)])
+    assert b["psnr"] == pytest.approx(scores(shuffle_merge(np.split(restored, 4), 2), gt)[0], abs=1e-4)
+    with pytest.raises(RDDMError, match="val.crop must be a multiple of 4"):
+        tiny_config(tmp_path / "c", photos, *extra, "val.crop=30", "val.pixel_shuffle=2")

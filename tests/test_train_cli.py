@@ -130,4 +130,6 @@ def test_real_denoiser_config_fine_tunes_the_built_in_model(tmp_path, photos):
     assert "step 2/2 (done), val PSNR" in r.stdout
     saved = config.load(out / "config.toml")
     assert saved.data.degradations[0]["one_of"][2]["name"] == "camera_noise" and saved.model.dim == 16
+    assert saved.val.pixel_shuffle == 2  # validated as real photos are restored
+    assert json.loads((out / "best_ema.json").read_text())["step"] == 2  # the best (only) validation's weights
     assert load_checkpoint(out / "ema.safetensors").info == {"weights": "ema", "step": 2}

@@ -18,6 +18,7 @@ from typing import Any
 from rddm_infer.atomic import write_bytes_atomic
 from rddm_infer.errors import RDDMError
 from rddm_infer.schedule import OBJECTIVES, SCHEDULES, SINGLE_OUTPUT
+from rddm_infer.tiling import MAX_PIXEL_SHUFFLE
 
 
 class ConfigError(RDDMError):
@@ -75,6 +76,7 @@ class ValSection:
     every: int = 1000
     steps: int = 5
     seed: int = 1234
+    pixel_shuffle: int = 1  # restore as `rddm-infer restore --pixel-shuffle` will (2 for real camera photos)
 
 
 @dataclass
@@ -161,9 +163,12 @@ class TrainConfig:
             (not o.rollout or o.t_grid > 0, "optim.rollout needs optim.t_grid = K (the sampler's step count)"),
             (0 <= self.data.bits <= 16, "data.bits must be 0 (float inputs) or 1-16"),
         ]
-        mult = 2 ** (len(m.dim_mults) - 1)
+        mult, ps = 2 ** (len(m.dim_mults) - 1), self.val.pixel_shuffle
         checks += [(self.data.crop % mult == 0 and self.val.crop % mult == 0,
-                    f"data.crop and val.crop must be multiples of {mult} (the UNet's size multiple)")]
+                    f"data.crop and val.crop must be multiples of {mult} (the UNet's size multiple)"),
+                   (1 <= ps <= MAX_PIXEL_SHUFFLE, f"val.pixel_shuffle must be 1 (off) to {MAX_PIXEL_SHUFFLE}"),
+                   (self.val.crop % (mult * ps) == 0,
+                    f"val.crop must be a multiple of {mult * ps} (the size multiple × val.pixel_shuffle)")]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(f"{source}: {msg}")

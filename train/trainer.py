@@ -4,9 +4,10 @@ A run lives in one folder: ``ema.safetensors`` and ``model.safetensors`` (self-d
 loadable by :func:`rddm_infer.model.load_checkpoint`), ``state.pt`` (everything a resume
 needs: step, both weight sets, optimizer, EMA and RNG states; loads with
 ``weights_only=True``), ``config.toml``, ``train_log.jsonl``, ``val_log.csv`` /
-``val_log.jsonl`` and ``val/step_N.png`` grids. Every file is written atomically, and
-``state.pt`` alone decides where a resume starts, so a run killed at any moment loses
-at most the steps since its last checkpoint.
+``val_log.jsonl``, ``val/step_N.png`` grids (the first 8 images) and ``best_ema.safetensors``
+(the EMA weights at the best validation PSNR so far: a fine-tune's validation often peaks
+before its last step). Every file is written atomically, and ``state.pt`` alone decides where
+a resume starts, so a run killed at any moment loses at most the steps since its last checkpoint.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from rddm_infer.errors import CheckpointError, RDDMError
 from rddm_infer.model import TorchRDDM, UnetRes, save_checkpoint
 from rddm_infer.sampler import sample
 from rddm_infer.schedule import SamplingPlan, Schedule, time_grid
+from rddm_infer.tiling import shuffle_merge, shuffle_split
 
 from . import config as cfgmod
 from .config import TrainConfig
@@ -60,6 +62,9 @@ def targets(objective: str, x0: torch.Tensor, res: torch.Tensor, noise: torch.Te
     return {"pred_res_noise": (res, noise), "pred_res": (res,), "pred_noise": (noise,),
             "pred_x0_noise": (x0, noise), "pred_res_add_noise": (res, res + noise),
             "pred_x0_add_noise": (x0, x0 + noise), "pred_x0": (x0,)}[objective]
+
+
+GRID_ROWS = 8  # images shown in each validation grid
 
 
 class EMA:
@@ -164,6 +169,7 @@ class Trainer:
         self.plan = SamplingPlan.create(self.diffusion, cfg.optim.t_grid) if cfg.optim.rollout else None
         self._pending_losses: list[torch.Tensor] = []
         self.last_saved: int | None = None
+        self.best_val: dict | None = None  # the validation row of best_ema.safetensors
         self.resume_notes: list[str] = []
 
     def _graphed_forward(self):
@@ -328,7 +334,17 @@ class Trainer:
             msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise CheckpointError(f"{path}: incomplete or mismatched training state ({msg[:160]})") from None
         self.last_saved = self.step
+        self.best_val = self._saved_best()
         return self.step
+
+    def _saved_best(self) -> dict | None:
+        """The validation row of the run's best_ema.safetensors: the file itself is the record (it may be newer
+        than state.pt), so a resumed run only replaces it with a better one."""
+        try:
+            meta = json.loads((self.out / "best_ema.json").read_text())
+            return {"step": int(meta["step"]), "psnr": float(meta["val_psnr"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     # ---- data -----------------------------------------------------------------------------------------------
     def pipeline(self) -> Pipeline:
@@ -359,9 +375,11 @@ class Trainer:
         inp, gt, _ = val
         dtype = torch.bfloat16 if self.amp else torch.float32
         sampler = TorchRDDM(self.ema.model, self.diffusion, self.device, dtype)
-        bs = max(self.cfg.run.batch_size, 1)
-        restored = np.concatenate([sampler.restore(inp[i:i + bs], self.cfg.val.steps, seed=self.cfg.val.seed)
-                                   for i in range(0, len(inp), bs)])
+        bs, ps = max(self.cfg.run.batch_size, 1), self.cfg.val.pixel_shuffle
+        x = np.concatenate(shuffle_split(inp, ps))  # as restore --pixel-shuffle does: the sub-images apart
+        restored = np.concatenate([sampler.restore(x[i:i + bs], self.cfg.val.steps, seed=self.cfg.val.seed)
+                                   for i in range(0, len(x), bs)])
+        restored = shuffle_merge(np.split(restored, ps * ps), ps)
         p, s = scores(restored, gt)
         p_in, _ = scores(inp, gt)
         row = {"step": self.step, "psnr": round(p, 4), "ssim": round(s, 5), "psnr_input": round(p_in, 4)}
@@ -370,7 +388,14 @@ class Trainer:
             _append(csv, ",".join(row))
         _append(csv, ",".join(str(v) for v in row.values()))
         _append(self.out / "val_log.jsonl", json.dumps(row))
-        write_grid(self.out / "val" / f"step_{self.step:07d}.png", [inp, restored, gt])
+        # the grid shows the first GRID_ROWS images: a full-size set would make a PNG of hundreds of MB
+        write_grid(self.out / "val" / f"step_{self.step:07d}.png", [a[:GRID_ROWS] for a in (inp, restored, gt)])
+        row["best"] = self.best_val is None or row["psnr"] > self.best_val["psnr"]
+        if row["best"]:
+            save_checkpoint(self.out / "best_ema.safetensors", self.ema.model, self.unet_cfg, self.diffusion,
+                            weights="ema", step=self.step, trainer="rddm-train", val_psnr=row["psnr"],
+                            val_psnr_input=row["psnr_input"])
+            self.best_val = {"step": self.step, "psnr": row["psnr"]}
         return row
 
     # ---- the loop -------------------------------------------------------------------------------------------
@@ -402,7 +427,8 @@ class Trainer:
             raise RDDMError(f"{self.out} already holds a run (state.pt); pass --resume to continue it "
                             f"or choose another --out")
         self.out.mkdir(parents=True, exist_ok=True)
-        for name in ("state.pt", "ema.safetensors", "model.safetensors", "ema.json", "model.json", "config.toml"):
+        for name in ("state.pt", "ema.safetensors", "model.safetensors", "ema.json", "model.json", "config.toml",
+                     "best_ema.safetensors", "best_ema.json"):
             for stale in self.out.glob(f".{name}.tmp*"):  # half-written by a run killed mid-checkpoint
                 stale.unlink(missing_ok=True)
         cfgmod.save(cfg, self.out / "config.toml")
@@ -439,7 +465,8 @@ class Trainer:
                 if val is not None and (self.step % cfg.val.every == 0 or self.step == r.steps or out_of_time):
                     last_val = self.validate(val)
                     progress.note(f"step {self.step}: val PSNR {last_val['psnr']:.2f} dB "
-                                  f"(input {last_val['psnr_input']:.2f}), SSIM {last_val['ssim']:.4f}")
+                                  f"(input {last_val['psnr_input']:.2f}), SSIM {last_val['ssim']:.4f}"
+                                  + (" (best so far: best_ema.safetensors)" if last_val["best"] else ""))
                 if at_ckpt or out_of_time:
                     self.save()
                 if out_of_time:

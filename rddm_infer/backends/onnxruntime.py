@@ -15,7 +15,7 @@ import numpy as np
 
 from ..artifact import META_KEY, ArtifactMeta
 from ..errors import BackendUnavailable, CheckpointError, OptionError, RDDMError
-from .base import Runner
+from .base import Runner, threads_note
 from .registry import parse_device
 
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
@@ -104,6 +104,7 @@ class OnnxRuntimeRunner(Runner):
         self.providers = resolve_providers(providers, ort.get_available_providers())
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        self.threads = threads
         if threads:
             opts.intra_op_num_threads = int(threads)
         try:
@@ -129,7 +130,8 @@ class OnnxRuntimeRunner(Runner):
 
     @property
     def description(self) -> str:
-        return f"onnxruntime ({self.session.get_providers()[0]})"
+        first = self.session.get_providers()[0]
+        return f"onnxruntime ({first}{threads_note(self.threads) if first == 'CPUExecutionProvider' else ''})"
 
     def _deactivate(self) -> None:
         pass  # the session lives as long as the runner; nothing per-activation to free
