@@ -188,6 +188,8 @@ def main(argv=None):
                     help="step counts to measure (default: the model's); several: PSNR per count + the recommended")
     ap.add_argument("--pixel-shuffle", nargs="+", type=int, default=[1], choices=range(1, MAX_PIXEL_SHUFFLE + 1),
                     metavar="S", help="restore's --pixel-shuffle values to measure (default 1: off)")
+    ap.add_argument("--self-ensemble", type=int, default=1, choices=(1, 2, 4, 8),
+                    help="restore's --self-ensemble (flipped / transposed views averaged; default 1: off)")
     ap.add_argument("--limit", type=int, default=None, help="first N images of each folder")
     ap.add_argument("--threads", type=int, default=None, help="backend intra-op threads (default: all cores)")
     ap.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile size (the runtime's default unless given)")
@@ -211,14 +213,16 @@ def main(argv=None):
     opts = {"threads": a.threads} if a.threads else {}
     try:
         if not a.only_anchors:
-            with Restorer(a.model, a.backend, steps=(a.steps or [None])[0], tile=a.tile, **opts) as r:
+            with Restorer(a.model, a.backend, steps=(a.steps or [None])[0], tile=a.tile, self_ensemble=a.self_ensemble,
+                          **opts) as r:
                 print(f"model {a.model or 'built-in'} on {r.backend}, tile {a.tile}")
                 for k in a.steps or [None]:
                     r.plan = r.sampler.plan(k)  # same session, another step count
                     for ps in a.pixel_shuffle:
                         r.pixel_shuffle = ps
                         for run in _runs(r, a):
-                            res = {**run(), "steps": r.plan.steps, "pixel_shuffle": ps, "method": "model"}
+                            res = {**run(), "steps": r.plan.steps, "pixel_shuffle": ps,
+                                   "self_ensemble": a.self_ensemble, "method": "model"}
                             results.append(res)
                             _print(res, f"{res['steps']:2d} steps" + (f" ps{ps}" if ps > 1 else ""))
         for name in a.anchor:

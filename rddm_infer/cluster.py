@@ -317,13 +317,13 @@ class RayRestorer:
         probe = check_options(model, backend, options)
         # What the driver's own load saw, for the run's report (None where this machine lacks the backend).
         self.meta = self.plan = self.choice = None
-        self.seed, self.tile, self.overlap, self.batch, self.pixel_shuffle = (
-            options.get(k) for k in ("seed", "tile", "overlap", "batch", "pixel_shuffle"))
+        self.seed, self.tile, self.overlap, self.batch, self.pixel_shuffle, self.self_ensemble = (
+            options.get(k) for k in ("seed", "tile", "overlap", "batch", "pixel_shuffle", "self_ensemble"))
         self.backend = f"{backend} in each Ray worker"
         if probe is not None:
             self.meta, self.plan, self.choice = probe.meta, probe.plan, probe.choice
             self.seed, self.tile, self.overlap, self.batch = probe.seed, probe.tile, probe.overlap, probe.batch
-            self.pixel_shuffle = probe.pixel_shuffle
+            self.pixel_shuffle, self.self_ensemble = probe.pixel_shuffle, probe.self_ensemble
             self.backend = f"{probe.backend} in each Ray worker"
 
     def _announce(self, pool: Pool) -> None:

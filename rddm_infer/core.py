@@ -12,6 +12,8 @@ image over its padded size (seeded), so results do not depend on batching or til
 With ``pixel_shuffle=s`` each image is restored as its s² sub-images of every s-th pixel,
 interleaved back afterwards (pixel-shuffle downsampling, Zhou et al. 2020): real camera noise
 is spatially correlated, which a denoiser keeps as texture; one pixel in s apart it is not.
+With ``self_ensemble=n`` (2, 4 or 8) each image is also restored in n flipped / transposed views,
+turned back and averaged (the "self-ensemble" of EDSR, Lim et al. 2017): n times the time.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from .backends import Choice, EngineSampler, Noise, Runner, load_runner
 from .errors import CheckpointError, ImageError, OptionError, RDDMError
 from .imageio import Image, check_float_range, from_model, to_model
 from .onnx_external import check_external_data
-from .tiling import (DEFAULT_OVERLAP, DEFAULT_TILE, MAX_PIXEL_SHUFFLE, Tile, pad_to_multiple, run_tiled,
-                     shuffle_index, shuffle_merge, shuffle_split)
+from .tiling import (DEFAULT_OVERLAP, DEFAULT_TILE, ENSEMBLE_VIEWS, MAX_PIXEL_SHUFFLE, Tile, from_view,
+                     pad_to_multiple, run_tiled, shuffle_index, shuffle_merge, shuffle_split, to_view)
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "default.onnx"
 DEFAULT_CHECKPOINT = DEFAULT_MODEL.with_suffix(".safetensors")  # what the built-in ONNX model was exported from
@@ -61,10 +63,13 @@ class ImageRestorer:
 
     def __init__(self, model: str | os.PathLike | Runner | None = None, backend: str = "auto", *,
                  steps: int | None = None, eta: float | None = None, seed: int | None = 0, tile: int = DEFAULT_TILE,
-                 overlap: int = DEFAULT_OVERLAP, batch: int = 1, pixel_shuffle: int = 1, **backend_options):
+                 overlap: int = DEFAULT_OVERLAP, batch: int = 1, pixel_shuffle: int = 1, self_ensemble: int = 1,
+                 **backend_options):
         if isinstance(pixel_shuffle, bool) or not isinstance(pixel_shuffle, (int, np.integer)) or \
                 not 1 <= pixel_shuffle <= MAX_PIXEL_SHUFFLE:
             raise RDDMError(f"--pixel-shuffle {pixel_shuffle}: must be an integer from 1 (off) to {MAX_PIXEL_SHUFFLE}")
+        if isinstance(self_ensemble, bool) or self_ensemble not in (1, 2, 4, 8):
+            raise RDDMError(f"--self-ensemble {self_ensemble}: must be 1 (off), 2, 4 or 8")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
             raise RDDMError(f"--seed {seed}: must be an integer >= 0")
         if isinstance(model, Runner):
@@ -83,7 +88,7 @@ class ImageRestorer:
         if overlap < 0 or batch < 1:
             raise RDDMError("--tile-overlap must be >= 0 and --batch >= 1")
         self.tile, self.overlap, self.batch = tile, overlap, batch
-        self.pixel_shuffle = int(pixel_shuffle)
+        self.pixel_shuffle, self.self_ensemble = int(pixel_shuffle), int(self_ensemble)
 
     @property
     def meta(self):
@@ -112,13 +117,20 @@ class ImageRestorer:
         return tuple(-(-s // m) * m for s in img.size)
 
     def _parts(self, x: np.ndarray, noise: Noise) -> list[tuple[np.ndarray, Noise]]:
-        """The padded image (and its noise) as the s² sub-images of every s-th pixel; itself when s = 1."""
-        s = self.pixel_shuffle
-        return [(x, noise)] if s == 1 else list(zip(shuffle_split(x, s), (noise.crop(i) for i in shuffle_index(s))))
+        """What the network runs on for one padded image (and its noise): per self-ensemble view, the s² sub-images
+        of every s-th pixel; just the image when both are off."""
+        s, out = self.pixel_shuffle, []
+        for view in ENSEMBLE_VIEWS[:self.self_ensemble]:
+            xv, nv = to_view(x, view), noise.map(lambda a, v=view: to_view(a, v))
+            out += [(xv, nv)] if s == 1 else list(zip(shuffle_split(xv, s), (nv.crop(i) for i in shuffle_index(s))))
+        return out
 
     def _merge(self, ys: list[np.ndarray]) -> np.ndarray:
-        """Restored sub-images interleaved back into one image (the inverse of ``_parts``)."""
-        return ys[0] if self.pixel_shuffle == 1 else shuffle_merge(ys, self.pixel_shuffle)
+        """The inverse of ``_parts``: sub-images interleaved back, views turned back and averaged."""
+        n = self.pixel_shuffle ** 2
+        views = [from_view(y[0] if n == 1 else shuffle_merge(y, self.pixel_shuffle), v)
+                 for v, y in zip(ENSEMBLE_VIEWS, (ys[k:k + n] for k in range(0, len(ys), n)))]
+        return views[0] if len(views) == 1 else np.mean(views, axis=0, dtype=np.float32)
 
     def _fits(self, x: np.ndarray) -> bool:
         return max(x.shape[-2:]) <= self.tile
@@ -143,11 +155,8 @@ class ImageRestorer:
                               f"nothing was written (a broken model or an fp16 overflow)")
         return from_model(y, img, ext)
 
-    def _restore_each(self, images: Sequence[Image], ext: str | None = None,
-                      on_tile: Callable[[int, int], None] | None = None) -> list[np.ndarray | ImageError]:
-        """Restore several decoded images; same-size small ones run as one batch, large ones tiled.
-        Each entry is the restored pixels or the error of that image alone."""
-        parts = [self._parts(*self._prepare(img)) for img in images]
+    def _run_parts(self, parts: list[list[tuple[np.ndarray, Noise]]], on_tile=None) -> list[list[np.ndarray]]:
+        """Run every image's parts (``_parts``): same-shape small ones batched together, large ones tiled."""
         ys: list[list] = [[None] * len(p) for p in parts]
         groups: dict[tuple, list[tuple[int, int]]] = {}
         for i, image_parts in enumerate(parts):
@@ -162,6 +171,13 @@ class ImageRestorer:
                 out = self._run(np.stack([parts[i][j][0] for i, j in chunk]), [parts[i][j][1] for i, j in chunk])
                 for (i, j), y in zip(chunk, out):
                     ys[i][j] = y
+        return ys
+
+    def _restore_each(self, images: Sequence[Image], ext: str | None = None,
+                      on_tile: Callable[[int, int], None] | None = None) -> list[np.ndarray | ImageError]:
+        """Restore several decoded images; same-size small ones run as one batch, large ones tiled.
+        Each entry is the restored pixels or the error of that image alone."""
+        ys = self._run_parts([self._parts(*self._prepare(img)) for img in images], on_tile)
         return [self._finish(self._merge(y), img, ext) for y, img in zip(ys, images)]
 
     def restore_images(self, images: Sequence[Image], ext: str | None = None,
@@ -202,8 +218,7 @@ class ImageRestorer:
             if not self._fits(parts[0][0]):
                 raise RDDMError(f"explicit noise needs an untiled image: {parts[0][0].shape[1:]} exceeds tile "
                                 f"{self.tile}")
-            ys = self._run(np.stack([p for p, _ in parts]), [n for _, n in parts])
-            out = self._finish(self._merge(list(ys)), img, ext)
+            out = self._finish(self._merge(self._run_parts([parts])[0]), img, ext)
             if isinstance(out, ImageError):
                 raise out
         else:

@@ -151,7 +151,8 @@ class Restorer(ImageRestorer):
 def load_model(model: str | os.PathLike | None = None, backend: str = "auto", **options) -> Restorer:
     """Load a model (default: the built-in one) for restoring arrays, files and folders.
 
-    ``options``: Restorer settings (steps, eta, seed, tile, overlap, batch, pixel_shuffle), model options
+    ``options``: Restorer settings (steps, eta, seed, tile, overlap, batch, pixel_shuffle,
+    self_ensemble), model options
     (objective, sum_scale, timesteps) and the backend's own options (``rddm_infer.backends.registry``);
     an unknown option, or one that does not apply, is an error naming it."""
     return Restorer(model, backend, **options)

@@ -202,6 +202,7 @@ def restore_record(summary, restorer, out_dir: str | os.PathLike, *, gt_dir=None
         "backend": restorer.backend, "backend_reason": restorer.choice.reason,
         "settings": {"seed": restorer.seed, "tile": restorer.tile, "overlap": restorer.overlap,
                      "batch": restorer.batch, "pixel_shuffle": restorer.pixel_shuffle,
+                     "self_ensemble": restorer.self_ensemble,
                      "gt": str(gt_dir) if gt_dir else None},
         "versions": versions(), "machine": machine(),
         "seconds": round(summary.seconds, 4), "images_per_s": round(summary.images_per_s, 4),
@@ -367,6 +368,7 @@ def restore_html(record: dict, out_dir: str | os.PathLike, per_page: int = PER_P
                        f'{record["machine"]["platform"]}')),
         ("settings", esc(f'seed {s["seed"]}, tile {s["tile"]} (overlap {s["overlap"]}), batch {s["batch"]}'
                          + (f', pixel-shuffle {s["pixel_shuffle"]}' if (s.get("pixel_shuffle") or 1) > 1 else "")
+                         + (f', self-ensemble {s["self_ensemble"]}' if (s.get("self_ensemble") or 1) > 1 else "")
                          + (f', ground truth {s["gt"]}' if s.get("gt") else ""))),
         ("result", esc(f'restored {c["restored"]}, failed {c["failed"]}, skipped {c["skipped"]} in '
                        f'{record["seconds"]:.2f} s ({record["images_per_s"]:.3f} images/s)')),

@@ -48,6 +48,24 @@ def shuffle_merge(parts: list[np.ndarray], s: int) -> np.ndarray:
     return out
 
 
+# Self-ensemble views (transpose, flip rows, flip columns): the first 1, 2, 4 or 8 are used.
+ENSEMBLE_VIEWS = [(t, fh, fw) for t in (False, True) for fh in (False, True) for fw in (False, True)]
+
+
+def to_view(a: np.ndarray, view: tuple[bool, bool, bool]) -> np.ndarray:
+    """``a`` (last two axes spatial) seen in a self-ensemble view: transposed, then flipped."""
+    t, fh, fw = view
+    a = np.swapaxes(a, -1, -2) if t else a
+    return np.ascontiguousarray(a[..., ::-1 if fh else 1, ::-1 if fw else 1])
+
+
+def from_view(a: np.ndarray, view: tuple[bool, bool, bool]) -> np.ndarray:
+    """The inverse of :func:`to_view`."""
+    t, fh, fw = view
+    a = a[..., ::-1 if fh else 1, ::-1 if fw else 1]
+    return np.swapaxes(a, -1, -2) if t else a
+
+
 def _starts(length: int, tile: int, overlap: int) -> list[int]:
     if length <= tile:
         return [0]

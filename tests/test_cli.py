@@ -204,15 +204,20 @@ def test_bench_reports_latency_and_throughput(model):
     assert r.returncode == 2 and "--runs" in r.stderr
 
 
-def test_pixel_shuffle_is_stated_recorded_and_checked(tmp_path, model):
+def test_pixel_shuffle_and_self_ensemble_are_stated_recorded_and_checked(tmp_path, model):
     d = tmp_path / "in"
     d.mkdir()
     cv2.imwrite(str(d / "a.png"), _px((21, 30, 3)))
-    r = cli("restore", d, "-o", tmp_path / "out", "--model", model, "--pixel-shuffle", 2, "--report")
+    r = cli("restore", d, "-o", tmp_path / "out", "--model", model, "--pixel-shuffle", 2, "--self-ensemble", 2,
+            "--report")
     assert r.returncode == 0, r.stderr
     assert "pixel-shuffle 2: the 4 sub-images of every 2nd pixel restored separately" in r.stderr
+    assert "self-ensemble 2: 2 flipped / transposed views averaged (2x the time)" in r.stderr
     run = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert run["settings"]["pixel_shuffle"] == 2 and "pixel-shuffle 2" in (tmp_path / "out" / "report.html").read_text()
+    assert run["settings"]["pixel_shuffle"] == 2 and run["settings"]["self_ensemble"] == 2
+    assert "pixel-shuffle 2, self-ensemble 2" in (tmp_path / "out" / "report.html").read_text()
     assert cv2.imread(str(tmp_path / "out" / "a.png")).shape == (21, 30, 3)
     r = cli("restore", d, "-o", tmp_path / "out2", "--model", model, "--pixel-shuffle", 9)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--pixel-shuffle 9" in r.stderr
+    r = cli("restore", d, "-o", tmp_path / "out2", "--model", model, "--self-ensemble", 3)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--self-ensemble 3" in r.stderr

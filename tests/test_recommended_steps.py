@@ -92,13 +92,17 @@ def test_eval_measures_steps_gray_and_real_pairs_and_stamps_the_model(sets, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json", "m.onnx"]  # written in place, no temp left
 
 
-def test_eval_measures_pixel_shuffle_next_to_the_plain_restore(sets, tmp_path):
+def test_eval_measures_pixel_shuffle_and_self_ensemble(sets, tmp_path):
     out = tmp_path / "eval.json"
     eval_denoise.main(["--model", str(models.onnx_model("step")), "--pairs", str(sets / "pairs/noisy"),
                        str(sets / "pairs/clean"), "--pixel-shuffle", "1", "2", "--threads", "1", "--out", str(out)])
     rows = json.loads(out.read_text())
     assert [r["pixel_shuffle"] for r in rows] == [1, 2] and rows[0]["psnr_in"] == rows[1]["psnr_in"]
     assert rows[0]["psnr"] != rows[1]["psnr"]  # the sub-images really were restored apart
+    eval_denoise.main(["--model", str(models.onnx_model("step")), "--pairs", str(sets / "pairs/noisy"),
+                       str(sets / "pairs/clean"), "--self-ensemble", "2", "--threads", "1", "--out", str(out)])
+    ens = json.loads(out.read_text())
+    assert ens[0]["self_ensemble"] == 2 and ens[0]["psnr"] != rows[0]["psnr"]  # the views really were averaged
 
 
 def test_stamping_refuses_fused_graphs_and_foreign_files(tmp_path):

@@ -192,3 +192,31 @@ def test_restore_folder_api_and_engine_errors_are_per_image(tmp_path):
     r = Restorer(models.onnx_model("step"))
     with pytest.raises(RDDMError, match="inference failed"):
         r.runner.infer({"x_t": np.zeros((1, 3, 4, 4), np.float32)})  # missing inputs: ORT error, one line
+
+
+def test_self_ensemble_averages_the_flipped_and_transposed_views(restorer):
+    """A pointwise network gives the same pixels in every view, so the ensemble equals the plain restore; on a real
+    UNet each view differs, and the ensemble is their mean (checked against views restored by hand)."""
+    from rddm_infer.backends import Noise
+    from rddm_infer.tiling import ENSEMBLE_VIEWS, from_view, to_view
+
+    pix = _img((24, 40, 3))
+    eps = np.random.default_rng(1).standard_normal((3, 24, 40)).astype(np.float32)
+    plain = Restorer(models.pointwise_onnx())
+    for n in (2, 4, 8):
+        ens = Restorer(models.pointwise_onnx(), self_ensemble=n, pixel_shuffle=2)
+        np.testing.assert_allclose(ens.restore_array(pix, noise=Noise.given(ens.plan, eps)).astype(int),
+                                   plain.restore_array(pix, noise=Noise.given(plain.plan, eps)).astype(int), atol=1)
+    ens = Restorer(models.onnx_model("step"), self_ensemble=4, providers="cpu")
+    f = pix.astype(np.float32) / 255
+    got = ens.restore_array(f, noise=Noise.given(ens.plan, eps))
+    views = []
+    for v in ENSEMBLE_VIEWS[:4]:
+        fv = np.moveaxis(to_view(np.moveaxis(f, -1, 0), v), 0, -1)
+        out = restorer.restore_array(np.ascontiguousarray(fv), noise=Noise.given(restorer.plan, to_view(eps, v)))
+        views.append(np.moveaxis(from_view(np.moveaxis(out, -1, 0), v), 0, -1))
+    assert np.abs(views[0] - views[1]).max() > 1e-3  # the views really differ
+    np.testing.assert_allclose(got, np.mean(views, axis=0), atol=2e-5)
+    for bad in (0, 3, 16, True):
+        with pytest.raises(RDDMError, match="--self-ensemble"):
+            Restorer(models.onnx_model("step"), self_ensemble=bad)

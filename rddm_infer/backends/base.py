@@ -146,6 +146,10 @@ class Noise:
         """The same noise restricted to a region (tiles see the full image's noise at their pixels)."""
         return Noise(self.eps[index], [None if z is None else z[index] for z in self.steps])
 
+    def map(self, fn) -> "Noise":
+        """The same noise with ``fn`` applied to every array (e.g. a flipped view of the image)."""
+        return Noise(fn(self.eps), [None if z is None else fn(z) for z in self.steps])
+
     @classmethod
     def stack(cls, items: Sequence["Noise"]) -> "Noise":
         return cls(np.stack([n.eps for n in items]),
