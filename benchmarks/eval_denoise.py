@@ -32,7 +32,7 @@ from rddm_infer import Restorer, psnr, read_image, ssim
 from rddm_infer.artifact import META_KEY, ArtifactMeta
 from rddm_infer.atomic import atomic_path
 from rddm_infer.errors import RDDMError
-from rddm_infer.tiling import DEFAULT_TILE, MAX_PIXEL_SHUFFLE
+from rddm_infer.tiling import DEFAULT_TILE, ENSEMBLE_SIZES, MAX_PIXEL_SHUFFLE
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif")
 TOLERANCE_DB = 0.05  # steps within this of the best PSNR count as "as good"
@@ -188,7 +188,7 @@ def main(argv=None):
                     help="step counts to measure (default: the model's); several: PSNR per count + the recommended")
     ap.add_argument("--pixel-shuffle", nargs="+", type=int, default=[1], choices=range(1, MAX_PIXEL_SHUFFLE + 1),
                     metavar="S", help="restore's --pixel-shuffle values to measure (default 1: off)")
-    ap.add_argument("--self-ensemble", type=int, default=1, choices=(1, 2, 4, 8),
+    ap.add_argument("--self-ensemble", type=int, default=1, choices=ENSEMBLE_SIZES,
                     help="restore's --self-ensemble (flipped / transposed views averaged; default 1: off)")
     ap.add_argument("--limit", type=int, default=None, help="first N images of each folder")
     ap.add_argument("--threads", type=int, default=None, help="backend intra-op threads (default: all cores)")

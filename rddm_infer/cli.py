@@ -147,7 +147,8 @@ def restore(
     check_suffix(suffix)
     _quiet_onnxruntime()
     options = dict(steps=steps, eta=eta, seed=seed, tile=tile, overlap=tile_overlap, batch=batch,
-                   pixel_shuffle=pixel_shuffle, self_ensemble=self_ensemble, max_pixels=max_pixels, threads=threads, providers=providers, compile=compile or None,
+                   pixel_shuffle=pixel_shuffle, self_ensemble=self_ensemble, max_pixels=max_pixels, threads=threads,
+                   providers=providers, compile=compile or None,
                    device=device, precision=precision, objective=objective, sum_scale=sum_scale,
                    time_input=time_input, translation=translation, test_res_or_noise=test_res_or_noise,
                    two_pass=two_pass)
@@ -191,8 +192,8 @@ def restore(
 
 
 def _pixel_shuffle_note(s: int) -> str:
-    return (f"; pixel-shuffle {s}: the {s * s} sub-images of every {'2nd' if s == 2 else f'{s}th'} pixel "
-            f"restored separately" if s > 1 else "")
+    nth = {2: "2nd", 3: "3rd"}.get(s, f"{s}th")
+    return f"; pixel-shuffle {s}: the {s * s} sub-images of every {nth} pixel restored separately" if s > 1 else ""
 
 
 def _ensemble_note(n: int) -> str:

@@ -28,8 +28,8 @@ from .backends import Choice, EngineSampler, Noise, Runner, load_runner
 from .errors import CheckpointError, ImageError, OptionError, RDDMError
 from .imageio import Image, check_float_range, from_model, to_model
 from .onnx_external import check_external_data
-from .tiling import (DEFAULT_OVERLAP, DEFAULT_TILE, ENSEMBLE_VIEWS, MAX_PIXEL_SHUFFLE, Tile, from_view,
-                     pad_to_multiple, run_tiled, shuffle_index, shuffle_merge, shuffle_split, to_view)
+from .tiling import (DEFAULT_OVERLAP, DEFAULT_TILE, ENSEMBLE_SIZES, ENSEMBLE_VIEWS, MAX_PIXEL_SHUFFLE, Tile,
+                     from_view, pad_to_multiple, run_tiled, shuffle_index, shuffle_merge, shuffle_split, to_view)
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "default.onnx"
 DEFAULT_CHECKPOINT = DEFAULT_MODEL.with_suffix(".safetensors")  # what the built-in ONNX model was exported from
@@ -68,7 +68,7 @@ class ImageRestorer:
         if isinstance(pixel_shuffle, bool) or not isinstance(pixel_shuffle, (int, np.integer)) or \
                 not 1 <= pixel_shuffle <= MAX_PIXEL_SHUFFLE:
             raise RDDMError(f"--pixel-shuffle {pixel_shuffle}: must be an integer from 1 (off) to {MAX_PIXEL_SHUFFLE}")
-        if isinstance(self_ensemble, bool) or self_ensemble not in (1, 2, 4, 8):
+        if isinstance(self_ensemble, bool) or self_ensemble not in ENSEMBLE_SIZES:
             raise RDDMError(f"--self-ensemble {self_ensemble}: must be 1 (off), 2, 4 or 8")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
             raise RDDMError(f"--seed {seed}: must be an integer >= 0")

@@ -48,8 +48,9 @@ def shuffle_merge(parts: list[np.ndarray], s: int) -> np.ndarray:
     return out
 
 
-# Self-ensemble views (transpose, flip rows, flip columns): the first 1, 2, 4 or 8 are used.
+# Self-ensemble views (transpose, flip rows, flip columns): the first 1, 2, 4 or 8 (ENSEMBLE_SIZES) are used.
 ENSEMBLE_VIEWS = [(t, fh, fw) for t in (False, True) for fh in (False, True) for fw in (False, True)]
+ENSEMBLE_SIZES = (1, 2, 4, 8)
 
 
 def to_view(a: np.ndarray, view: tuple[bool, bool, bool]) -> np.ndarray:

@@ -219,5 +219,8 @@ def test_pixel_shuffle_and_self_ensemble_are_stated_recorded_and_checked(tmp_pat
     assert cv2.imread(str(tmp_path / "out" / "a.png")).shape == (21, 30, 3)
     r = cli("restore", d, "-o", tmp_path / "out2", "--model", model, "--pixel-shuffle", 9)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--pixel-shuffle 9" in r.stderr
+    from rddm_infer.cli import _pixel_shuffle_note
+
+    assert "the 9 sub-images of every 3rd pixel" in _pixel_shuffle_note(3)
     r = cli("restore", d, "-o", tmp_path / "out2", "--model", model, "--self-ensemble", 3)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--self-ensemble 3" in r.stderr

@@ -250,3 +250,5 @@ def test_validation_restores_as_pixel_shuffle_restore_does(tmp_path, photos):
     assert b["psnr"] == pytest.approx(scores(shuffle_merge(np.split(restored, 4), 2), gt)[0], abs=1e-4)
     with pytest.raises(RDDMError, match="val.crop must be a multiple of 4"):
         tiny_config(tmp_path / "c", photos, *extra, "val.crop=30", "val.pixel_shuffle=2")
+    with pytest.raises(RDDMError, match="val.pixel_shuffle must be 1 \\(off\\) to 4"):  # an error, not a crash
+        tiny_config(tmp_path / "c", photos, *extra, "val.pixel_shuffle=0")

@@ -167,7 +167,7 @@ class TrainConfig:
         checks += [(self.data.crop % mult == 0 and self.val.crop % mult == 0,
                     f"data.crop and val.crop must be multiples of {mult} (the UNet's size multiple)"),
                    (1 <= ps <= MAX_PIXEL_SHUFFLE, f"val.pixel_shuffle must be 1 (off) to {MAX_PIXEL_SHUFFLE}"),
-                   (self.val.crop % (mult * ps) == 0,
+                   (not 1 <= ps <= MAX_PIXEL_SHUFFLE or self.val.crop % (mult * ps) == 0,
                     f"val.crop must be a multiple of {mult * ps} (the size multiple × val.pixel_shuffle)")]
         for ok, msg in checks:
             if not ok:

@@ -144,7 +144,7 @@ class Noise:
 
     def crop(self, index) -> "Noise":
         """The same noise restricted to a region (tiles see the full image's noise at their pixels)."""
-        return Noise(self.eps[index], [None if z is None else z[index] for z in self.steps])
+        return self.map(lambda a: a[index])
 
     def map(self, fn) -> "Noise":
         """The same noise with ``fn`` applied to every array (e.g. a flipped view of the image)."""
