@@ -39,6 +39,7 @@ def test_train_validate_checkpoint_and_resume_from_the_saved_config(tmp_path, ph
                    "--val-every", 3, "--workers", 1, "--no-progress")
     assert r.returncode == 0, r.stderr
     assert "step 6/6 (done), val PSNR" in r.stdout
+    assert "rddm-train: step 3: val PSNR" in r.stdout  # each validation is reported, also without the progress bar
     assert load_checkpoint(out / "ema.safetensors").info == {"weights": "ema", "step": 6}
     saved = config.load(out / "config.toml")
     assert saved.run.steps == 6 and saved.data.num_workers == 1 and saved.model.dim == 8

@@ -107,7 +107,7 @@ def auto_workers() -> int:
 
 
 def _say(msg: str) -> None:
-    print(f"rddm-train: {msg}")
+    print(f"rddm-train: {msg}", flush=True)  # flushed: a long run's log is read while it runs
 
 
 def _prepare(cfg: cfgmod.TrainConfig) -> None:
@@ -138,7 +138,7 @@ def run(config: str | None, overrides: list[str], flags: dict, *, resume: bool, 
                                 f"pip install 'rddm-infer[train]'") from None
             raise
         _prepare(cfg)
-        result = Trainer(cfg).fit(resume=resume)
+        result = Trainer(cfg).fit(resume=resume, log=_say)
     except RDDMError as e:
         print(f"rddm-train: error: {e}", file=sys.stderr)
         return 2

@@ -443,7 +443,7 @@ class Trainer:
                              pin_memory=self.device.type == "cuda")
         batches = iter(loader)
         stopped, last_val, t_log, s_log = "done", None, time.perf_counter(), self.step
-        progress = _progress(r.progress, r.steps, self.step)
+        progress = _progress(r.progress, r.steps, self.step, log)
         terminated = _StopOnSigterm()
         try:
             while self.step < r.steps:
@@ -500,10 +500,10 @@ class _StopOnSigterm:
 
 
 class _progress:
-    """A rich progress bar with loss and it/s (or nothing when disabled)."""
+    """A rich progress bar with loss and it/s; when disabled (logs, schedulers), only the notes, as plain lines."""
 
-    def __init__(self, enabled: bool, total: int, start: int):
-        self.bar = None
+    def __init__(self, enabled: bool, total: int, start: int, log=print):
+        self.bar, self.log = None, log
         if enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -520,6 +520,8 @@ class _progress:
     def note(self, text: str) -> None:
         if self.bar is not None:
             self.bar.console.print(text)
+        else:
+            self.log(text)
 
     def close(self) -> None:
         if self.bar is not None:
