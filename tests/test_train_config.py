@@ -40,6 +40,10 @@ def test_saved_config_reads_back_equal(tmp_path):
     (["model.share_encoder=-1", "diffusion.objective='pred_x0_noise'"], "objective pred_x0_noise needs 2 outputs"),
     (["data.crop=100"], "multiples of 8"),
     (["lr=1"], "--set 'lr=1': expected section.key=value"),
+    (["data.saturation=[2, 1]"], "data.saturation must be [lo, hi] with 0 <= lo <= hi <= 4.0"),
+    (["data.saturation=[1, 9]"], "data.saturation must be [lo, hi]"),
+    (["data.saturation=[1, 'x']"], "data.saturation must be [lo, hi]"),
+    (["data.saturation=[1, 2]", "data.input='in'", "data.gt='gt'"], "paired data (--input/--gt) is used as it is"),
 ])
 def test_bad_settings_are_refused_with_the_key_named(overrides, message):
     with pytest.raises(ConfigError) as e:

@@ -73,6 +73,26 @@ def test_samples_depend_only_on_seed_and_index(photos):
     assert 0 < (inp - gt).abs().mean() < 0.2
 
 
+def test_saturation_scales_the_colours_of_input_and_target_and_is_drawn_only_when_on(photos):
+    bank = ImageBank.load(list_images(photos))
+    clean = Pipeline.from_specs([{"name": "gaussian", "sigma": 0}])
+    plain = TrainSet(bank, 32, seed=5, pipeline=NOISE)
+    off = TrainSet(bank, 32, seed=5, pipeline=NOISE, saturation=(1, 1))
+    assert all(torch.equal(a, b) for i in (3, 17) for a, b in zip(plain[i], off[i]))  # old runs' streams unchanged
+
+    def chroma(x):  # mean distance of a pixel's colour from its gray
+        return float((x - x.mean(0, keepdim=True)).abs().mean())
+
+    for i in range(4):
+        base, gray = TrainSet(bank, 32, 5, clean)[i][1], TrainSet(bank, 32, 5, clean, saturation=(0, 0))[i][1]
+        inp, vivid = TrainSet(bank, 32, 5, clean, saturation=(2, 2))[i]
+        assert torch.equal(inp, vivid)  # no noise here: the input is the saturated target, to 8-bit-free floats
+        assert torch.allclose(gray[0], gray[1], atol=1e-6) and torch.allclose(gray[1], gray[2], atol=1e-6)
+        assert chroma(vivid) > 1.3 * chroma(base) and vivid.min() >= 0 and vivid.max() <= 1
+    with pytest.raises(DataError, match="paired data is used as is"):
+        TrainSet(bank, 32, 5, inputs=bank, saturation=(1, 2))
+
+
 def test_loader_with_workers_yields_the_same_stream_and_resumes_mid_way(photos):
     ds = TrainSet(ImageBank.load(list_images(photos)), 32, seed=0, pipeline=NOISE)
     it0 = iter(make_loader(ds, 3, 0, num_workers=0))

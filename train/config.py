@@ -20,6 +20,8 @@ from rddm_infer.errors import RDDMError
 from rddm_infer.schedule import OBJECTIVES, SCHEDULES, SINGLE_OUTPUT
 from rddm_infer.tiling import MAX_PIXEL_SHUFFLE
 
+MAX_SATURATION = 4.0  # data.saturation's upper bound: beyond it nearly every colour clips
+
 
 class ConfigError(RDDMError):
     """A training config (file, override or flag) that cannot be used."""
@@ -60,6 +62,9 @@ class DataSection:
     flip: bool = True
     num_workers: int = 2
     bits: int = 0  # 8: clip and round degraded inputs to 8-bit levels, as saved photos are; 0: keep floats
+    # colour saturation of each clean crop scaled by a factor drawn from [lo, hi] before it is degraded (input and
+    # target alike): vivid photos' sharp colour edges are content, not chroma noise. [1, 1]: off
+    saturation: list = field(default_factory=lambda: [1.0, 1.0])
     # [[data.degradations]] tables: {name = "gaussian", p = 1.0, sigma = [0, 50]} (see degradations.REGISTRY)
     degradations: list[dict] = field(default_factory=lambda: [{"name": "gaussian", "p": 1.0, "sigma": [0, 50]}])
 
@@ -145,6 +150,7 @@ class TrainConfig:
 
     def validate(self, source: str = "config") -> "TrainConfig":
         d, m, r, o = self.diffusion, self.model, self.run, self.optim
+        sat = self.data.saturation
         checks = [
             (d.objective in OBJECTIVES, f"diffusion.objective must be one of {OBJECTIVES}"),
             (d.alpha_schedule in SCHEDULES and d.beta_schedule in SCHEDULES, f"schedules must be one of {SCHEDULES}"),
@@ -162,6 +168,12 @@ class TrainConfig:
             (0 <= o.t_grid <= d.timesteps, f"optim.t_grid must be 0 (uniform t) or 1-{d.timesteps} (sampling steps)"),
             (not o.rollout or o.t_grid > 0, "optim.rollout needs optim.t_grid = K (the sampler's step count)"),
             (0 <= self.data.bits <= 16, "data.bits must be 0 (float inputs) or 1-16"),
+            (len(sat) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sat)
+             and 0 <= sat[0] <= sat[1] <= MAX_SATURATION,
+             f"data.saturation must be [lo, hi] with 0 <= lo <= hi <= {MAX_SATURATION} ([1, 1]: off)"),
+            (sat == [1, 1] or not (self.data.input or self.data.gt),
+             "data.saturation changes clean photos before they are degraded; paired data (--input/--gt) is "
+             "used as it is: set it to [1, 1]"),
         ]
         mult, ps = 2 ** (len(m.dim_mults) - 1), self.val.pixel_shuffle
         checks += [(self.data.crop % mult == 0 and self.val.crop % mult == 0,

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rddm_infer.errors import ImageError, RDDMError
 
-from .degradations import Pipeline
+from .degradations import Pipeline, draw, saturate
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 MAX_BAD_IMAGES = 10  # unreadable files skipped with a warning; more than this stops the run (a wrong folder?)
@@ -160,7 +160,7 @@ class TrainSet(Dataset):
     """
 
     def __init__(self, gt: ImageBank, crop: int, seed: int, pipeline: Pipeline | None = None,
-                 inputs: ImageBank | None = None, flip: bool = True):
+                 inputs: ImageBank | None = None, flip: bool = True, saturation: tuple[float, float] = (1.0, 1.0)):
         if inputs is None and pipeline is None:
             raise DataError("training data needs either paired inputs or a degradation pipeline")
         if inputs is not None:
@@ -170,7 +170,9 @@ class TrainSet(Dataset):
                     raise DataError(f"{inputs.names[k]}: size {wi}x{hi} differs from its ground truth "
                                     f"{gt.names[k]} ({wg}x{hg})")
         self.gt, self.inputs, self.pipeline = gt, inputs, pipeline
-        self.crop, self.seed, self.flip = crop, seed, flip
+        if inputs is not None and tuple(saturation) != (1.0, 1.0):
+            raise DataError("saturation augments clean photos before they are degraded; paired data is used as is")
+        self.crop, self.seed, self.flip, self.saturation = crop, seed, flip, tuple(map(float, saturation))
 
     def __len__(self) -> int:  # nominal; indices run as far as training goes
         return 2 ** 62
@@ -187,6 +189,8 @@ class TrainSet(Dataset):
         if self.inputs is not None:
             inp = cut(_fit(self.inputs[k], self.crop)).astype(np.float32) / 255.0
         else:
+            if self.saturation != (1.0, 1.0):  # drawn only when on: the streams of runs without it are unchanged
+                gt_crop = saturate(gt_crop, draw(rng, self.saturation))
             inp, gt_crop = self.pipeline.apply(gt_crop, rng)
         return inp, gt_crop
 

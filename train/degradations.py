@@ -115,6 +115,12 @@ def _luma(img: np.ndarray) -> np.ndarray:
     return img @ _TO_YCC[0]
 
 
+def saturate(img: np.ndarray, factor: float) -> np.ndarray:
+    """Colour saturation scaled by ``factor`` around each pixel's luma (0: gray, 1: unchanged), clipped to [0, 1]."""
+    luma = _luma(img)[..., None]
+    return np.clip(luma + np.float32(factor) * (img - luma), 0.0, 1.0).astype(np.float32, copy=False)
+
+
 def gray_gaussian(img: np.ndarray, rng: np.random.Generator,
                   sigma: Range = (0, 50)) -> tuple[np.ndarray, np.ndarray]:
     """A gray photo as the runtime sees one (luma copied into R, G and B) with ONE noise field for all three.

@@ -360,7 +360,8 @@ class Trainer:
             return TrainSet(gts, d.crop, self.cfg.run.seed, inputs=inputs, flip=d.flip)
         if not d.clean:
             raise RDDMError("no training data: give --data DIR (clean photos) or --input DIR --gt DIR")
-        return TrainSet(ImageBank.load(list_images(d.clean)), d.crop, self.cfg.run.seed, self.pipeline(), flip=d.flip)
+        return TrainSet(ImageBank.load(list_images(d.clean)), d.crop, self.cfg.run.seed, self.pipeline(), flip=d.flip,
+                        saturation=d.saturation)
 
     def validation_data(self):
         v = self.cfg.val
