@@ -114,17 +114,22 @@ def evaluate(restorer: Restorer, folder: Path, sigma: float, limit: int | None =
     return _summary(folder.name + (" gray" if gray else ""), sigma, rows, time.perf_counter() - t0)
 
 
-def evaluate_pairs(restorer: Restorer, noisy_dir: Path, clean_dir: Path, limit: int | None = None) -> dict:
-    """Real noisy/clean pairs matched by file name (e.g. one shot vs the mean of many of a static scene)."""
+def matched_pairs(noisy_dir: Path, clean_dir: Path, limit: int | None = None) -> list[tuple[Path, Path]]:
+    """(noisy, clean) files matched by name; an error names the first noisy file without its clean one."""
     clean = {p.name: p for p in _images(clean_dir)}
     noisy = _images(noisy_dir)[:limit] if limit else _images(noisy_dir)
     missing = [p.name for p in noisy if p.name not in clean]
     if missing or not noisy:
         raise RDDMError(f"{noisy_dir}: {len(missing)} image(s) without a clean image of the same name in {clean_dir}"
                         + (f", e.g. {missing[0]}" if missing else " (no images)"))
+    return [(p, clean[p.name]) for p in noisy]
+
+
+def evaluate_pairs(restorer: Restorer, noisy_dir: Path, clean_dir: Path, limit: int | None = None) -> dict:
+    """Real noisy/clean pairs matched by file name (e.g. one shot vs the mean of many of a static scene)."""
     rows, t0 = [], time.perf_counter()
-    for p in noisy:
-        n, c = read_image(p).pixels, read_image(clean[p.name]).pixels
+    for p, q in matched_pairs(noisy_dir, clean_dir, limit):
+        n, c = read_image(p).pixels, read_image(q).pixels
         if isinstance(restorer, Anchor):  # the true noise level of this pair
             restorer.sigma = float(np.std(n.astype(np.float64) - c))
         rows.append(_score(restorer, p.name, n, c))

@@ -246,35 +246,40 @@ def add_raw_noise(raw: np.ndarray, rng: np.random.Generator, shot: float, read: 
     return raw + std * rng.standard_normal(raw.shape, dtype=np.float32)
 
 
-def chroma_smooth(noise: np.ndarray, rng: np.random.Generator, sigma: Range) -> np.ndarray:
-    """A camera ISP's chroma noise reduction applied to a noise field: its YCbCr chroma (BT.601) Gaussian-blurred
-    by a drawn σ in pixels, luma kept. Leaves mostly luminance noise, correlated across R, G and B, as in
-    the JPEGs cameras write (0 = off)."""
-    s = draw(rng, sigma)
-    if s <= 0:
+def isp_smooth(noise: np.ndarray, rng: np.random.Generator, chroma: Range, luma: Range = 0.0) -> np.ndarray:
+    """A camera ISP's noise reduction applied to a noise field: its YCbCr (BT.601) chroma Gaussian-blurred by a
+    drawn σ in pixels, then its luma by another. Chroma NR leaves mostly luminance noise, correlated across R, G
+    and B, as in the JPEGs cameras write; luma NR (and the wider demosaicking of real cameras) makes what is left
+    spatially correlated beyond the bilinear demosaic's one pixel (0 = off; the luma σ is drawn only when its
+    range is not 0, so older configs draw the same numbers)."""
+    s = draw(rng, chroma)
+    t = draw(rng, luma) if luma not in (0, 0.0) else 0.0
+    if s <= 0 and t <= 0:
         return noise
     ycc = noise.astype(np.float32) @ _TO_YCC.T
-    for c in (1, 2):
-        ycc[..., c] = cv2.GaussianBlur(ycc[..., c], (0, 0), s, borderType=cv2.BORDER_REFLECT_101)
+    for c, sig in ((0, t), (1, s), (2, s)):
+        if sig > 0:
+            ycc[..., c] = cv2.GaussianBlur(ycc[..., c], (0, 0), sig, borderType=cv2.BORDER_REFLECT_101)
     return ycc @ _FROM_YCC.T
 
 
 def camera_noise(img: np.ndarray, rng: np.random.Generator, shot: Range = (1e-4, 1.2e-2),
-                 chroma_blur: Range = 0.0) -> np.ndarray:
+                 chroma_blur: Range = 0.0, luma_blur: Range = 0.0) -> np.ndarray:
     """Real-photo noise: the image taken back to a linear RGGB raw through a drawn camera, given shot + read
     noise there, then developed again (demosaic, white balance, colour matrix, gamma, tone curve).
 
     Only the noise is kept (developed noisy minus developed clean, through the same camera) and added to the
     input, so that noisy and clean differ by noise alone, as a real pair (one shot vs the mean of many) does —
     not by the bilinear demosaic's blur as well. ``shot``: the shot-noise factor's range (drawn log-uniformly;
-    variance = read + shot·x in linear raw units), read noise follows from it. ``chroma_blur``: σ range (pixels)
-    of the in-camera chroma noise reduction (``chroma_smooth``). Add a ``jpeg`` step after it for compressed photos.
+    variance = read + shot·x in linear raw units), read noise follows from it. ``chroma_blur`` / ``luma_blur``:
+    σ ranges (pixels) of the in-camera noise reduction (``isp_smooth``). Add a ``jpeg`` step after it for
+    compressed photos.
     """
     cam = Camera.draw(rng)
     raw = mosaic(cam.unprocess(img.astype(np.float64))).astype(np.float32)
     noisy = add_raw_noise(raw, rng, *raw_noise_levels(rng, shot))
     developed = [cam.process(demosaic(r).astype(np.float64)) for r in (noisy, raw)]
-    noise = chroma_smooth((developed[0] - developed[1]).astype(np.float32), rng, chroma_blur)
+    noise = isp_smooth((developed[0] - developed[1]).astype(np.float32), rng, chroma_blur, luma_blur)
     return np.clip(img + noise, 0.0, 1.0).astype(np.float32)
 
 
@@ -287,7 +292,7 @@ REGISTRY: dict[str, tuple[Callable, dict[str, tuple[float, float]]]] = {
     "defocus_blur": (defocus_blur, {"radius": (0, 64)}),
     "rain": (rain, {"density": (0, 1), "length": (1, 255), "angle": (-90, 90), "intensity": (0, 1)}),
     "low_light": (low_light, {"gamma": (0.05, 10), "scale": (0, 1), "sigma": (0, 255)}),
-    "camera_noise": (camera_noise, {"shot": (1e-8, 1.0), "chroma_blur": (0, 64)}),
+    "camera_noise": (camera_noise, {"shot": (1e-8, 1.0), "chroma_blur": (0, 64), "luma_blur": (0, 64)}),
     "correlated_gaussian": (correlated_gaussian, {"sigma": (0, 255)}),
     "gray_gaussian": (gray_gaussian, {"sigma": (0, 255)}),
 }
