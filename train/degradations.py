@@ -253,7 +253,7 @@ def isp_smooth(noise: np.ndarray, rng: np.random.Generator, chroma: Range, luma:
     spatially correlated beyond the bilinear demosaic's one pixel (0 = off; the luma σ is drawn only when its
     range is not 0, so older configs draw the same numbers)."""
     s = draw(rng, chroma)
-    t = draw(rng, luma) if luma not in (0, 0.0) else 0.0
+    t = 0.0 if luma == 0 else draw(rng, luma)
     if s <= 0 and t <= 0:
         return noise
     ycc = noise.astype(np.float32) @ _TO_YCC.T
