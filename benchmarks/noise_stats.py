@@ -68,33 +68,28 @@ def pair_stats(noisy_dir: Path, clean_dir: Path, limit: int | None) -> dict:
     return summarize(f"{noisy_dir.parent.name}/{noisy_dir.name}", rows)
 
 
-def parse_degradation(text: str) -> dict:
-    """``'{name = "camera_noise", luma_blur = 0.5}'`` -> the spec dict (checked by the trainer's parser)."""
+def parse_degradation(text: str):
+    """``'{name = "camera_noise", luma_blur = 0.5}'`` -> (spec, the trainer's 8-bit ``Pipeline`` of it); the trainer's
+    parser gives unknown names and bad parameters their one-line errors."""
     try:
         spec = tomllib.loads(f"d = {text}")["d"]
     except tomllib.TOMLDecodeError as e:
         raise RDDMError(f"--degradation {text!r}: not a TOML inline table ({e})") from None
     from rddm_train.degradations import Pipeline
 
-    Pipeline.from_specs([spec], source="--degradation")  # unknown names / parameters: one-line errors
-    return spec
+    return spec, Pipeline.from_specs([spec], source="--degradation", bits=8)
 
 
-def synthetic_stats(spec: dict, folder: Path, limit: int | None, crop: int, seed: int = 0) -> dict:
-    from rddm_train.degradations import Pipeline
+def synthetic_stats(spec: dict, pipe, folder: Path, limit: int | None, crop: int, seed: int = 0) -> dict:
+    """``pipe`` on centre crops of ``folder``'s photos, read and cropped by the trainer's own loaders."""
+    from rddm_train.data import center_crop, read_rgb
 
-    pipe = Pipeline.from_specs([spec], source="--degradation", bits=8)
     files = _images(folder)[:limit] if limit else _images(folder)
     if not files:
         raise RDDMError(f"{folder}: no images")
     rows = []
     for i, f in enumerate(files):
-        px = read_image(f).pixels
-        if px.ndim != 3:
-            raise RDDMError(f"{f}: a colour photo is needed (the degradations work on RGB)")
-        h, w = px.shape[:2]
-        top, left = max(h - crop, 0) // 2, max(w - crop, 0) // 2
-        img = px[top:top + crop, left:left + crop, 2::-1].astype(np.float32) / 255.0  # BGR(A) -> RGB
+        img = center_crop(read_rgb(f), crop).astype(np.float32) / 255.0
         degraded, clean = pipe.apply(img, np.random.default_rng(seed + i))
         rows.append(noise_stats((degraded.astype(np.float64) - clean) * 255.0))
     return summarize(json.dumps(spec, separators=(",", ":")), rows)
@@ -129,8 +124,8 @@ def main(argv=None):
         if a.pairs:
             results.append(pair_stats(*a.pairs, a.limit))
             _print(results[-1])
-        for spec in specs:
-            results.append(synthetic_stats(spec, a.data, a.limit, a.crop))
+        for spec, pipe in specs:
+            results.append(synthetic_stats(spec, pipe, a.data, a.limit, a.crop))
             _print(results[-1])
     except RDDMError as e:
         raise SystemExit(f"error: {e}") from None
