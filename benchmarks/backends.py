@@ -32,12 +32,12 @@ from typing import Callable
 
 import numpy as np
 
-from rddm_infer.atomic import atomic_path
+from rddm_infer.io.atomic import atomic_path
 from rddm_infer.backends import EngineSampler, Noise
 from rddm_infer.metrics import psnr
 from rddm_infer.report import write_bench_report
-from rddm_infer.schedule import SamplingPlan
-from rddm_infer.tiling import run_tiled
+from rddm_infer.diffusion.schedule import SamplingPlan
+from rddm_infer.restore.tiling import run_tiled
 
 BASELINE = "torch eager fp32 (reference)"
 
@@ -382,7 +382,7 @@ def reference_size_model(seed: int = 0):
     import torch
 
     from rddm_infer.model import LoadedModel, UNetConfig, UnetRes
-    from rddm_infer.schedule import DiffusionConfig
+    from rddm_infer.diffusion.schedule import DiffusionConfig
 
     torch.manual_seed(seed)
     cfg = UNetConfig(dim=64, dim_mults=(1, 2, 4, 8), share_encoder=0)
@@ -414,7 +414,7 @@ def run(args) -> dict:
         skipped.append("TensorRT (no TensorRT execution provider here)")
     if device == "cpu":
         skipped.append("CUDA graphs and device memory (no CUDA GPU)")
-    from rddm_infer.backends import BY_NAME
+    from rddm_infer.backends.registry import BY_NAME
     if not BY_NAME["openvino"].available():
         skipped.append("OpenVINO (" + BY_NAME["openvino"].install_hint + ")")
     with tempfile.TemporaryDirectory(prefix="rddm-bench-") as tmp:
@@ -437,7 +437,7 @@ def run(args) -> dict:
             run_size(variants, x, noise, args.runs, args.warmup, wrap)
             flops = model_flops(loaded, tile or side)
             if flops and tile:
-                from rddm_infer.tiling import tile_grid
+                from rddm_infer.restore.tiling import tile_grid
                 flops *= len(tile_grid(side, side, tile, args.overlap, m))
             label = f"{side}² tiled {tile}²" if tile else f"{side}²"
             rows = [summarize(v, base, args.batch, flops, plan.steps, args.peak_tflops) for v in variants]

@@ -5,7 +5,7 @@
 
 
 The same synthetic images (seeded) go through ``Restorer.restore_paths`` (one process, its default
-threads) and through ``rddm_infer.cluster.restore_paths`` with 1, 2, ... actors on one Ray runtime
+threads) and through ``rddm_infer.restore.ray_executor.restore_paths`` with 1, 2, ... actors on one Ray runtime
 (started once, so its ~10-20 s start-up is not counted; each run does count its actors' model
 loads, as a real job does). Every run must write byte-identical outputs; the script checks it.
 Wall-clock images/s on a shared machine drift with the other load: compare rows of one run only.
@@ -25,9 +25,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from rddm_infer.atomic import write_bytes_atomic
-from rddm_infer.cluster import ray_runtime, restore_paths
-from rddm_infer.pipeline import Restorer
+from rddm_infer.io.atomic import write_bytes_atomic
+from rddm_infer.restore.ray_executor import ray_runtime, restore_paths
+from rddm_infer.restore.local import Restorer
 
 
 def cpu_name() -> str:
@@ -54,8 +54,8 @@ def host_costs(side: int, repeats: int = 5) -> dict[str, float]:
     """Milliseconds of one core per image for what a worker does besides the engine (median of ``repeats``):
     decode, model-space conversion + seeded noise, back to pixels, encode. Sizes the CPUs a GPU needs."""
     from rddm_infer.backends import Noise
-    from rddm_infer.imageio import Image, encode_image, from_model, to_model
-    from rddm_infer.schedule import DiffusionConfig, SamplingPlan
+    from rddm_infer.io.images import Image, encode_image, from_model, to_model
+    from rddm_infer.diffusion.schedule import DiffusionConfig, SamplingPlan
 
     rng = np.random.default_rng(0)
     base = cv2.resize(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), (side, side), interpolation=cv2.INTER_CUBIC)
@@ -126,7 +126,7 @@ def main(argv=None) -> dict:
                              "seconds": round(s.seconds, 3), "images_per_s": round(s.images_per_s, 4),
                              "identical": outputs(dst) == ref})
     result = {"cpu": cpu_name(), "when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "images": args.images, "size": args.size, "backend": s.backend, "rows": rows}
+              "images": args.images, "size": args.size, "backend": s.engine, "rows": rows}
     print(f"{result['cpu']}; {args.images} images of {args.size}², {result['backend']}; {result['when']}")
     for row in rows:
         print(f"  {row['run']:<40} {row['seconds']:8.2f} s  {row['images_per_s']:7.3f} images/s"

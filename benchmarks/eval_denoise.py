@@ -29,10 +29,10 @@ import numpy as np
 import cv2
 
 from rddm_infer import Restorer, psnr, read_image, ssim
-from rddm_infer.artifact import META_KEY, ArtifactMeta
-from rddm_infer.atomic import atomic_path
+from rddm_infer.diffusion.metadata import META_KEY, ArtifactMeta
+from rddm_infer.io.atomic import atomic_path
 from rddm_infer.errors import RDDMError
-from rddm_infer.tiling import DEFAULT_TILE, ENSEMBLE_SIZES, MAX_PIXEL_SHUFFLE
+from rddm_infer.restore.tiling import DEFAULT_TILE, ENSEMBLE_SIZES, MAX_PIXEL_SHUFFLE
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif")
 TOLERANCE_DB = 0.05  # steps within this of the best PSNR count as "as good"
@@ -220,7 +220,7 @@ def main(argv=None):
         if not a.only_anchors:
             with Restorer(a.model, a.backend, steps=(a.steps or [None])[0], tile=a.tile, self_ensemble=a.self_ensemble,
                           **opts) as r:
-                print(f"model {a.model or 'built-in'} on {r.backend}, tile {a.tile}")
+                print(f"model {a.model or 'built-in'} on {r.engine}, tile {a.tile}")
                 for k in a.steps or [None]:
                     r.plan = r.sampler.plan(k)  # same session, another step count
                     for ps in a.pixel_shuffle:

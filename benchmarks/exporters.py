@@ -20,7 +20,7 @@ import onnxruntime as ort
 import torch
 
 from rddm_infer.model import UNetConfig, UnetRes, fold_weight_standardization
-from rddm_infer.schedule import DiffusionConfig
+from rddm_infer.diffusion.schedule import DiffusionConfig
 from rddm_export.graph_cleanup import static_reshapes
 from rddm_export.graphs import build_graph
 from rddm_export.onnx_export import save_model, simplify, trace

@@ -23,8 +23,8 @@ import torch
 from rddm_infer.metrics import psnr
 from rddm_infer.model import UNetConfig, UnetRes, fold_weight_standardization
 from rddm_infer.model.unet import use_sdpa
-from rddm_infer.sampler import sample
-from rddm_infer.schedule import DiffusionConfig, SamplingPlan
+from rddm_infer.diffusion.sampler import sample
+from rddm_infer.diffusion.schedule import DiffusionConfig, SamplingPlan
 
 # Dense bf16 tensor-core peaks (NVIDIA datasheets, SXM parts), TFLOP/s.
 BF16_PEAK = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}

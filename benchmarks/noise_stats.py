@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from rddm_infer import read_image
-from rddm_infer.atomic import write_bytes_atomic
+from rddm_infer.io.atomic import write_bytes_atomic
 from rddm_infer.errors import RDDMError
 
 from .eval_denoise import _images, matched_pairs

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from rddm_infer.artifact import META_KEY, ArtifactMeta
-from rddm_infer.atomic import atomic_path, ensure_folder, remove_stale_temps_in
+from rddm_infer.diffusion.metadata import META_KEY, ArtifactMeta
+from rddm_infer.io.atomic import atomic_path, ensure_folder, remove_stale_temps_in
 from rddm_infer.errors import CheckpointError
-from rddm_infer.schedule import SamplingPlan
+from rddm_infer.diffusion.schedule import SamplingPlan
 
 if TYPE_CHECKING:  # torch only for the type: this module stays importable without it
     from rddm_infer.model import LoadedModel
@@ -94,7 +94,7 @@ def write_validated(path: Path, fmt: str, meta: ArtifactMeta, write: Callable[[P
     return Artifact(path, fmt, meta, build_s, validation, notes)
 
 
-# -- the ``rddm`` metadata of ONNX files (TensorRT engines carry it in rddm_infer.engine_file's header)
+# -- the ``rddm`` metadata of ONNX files (TensorRT engines carry it in rddm_infer.backends.engine_file's header)
 
 def artifact_meta(loaded: "LoadedModel", kind: str, steps: int, eta: float, precision: str, **extra) -> ArtifactMeta:
     """The ``rddm`` self-description of one graph exported from ``loaded``."""

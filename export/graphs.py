@@ -1,6 +1,6 @@
 """The three exportable graphs (unet / step / fused) as torch modules around a folded ``UnetRes``.
 
-The RDDM update is :func:`rddm_infer.sampler.step` itself, traced into the graph: the
+The RDDM update is :func:`rddm_infer.diffusion.sampler.step` itself, traced into the graph: the
 ``step`` graph takes the coefficient row as an input (so K and η can change at run
 time), the ``fused`` graph bakes every row of one :class:`SamplingPlan` in as constants.
 I/O names follow the contract in docs/ARCHITECTURE.md.
@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rddm_infer.graph_kinds import KINDS, time_dims
-from rddm_infer.sampler import select_time, step
-from rddm_infer.schedule import COEF_NAMES, DiffusionConfig, SamplingPlan
+from rddm_infer.diffusion.graph_kinds import KINDS, time_dims
+from rddm_infer.diffusion.sampler import select_time, step
+from rddm_infer.diffusion.schedule import COEF_NAMES, DiffusionConfig, SamplingPlan
 
 _SIGMA, _ALPHA_BAR, _BETA_BAR = (COEF_NAMES.index(n) for n in ("sigma", "alpha_bar", "beta_bar"))
 

@@ -21,7 +21,7 @@ from typing import Iterable
 import numpy as np
 import onnx
 
-from rddm_infer.artifact import ArtifactMeta
+from rddm_infer.diffusion.metadata import ArtifactMeta
 from rddm_infer.backends import EngineSampler, Noise
 from rddm_infer.backends.base import Runner
 from rddm_infer.backends.onnxruntime import OnnxRuntimeRunner

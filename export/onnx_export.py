@@ -26,11 +26,11 @@ import onnx
 import torch
 from torch import nn
 
-from rddm_infer.artifact import ArtifactMeta
+from rddm_infer.diffusion.metadata import ArtifactMeta
 from rddm_infer.errors import CheckpointError
-from rddm_infer.graph_kinds import dynamic_axes, time_dims
+from rddm_infer.diffusion.graph_kinds import dynamic_axes, time_dims
 from rddm_infer.model import LoadedModel, to_export_form
-from rddm_infer.schedule import NUM_COEFS, SamplingPlan
+from rddm_infer.diffusion.schedule import NUM_COEFS, SamplingPlan
 
 from .artifact import artifact_meta, save_model, set_metadata
 from .graph_cleanup import static_reshapes, symbolic_shapes

@@ -15,7 +15,7 @@ from typing import Callable
 
 from rddm_infer.errors import RDDMError
 from rddm_infer.model import LoadedModel, load_checkpoint
-from rddm_infer.schedule import SamplingPlan
+from rddm_infer.diffusion.schedule import SamplingPlan
 
 from .artifact import Artifact, artifact_name, default_out_dir, prepare_out_dir, save_model, write_validated
 from .onnx_export import GraphBuilder

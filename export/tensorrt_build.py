@@ -4,7 +4,7 @@ Networks are created strongly typed: precision comes from the graph itself (the 
 fp16 ONNX from :mod:`rddm_export.fp16`), which is the only mode TensorRT 11 has and
 works the same on 10.x. One optimization profile covers every image input (min / opt /
 max batch, height, width); the timing cache is loaded and saved beside the engines so
-rebuilds are fast. The engine is written with :func:`rddm_infer.engine_file.write_engine`.
+rebuilds are fast. The engine is written with :func:`rddm_infer.backends.engine_file.write_engine`.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from rddm_infer.atomic import write_bytes_atomic
-from rddm_infer.artifact import ArtifactMeta
-from rddm_infer.engine_file import BuildTarget, local_target, write_engine
+from rddm_infer.io.atomic import write_bytes_atomic
+from rddm_infer.diffusion.metadata import ArtifactMeta
+from rddm_infer.backends.engine_file import BuildTarget, local_target, write_engine
 from rddm_infer.errors import BackendUnavailable, RDDMError
-from rddm_infer.graph_kinds import KINDS, time_dims
-from rddm_infer.schedule import NUM_COEFS
+from rddm_infer.diffusion.graph_kinds import KINDS, time_dims
+from rddm_infer.diffusion.schedule import NUM_COEFS
 
 from .artifact import Artifact, write_validated
 

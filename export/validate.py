@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rddm_infer.artifact import ArtifactMeta
+from rddm_infer.diffusion.metadata import ArtifactMeta
 from rddm_infer.errors import RDDMError
-from rddm_infer.graph_kinds import KINDS
+from rddm_infer.diffusion.graph_kinds import KINDS
 from rddm_infer.metrics import psnr
 from rddm_infer.model import LoadedModel, TorchRDDM, fold_weight_standardization
-from rddm_infer.sampler import initial_state, sample, step, time_array
-from rddm_infer.schedule import COEF_NAMES
+from rddm_infer.diffusion.sampler import initial_state, sample, step, time_array
+from rddm_infer.diffusion.schedule import COEF_NAMES
 
 from .artifact import read_metadata
 
@@ -168,7 +168,7 @@ def validate_engine(path: str | os.PathLike, loaded: LoadedModel, profile, *, se
                     raise_on_failure: bool = True, report_as: str | os.PathLike | None = None,
                     reference: TorchRDDM | None = None) -> Validation:
     """The same image comparison for a TensorRT engine file, at two shapes inside its profile."""
-    from rddm_infer.backends.base import EngineSampler, Noise
+    from rddm_infer.diffusion.engine_sampler import EngineSampler, Noise
     from rddm_infer.backends.tensorrt import TensorRTRunner
 
     runner = TensorRTRunner(path, cuda_graph=False)

@@ -10,14 +10,14 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 from .errors import RDDMError, CheckpointError, ImageError, BackendUnavailable  # noqa: E402
-from .schedule import DiffusionConfig, Schedule, SamplingPlan, time_grid  # noqa: E402
+from .diffusion.schedule import DiffusionConfig, Schedule, SamplingPlan, time_grid  # noqa: E402
 
 _LAZY = {  # name -> module, filled in by the runtime modules as they land
-    "Restorer": ".pipeline", "load_model": ".pipeline", "restore_folder": ".pipeline", "DEFAULT_MODEL": ".pipeline",
-    "EngineSampler": ".backends", "Runner": ".backends", "load_runner": ".backends", "Noise": ".backends.base",
-    "read_artifact_meta": ".backends", "read_image": ".imageio", "write_image": ".imageio",
-    "psnr": ".metrics", "ssim": ".metrics",
-    "read_engine": ".engine_file", "write_engine": ".engine_file",
+    "Restorer": ".api", "load_model": ".api", "restore_folder": ".api", "DEFAULT_MODEL": ".api",
+    "EngineSampler": ".diffusion.engine_sampler", "Noise": ".diffusion.engine_sampler",
+    "Runner": ".backends.base", "load_runner": ".backends.select", "read_artifact_meta": ".backends.select",
+    "read_image": ".io.images", "write_image": ".io.images", "psnr": ".metrics", "ssim": ".metrics",
+    "read_engine": ".backends.engine_file", "write_engine": ".backends.engine_file",
 }
 
 

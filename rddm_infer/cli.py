@@ -18,10 +18,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from . import __version__, clihelp  # noqa: F401  (clihelp: flags render as flags in --help)
+from . import __version__, cli_options  # noqa: F401  (cli_options: flags render as flags in --help)
 from .backends.registry import backend_help
 from .errors import RDDMError
-from .tiling import DEFAULT_OVERLAP, DEFAULT_TILE
+from .restore.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fast image restoration with Residual Denoising Diffusion Models.")
@@ -138,8 +138,10 @@ def restore(
 
       rddm-infer restore big/ -o out/ --skip-existing --max-pixels 400000000
     """
-    from .pipeline import Restorer, check_suffix
-    from .storage import Uri, location
+    from .api import executor
+    from .restore.jobs import check_suffix
+    from .restore.local import Restorer
+    from .io.storage import Uri, location
 
     output, gt = location(output), (location(gt) if gt is not None else None)
     if gt is not None and not gt.is_dir():
@@ -152,18 +154,12 @@ def restore(
                    device=device, precision=precision, objective=objective, sum_scale=sum_scale,
                    time_input=time_input, translation=translation, test_res_or_noise=test_res_or_noise,
                    two_pass=two_pass)
-    ray_sizes = dict(workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
-    if ray or ray_address is not None:
-        from .cluster import RayRestorer
-
-        restorer = RayRestorer(model, backend, address=ray_address, quiet=quiet, **ray_sizes, **options)
-    elif any(v is not None for v in ray_sizes.values()):
-        raise RDDMError("--workers, --cpus-per-worker and --gpus-per-worker need --ray or --ray-address")
-    else:
-        restorer = Restorer(model, backend, **options)
-    with restorer:
+    ray_options = dict(address=ray_address, workers=workers, cpus_per_worker=cpus_per_worker,
+                       gpus_per_worker=gpus_per_worker)
+    kind = "ray" if ray or ray_address is not None else "local"
+    with executor(model, backend, kind=kind, quiet=quiet, **ray_options, **options) as restorer:
         if not quiet and isinstance(restorer, Restorer):
-            err.print(f"backend: [bold]{escape(restorer.backend)}[/bold] ({escape(restorer.choice.reason)}); "
+            err.print(f"backend: [bold]{escape(restorer.engine)}[/bold] ({escape(restorer.choice.reason)}); "
                       f"{restorer.meta.graph} graph, {_steps_note(steps, restorer.meta, restorer.plan.k)}"
                       f"{' in two passes (experiment 0 sampler)' if restorer.plan.config.two_pass else ''}"
                       f"{_pixel_shuffle_note(restorer.pixel_shuffle)}{_ensemble_note(restorer.self_ensemble)}")
@@ -302,7 +298,7 @@ def info(model: str = typer.Argument(..., help="ONNX model, TensorRT engine or c
          eta: Optional[float] = typer.Option(None, help="DDIM η (default: the model's).")):
     """Print an artifact's metadata (graph kind, steps, η, precision, architecture, diffusion)."""
     from .backends import read_artifact_meta
-    from .pipeline import resolve_model
+    from .backends.select import resolve_model
 
     _quiet_onnxruntime()
     path = resolve_model(model)
@@ -362,11 +358,11 @@ def bench(
     import numpy as np
 
     from .backends import EngineSampler, load_runner
-    from .calibration import probe_shape, time_restores
+    from .backends.timings import probe_shape, time_restores
 
     if runs < 1 or warmup < 0 or batch < 1 or size < 1:
         raise RDDMError("--runs, --batch and --size must be >= 1 and --warmup >= 0")
-    from .pipeline import resolve_model
+    from .backends.select import resolve_model
 
     if calibrate:
         return _calibrate(resolve_model(model, backend), backend, size=size, steps=steps, threads=threads,
@@ -404,7 +400,8 @@ BENCH_MAX_PIXELS = 4096 * 4096  # one untiled call on a 4096² image already tak
 
 
 def _calibrate(model: Path, backend: str, *, json_out: bool, **kw) -> None:
-    from .calibration import MIN_PSNR, calibrate
+    from .backends.calibrate import calibrate
+    from .backends.timings import MIN_PSNR
 
     if backend != "auto":
         raise RDDMError("--calibrate measures every installed backend; leave --backend at auto")

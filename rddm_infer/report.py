@@ -30,9 +30,9 @@ from urllib.parse import quote
 import numpy as np
 
 from . import __version__
-from .atomic import write_bytes_atomic
+from .io.atomic import write_bytes_atomic
 from .errors import RDDMError
-from .storage import Uri, location, write_bytes
+from .io.storage import Uri, location, write_bytes
 
 RUN_JSON = "run.json"
 REPORT_HTML = "report.html"
@@ -199,7 +199,7 @@ def restore_record(summary, restorer, out_dir: str | os.PathLike, *, gt_dir=None
                   "objective": meta.diffusion.get("objective"), "steps": plan.steps, "eta": plan.eta,
                   "times": [int(t) for t in plan.times], "precision": meta.precision,
                   "size_multiple": meta.size_multiple, "channels": meta.channels, "source": meta.source},
-        "backend": restorer.backend, "backend_reason": restorer.choice.reason,
+        "backend": restorer.engine, "backend_reason": restorer.choice.reason,
         "settings": {"seed": restorer.seed, "tile": restorer.tile, "overlap": restorer.overlap,
                      "batch": restorer.batch, "pixel_shuffle": restorer.pixel_shuffle,
                      "self_ensemble": restorer.self_ensemble,
@@ -287,7 +287,7 @@ class _Assets:
         """(thumbnail link, full-size link, (w, h)) of an image file, or None if it cannot be read."""
         import cv2
 
-        from .imageio import read_image
+        from .io.images import read_image
 
         try:
             pix = _display8(read_image(path).pixels)

@@ -20,7 +20,7 @@ atexit.register(shutil.rmtree, ROOT, ignore_errors=True)
 def loaded_model():
     import torch
     from rddm_infer.model import LoadedModel, UNetConfig, UnetRes
-    from rddm_infer.schedule import DiffusionConfig
+    from rddm_infer.diffusion.schedule import DiffusionConfig
 
     torch.manual_seed(0)
     cfg = UNetConfig(dim=8, dim_mults=(1, 2), heads=1, dim_head=8)

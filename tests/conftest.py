@@ -13,7 +13,7 @@ def tiny_loaded_model(share_encoder: int = 1, objective: str = "pred_res_noise",
     import torch
 
     from rddm_infer.model import LoadedModel, UNetConfig, UnetRes
-    from rddm_infer.schedule import DiffusionConfig
+    from rddm_infer.diffusion.schedule import DiffusionConfig
 
     torch.manual_seed(seed)
     cfg = UNetConfig(share_encoder=share_encoder, **TINY)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from rddm_infer.model import UNetConfig, UnetRes, save_checkpoint
-from rddm_infer.schedule import DiffusionConfig, Schedule
+from rddm_infer.diffusion.schedule import DiffusionConfig, Schedule
 
 TINY = UNetConfig(dim=8, dim_mults=(1, 2), heads=2, dim_head=8)
 
@@ -55,7 +55,7 @@ def run_fused_and_torch(path: Path, loaded, steps: int, shape, seed: int = 0) ->
     import onnxruntime as ort
 
     from rddm_infer.model import TorchRDDM
-    from rddm_infer.schedule import SamplingPlan
+    from rddm_infer.diffusion.schedule import SamplingPlan
 
     rng = np.random.default_rng(seed)
     x_in = rng.uniform(-1, 1, shape).astype(np.float32)

@@ -10,7 +10,7 @@ import _runtime_models as models
 from rddm_infer.backends import EngineSampler, choose_backend, load_runner, read_artifact_meta
 from rddm_infer.backends.registry import BACKENDS, BY_NAME, NAMES, artifact_kind, backend_help, parse_device
 from rddm_infer.errors import BackendUnavailable, OptionError
-from rddm_infer.graph_kinds import KINDS, dynamic_axes
+from rddm_infer.diffusion.graph_kinds import KINDS, dynamic_axes
 from test_cli import cli
 
 X = np.random.default_rng(2).uniform(-1, 1, (1, 3, 16, 16)).astype(np.float32)
@@ -100,7 +100,7 @@ def test_load_runner_refuses_unknown_and_inapplicable_options():
 
 def test_every_python_entry_point_refuses_an_unknown_option(tmp_path):
     from rddm_infer import load_model, restore_folder
-    from rddm_infer.pipeline import Restorer
+    from rddm_infer.restore.local import Restorer
 
     step = models.onnx_model("step")
     for call in (lambda: Restorer(step, bogus=1), lambda: load_model(step, bogus=1),
@@ -158,7 +158,7 @@ def one_output_checkpoint(tmp_path_factory):
     """A share_encoder=-1 (one network output) checkpoint saved as pred_res, so pred_noise also loads."""
     import torch
     from rddm_infer.model import UNetConfig, UnetRes, save_checkpoint
-    from rddm_infer.schedule import DiffusionConfig
+    from rddm_infer.diffusion.schedule import DiffusionConfig
 
     torch.manual_seed(3)
     cfg = UNetConfig(dim=8, dim_mults=(1, 2), heads=1, dim_head=8, share_encoder=-1)
@@ -206,7 +206,7 @@ def test_sampling_options_mean_the_same_everywhere():
         load_runner(models.onnx_model("step"), steps=0)
     assert read_artifact_meta(models.onnx_model("step"), steps=2).plan().steps == 2
     # an asked-for step count beats the measured recommendation (the built-in model recommends 2)
-    from rddm_infer.pipeline import DEFAULT_MODEL
+    from rddm_infer.api import DEFAULT_MODEL
 
     stamped, _ = load_runner(DEFAULT_MODEL, steps=5)
     assert EngineSampler(stamped).plan().steps == 5 and read_artifact_meta(DEFAULT_MODEL, steps=5).plan().steps == 5
@@ -227,7 +227,7 @@ def test_torch_precision_bf16_is_a_real_option():
 
 
 def test_torch_without_model_uses_the_builtin_checkpoint():
-    from rddm_infer.pipeline import DEFAULT_CHECKPOINT, resolve_model
+    from rddm_infer.backends.select import DEFAULT_CHECKPOINT, resolve_model
 
     if not DEFAULT_CHECKPOINT.is_file():
         pytest.skip(f"no built-in checkpoint at {DEFAULT_CHECKPOINT}")
@@ -248,7 +248,7 @@ def test_torch_without_model_uses_the_builtin_checkpoint():
 def test_calibrate_then_auto_picks_by_measurement(tmp_path, monkeypatch):
     """A real calibration run writes the table; auto then reads it (the timings are then edited so the
     expected pick does not depend on this shared machine's noise)."""
-    from rddm_infer.calibration import load_table, table_path
+    from rddm_infer.backends.timings import load_table, table_path
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     step = models.onnx_model("step")

@@ -11,7 +11,7 @@ from conftest import tiny_loaded_model
 from rddm_infer.errors import CheckpointError
 from rddm_infer.model import TorchRDDM, load_checkpoint, save_checkpoint
 from rddm_infer.model.checkpoint import TIME_INPUT_NOTE
-from rddm_infer.schedule import Schedule
+from rddm_infer.diffusion.schedule import Schedule
 
 
 def reference_buffers(sum_scale=0.01, T=1000):

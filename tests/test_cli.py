@@ -162,7 +162,7 @@ def test_model_and_usage_errors_are_one_line(tmp_path, monkeypatch):
 
 
 def test_default_model_message_when_none_is_installed(tmp_path):
-    from rddm_infer.pipeline import DEFAULT_MODEL
+    from rddm_infer.api import DEFAULT_MODEL
 
     if DEFAULT_MODEL.exists():
         pytest.skip(f"a built-in model is installed at {DEFAULT_MODEL}")

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import pytest
 
-from rddm_infer.cluster import size_pool
+from rddm_infer.restore.ray_executor import size_pool
 from rddm_infer.errors import RDDMError
 
 pytestmark = pytest.mark.timeout(240)  # every test here talks to daemons: never let one hang CI

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from helpers_export import TINY, exported, run_fused_and_torch, tiny_checkpoint, tiny_loaded
-from rddm_infer.artifact import META_KEY
+from rddm_infer.diffusion.metadata import META_KEY
 from rddm_infer.model import TorchRDDM, load_checkpoint
-from rddm_infer.schedule import SamplingPlan
+from rddm_infer.diffusion.schedule import SamplingPlan
 from rddm_export.artifact import read_metadata
 from rddm_export.onnx_export import export_onnx
 

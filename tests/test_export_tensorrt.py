@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from helpers_export import TINY, reference_checkpoint, tiny_checkpoint
-from rddm_infer.artifact import ArtifactMeta
-from rddm_infer.engine_file import MAGIC, BuildTarget, check_compatible, read_engine, read_header, write_engine
+from rddm_infer.diffusion.metadata import ArtifactMeta
+from rddm_infer.backends.engine_file import MAGIC, BuildTarget, check_compatible, read_engine, read_header, write_engine
 from rddm_infer.errors import BackendUnavailable, CheckpointError, RDDMError
-from rddm_infer.schedule import DiffusionConfig
+from rddm_infer.diffusion.schedule import DiffusionConfig
 from rddm_export.tensorrt_build import EngineProfile, build_engine
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None

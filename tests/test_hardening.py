@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 import _runtime_models as models
-from rddm_infer.atomic import remove_stale_temps, write_bytes_atomic
+from rddm_infer.io.atomic import remove_stale_temps, write_bytes_atomic
 from rddm_infer.errors import ImageError
-from rddm_infer.imageio import read_image
+from rddm_infer.io.images import read_image
 
 RNG = np.random.default_rng(11)
 EXE = Path(sys.executable).parent

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rddm_infer.errors import ImageError
-from rddm_infer.imageio import (Image, apply_orientation, exif_orientation, from_model, read_image, to_model,
+from rddm_infer.io.images import (Image, apply_orientation, exif_orientation, from_model, read_image, to_model,
                                 write_atomic, write_image)
 
 RNG = np.random.default_rng(0)

@@ -17,7 +17,7 @@ import torch
 import official_oracle as official
 from helpers_export import tiny_net
 from rddm_infer import DiffusionConfig, Noise, SamplingPlan
-from rddm_infer.artifact import ArtifactMeta
+from rddm_infer.diffusion.metadata import ArtifactMeta
 from rddm_infer.errors import CheckpointError, RDDMError
 from rddm_infer.model import TorchRDDM, UNetConfig, load_checkpoint, save_checkpoint
 
@@ -355,7 +355,7 @@ def test_fp16_step_graph_of_an_explicit_schedule(tmp_path):
                                        "pred_res", "pred_noise", "pred_x0"])
 def test_training_targets_invert_to_the_true_residual_and_noise(objective):
     """rddm-train's targets per objective and the sampler's predictions are inverses (every objective trains)."""
-    from rddm_infer.sampler import predictions
+    from rddm_infer.diffusion.sampler import predictions
     from rddm_train.trainer import targets
 
     rng = np.random.default_rng(0)

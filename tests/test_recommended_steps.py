@@ -13,7 +13,7 @@ import pytest
 
 import _runtime_models as models
 from benchmarks import eval_denoise
-from rddm_infer.artifact import META_KEY, ArtifactMeta
+from rddm_infer.diffusion.metadata import META_KEY, ArtifactMeta
 from rddm_infer.errors import CheckpointError, RDDMError
 
 SCRIPT = Path(sys.executable).parent / "rddm-infer"

@@ -11,16 +11,16 @@ import _runtime_models as models
 from rddm_infer.backends import EngineSampler, Noise, choose_backend, load_runner, read_artifact_meta
 from rddm_infer.backends.onnxruntime import OnnxRuntimeRunner, available_providers, resolve_providers
 from rddm_infer.errors import BackendUnavailable, CheckpointError, RDDMError
-from rddm_infer.schedule import DiffusionConfig, SamplingPlan
+from rddm_infer.diffusion.schedule import DiffusionConfig, SamplingPlan
 
 X = np.random.default_rng(1).uniform(-1, 1, (2, 3, 16, 24)).astype(np.float32)
 
 
 def test_runtime_never_imports_torch():
-    code = ("import sys, rddm_infer, rddm_infer.cli, rddm_infer.pipeline, rddm_infer.backends.onnxruntime, "
+    code = ("import sys, rddm_infer, rddm_infer.cli, rddm_infer.restore.local, rddm_infer.backends.onnxruntime, "
             "rddm_infer.backends.tensorrt, rddm_infer.backends.openvino, rddm_infer.backends.registry, "
-            "rddm_infer.graph_kinds, rddm_infer.calibration, rddm_infer.imageio, rddm_infer.tiling, "
-            "rddm_infer.metrics, rddm_infer.report, rddm_infer.cluster; "
+            "rddm_infer.diffusion.graph_kinds, rddm_infer.backends.timings, rddm_infer.io.images, rddm_infer.restore.tiling, "
+            "rddm_infer.metrics, rddm_infer.report, rddm_infer.restore.ray_executor; "
             "rddm_infer.backends.installed_modules(); "
             "assert not {'torch', 'openvino', 'tensorrt', 'ray'} & set(sys.modules), 'torch/openvino/tensorrt/ray was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
@@ -190,7 +190,7 @@ def test_explicit_backend_mismatches_are_clear(tmp_path):
 
 
 def test_engine_files_without_tensorrt(tmp_path):
-    from rddm_infer.engine_file import BuildTarget, write_engine
+    from rddm_infer.backends.engine_file import BuildTarget, write_engine
 
     meta = read_artifact_meta(models.onnx_model("step"))
     eng = write_engine(tmp_path / "m.engine", meta, b"plan-bytes", BuildTarget("10.9.0", (9, 0), "H100"))
@@ -239,7 +239,7 @@ def _build_engine(onnx_path: Path, out: Path) -> Path:
     """A step-graph engine with a dynamic-shape profile, via the TensorRT API and our header."""
     import tensorrt as trt
     from cuda.bindings import runtime as cudart
-    from rddm_infer.engine_file import BuildTarget, write_engine
+    from rddm_infer.backends.engine_file import BuildTarget, write_engine
 
     logger = trt.Logger(trt.Logger.ERROR)
     builder = trt.Builder(logger)

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 
 import _runtime_models as models
-from rddm_infer import core
+from rddm_infer.backends import select
 from rddm_infer.errors import CheckpointError, ImageError, RDDMError
-from rddm_infer.imageio import Image
+from rddm_infer.io.images import Image
 from rddm_infer.metrics import psnr, ssim
-from rddm_infer.pipeline import Restorer, collect_inputs, plan_outputs
+from rddm_infer.restore.jobs import collect_inputs, plan_outputs
+from rddm_infer.restore.local import Restorer
 
 RNG = np.random.default_rng(0)
 
@@ -112,7 +113,7 @@ def cv2_blur(pix):
 
 
 def test_default_model_missing_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(core, "DEFAULT_MODEL", tmp_path / "weights" / "default.onnx")
+    monkeypatch.setattr(select, "DEFAULT_MODEL", tmp_path / "weights" / "default.onnx")
     with pytest.raises(CheckpointError, match="no built-in model is installed.*--model"):
         Restorer()
 
@@ -198,7 +199,7 @@ def test_self_ensemble_averages_the_flipped_and_transposed_views(restorer):
     """A pointwise network gives the same pixels in every view, so the ensemble equals the plain restore; on a real
     UNet each view differs, and the ensemble is their mean (checked against views restored by hand)."""
     from rddm_infer.backends import Noise
-    from rddm_infer.tiling import ENSEMBLE_VIEWS, from_view, to_view
+    from rddm_infer.restore.tiling import ENSEMBLE_VIEWS, from_view, to_view
 
     pix = _img((24, 40, 3))
     eps = np.random.default_rng(1).standard_normal((3, 24, 40)).astype(np.float32)

@@ -6,8 +6,8 @@ import torch
 
 from conftest import tiny_loaded_model
 from rddm_infer.model import TorchRDDM, UNetConfig, UnetRes
-from rddm_infer.sampler import initial_state, sample
-from rddm_infer.schedule import DiffusionConfig, SamplingPlan
+from rddm_infer.diffusion.sampler import initial_state, sample
+from rddm_infer.diffusion.schedule import DiffusionConfig, SamplingPlan
 
 
 def reference_oracle(net, x_input, x_T, step_noises, *, T, K, sum_scale, objective, eta, condition):

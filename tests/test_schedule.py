@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from rddm_infer.sampler import predictions
-from rddm_infer.schedule import COEF_NAMES, DiffusionConfig, SamplingPlan, Schedule, coefficients, time_grid
+from rddm_infer.diffusion.sampler import predictions
+from rddm_infer.diffusion.schedule import COEF_NAMES, DiffusionConfig, SamplingPlan, Schedule, coefficients, time_grid
 
 
 @pytest.mark.parametrize("T", [1, 10, 1000])

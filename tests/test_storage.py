@@ -17,8 +17,8 @@ from helpers_s3 import download, s3_server, s3fs, upload
 
 from rddm_infer import restore_folder
 from rddm_infer.errors import RDDMError
-from rddm_infer.jobs import collect_inputs, prepare_jobs
-from rddm_infer.storage import Uri, location
+from rddm_infer.restore.jobs import collect_inputs, prepare_jobs
+from rddm_infer.io.storage import Uri, location
 
 pytestmark = pytest.mark.timeout(180)
 RUN = dict(seed=7, recursive=True, batch=2)

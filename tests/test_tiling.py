@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from rddm_infer.tiling import blend_weight, pad_to_multiple, run_tiled, tile_grid
+from rddm_infer.restore.tiling import blend_weight, pad_to_multiple, run_tiled, tile_grid
 
 RNG = np.random.default_rng(0)
 

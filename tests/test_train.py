@@ -177,8 +177,8 @@ def test_t_grid_trains_only_on_the_sampling_steps(tmp_path, photos):
 
 
 def test_rollout_trains_on_the_states_the_sampler_itself_reaches(tmp_path, photos):
-    from rddm_infer.sampler import sample
-    from rddm_infer.schedule import SamplingPlan
+    from rddm_infer.diffusion.sampler import sample
+    from rddm_infer.diffusion.schedule import SamplingPlan
 
     tr = Trainer(tiny_config(tmp_path / "r", photos, "optim.t_grid=4", "optim.rollout=true", "run.steps=3"))
     tr.fit()  # a few optimizer steps through rollouts
@@ -232,7 +232,7 @@ def test_best_validation_weights_are_kept_and_a_resume_only_replaces_them_with_b
 
 def test_validation_restores_as_pixel_shuffle_restore_does(tmp_path, photos):
     """val.pixel_shuffle = 2 scores the sub-images restored apart (what `restore --pixel-shuffle 2` will do)."""
-    from rddm_infer.tiling import shuffle_merge, shuffle_split
+    from rddm_infer.restore.tiling import shuffle_merge, shuffle_split
     from rddm_train.validation import scores
 
     extra = [f"val.clean='{photos}'", "val.steps=1", "val.crop=32", "run.steps=1"]

@@ -17,8 +17,8 @@ from typing import List, Optional
 
 import typer
 
-from rddm_infer import clihelp  # noqa: F401  (flags render as flags in --help)
-from rddm_infer.atomic import ensure_folder
+from rddm_infer import cli_options  # noqa: F401  (flags render as flags in --help)
+from rddm_infer.io.atomic import ensure_folder
 from rddm_infer.errors import RDDMError
 
 from . import config as cfgmod

@@ -15,10 +15,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from rddm_infer.atomic import write_bytes_atomic
+from rddm_infer.io.atomic import write_bytes_atomic
 from rddm_infer.errors import RDDMError
-from rddm_infer.schedule import OBJECTIVES, SCHEDULES, SINGLE_OUTPUT
-from rddm_infer.tiling import MAX_PIXEL_SHUFFLE
+from rddm_infer.diffusion.schedule import OBJECTIVES, SCHEDULES, SINGLE_OUTPUT
+from rddm_infer.restore.tiling import MAX_PIXEL_SHUFFLE
 
 MAX_SATURATION = 4.0  # data.saturation's upper bound: beyond it nearly every colour clips
 
@@ -42,7 +42,7 @@ class ModelSection:
 
 @dataclass
 class DiffusionSection:
-    """Diffusion settings (rddm_infer.schedule.DiffusionConfig fields)."""
+    """Diffusion settings (rddm_infer.diffusion.schedule.DiffusionConfig fields)."""
 
     timesteps: int = 1000
     sum_scale: float = 0.01
@@ -144,7 +144,7 @@ class TrainConfig:
         return UNetConfig(**self.to_dict()["model"], condition=True)
 
     def diffusion_config(self):
-        from rddm_infer.schedule import DiffusionConfig
+        from rddm_infer.diffusion.schedule import DiffusionConfig
 
         return DiffusionConfig(**self.to_dict()["diffusion"], condition=True)
 

@@ -69,7 +69,7 @@ def pair_files(inputs: str | os.PathLike, gts: str | os.PathLike) -> list[tuple[
 
 def read_rgb(path: Path) -> np.ndarray:
     """uint8 HWC RGB (grey and 16-bit files converted); a one-line error names an unreadable file."""
-    from rddm_infer.imageio import quiet_stderr
+    from rddm_infer.io.images import quiet_stderr
 
     with quiet_stderr():
         img = cv2.imread(str(path), cv2.IMREAD_COLOR)

@@ -26,12 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rddm_infer.atomic import atomic_path
+from rddm_infer.io.atomic import atomic_path
 from rddm_infer.errors import CheckpointError, RDDMError
 from rddm_infer.model import TorchRDDM, UnetRes, save_checkpoint
-from rddm_infer.sampler import sample
-from rddm_infer.schedule import SamplingPlan, Schedule, time_grid
-from rddm_infer.tiling import shuffle_merge, shuffle_split
+from rddm_infer.diffusion.sampler import sample
+from rddm_infer.diffusion.schedule import SamplingPlan, Schedule, time_grid
+from rddm_infer.restore.tiling import shuffle_merge, shuffle_split
 
 from . import config as cfgmod
 from .config import TrainConfig

@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from rddm_infer.atomic import atomic_path
+from rddm_infer.io.atomic import atomic_path
 from rddm_infer.metrics import psnr, ssim
 
 from .degradations import to_uint8

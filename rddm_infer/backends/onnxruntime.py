@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..artifact import META_KEY, ArtifactMeta
+from ..diffusion.metadata import META_KEY, ArtifactMeta
 from ..errors import BackendUnavailable, CheckpointError, OptionError, RDDMError
 from .base import Runner, threads_note
 from .registry import parse_device

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..artifact import META_KEY, ArtifactMeta
+from ..diffusion.metadata import META_KEY, ArtifactMeta
 from ..errors import BackendUnavailable, CheckpointError, OptionError, RDDMError
 from .base import Runner, threads_note
 from .openvino_rewrites import rewrite

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import BackendUnavailable, OptionError
-from ..schedule import OBJECTIVES
+from ..diffusion.schedule import OBJECTIVES
 
 ARTIFACTS = {  # artifact kind -> file extensions
     "onnx": (".onnx",),

@@ -78,7 +78,7 @@ class TensorRTRunner(Runner):
 
     def __init__(self, path: str | os.PathLike, device_id: int | None = None, cuda_graph: bool = True,
                  device: str | None = None):
-        from ..engine_file import read_engine
+        from .engine_file import read_engine
         from .registry import parse_device
 
         kind, index = parse_device(device)
@@ -103,7 +103,7 @@ class TensorRTRunner(Runner):
         return f"tensorrt ({'CUDA graphs' if self.cuda_graph else 'eager'}, {self.meta.precision})"
 
     def _activate(self) -> None:
-        from ..engine_file import BuildTarget, check_compatible
+        from .engine_file import BuildTarget, check_compatible
 
         trt, cudart = self.trt, self.cudart
         _check(cudart.cudaSetDevice(self.device_id))

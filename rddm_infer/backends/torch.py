@@ -12,9 +12,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..artifact import ArtifactMeta
+from ..diffusion.metadata import ArtifactMeta
 from ..errors import BackendUnavailable, OptionError
-from ..graph_kinds import KINDS
+from ..diffusion.graph_kinds import KINDS
 from .base import Runner, threads_note
 
 UNET = KINDS["unet"]  # the torch runner is a unet-kind runner

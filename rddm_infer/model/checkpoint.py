@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import write_bytes_atomic
+from ..io.atomic import write_bytes_atomic
 from ..errors import CheckpointError
-from ..schedule import TABLES, DiffusionConfig, Schedule
+from ..diffusion.schedule import TABLES, DiffusionConfig, Schedule
 from .unet import UNetConfig, UnetRes
 
 FORMAT = "rddm-infer/1"

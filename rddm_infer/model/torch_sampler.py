@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from ..errors import RDDMError
-from ..sampler import initial_state, sample, select_time
-from ..schedule import DiffusionConfig, SamplingPlan
+from ..diffusion.sampler import initial_state, sample, select_time
+from ..diffusion.schedule import DiffusionConfig, SamplingPlan
 from .unet import UnetRes
 
 
@@ -37,7 +37,7 @@ class TorchRDDM:
         """(x_t, x_input, t) -> network outputs, the interface every backend implements.
 
         ``t``: the step index, or the pair (ᾱ_t·T, β̄_t·T) of a "scaled" time input
-        (:meth:`~rddm_infer.schedule.SamplingPlan.net_time`)."""
+        (:meth:`~rddm_infer.diffusion.schedule.SamplingPlan.net_time`)."""
         x = torch.cat((x_t, x_input), dim=1) if self.concat else x_t
         if isinstance(t, tuple):
             time = torch.tensor(t, device=x.device, dtype=torch.float32).expand(x.shape[0], 2)

@@ -47,7 +47,7 @@ def graph_kind(name: str) -> GraphKind:
 
 def time_dims(time_input: str) -> tuple[int, ...]:
     """Trailing dims of a ``unet`` graph's ``t`` after the batch: none for the index t, (2,) for the
-    "scaled" pair (ᾱ_t·T, β̄_t·T) (rddm_infer.schedule.TIME_INPUTS)."""
+    "scaled" pair (ᾱ_t·T, β̄_t·T) (rddm_infer.diffusion.schedule.TIME_INPUTS)."""
     return (2,) if time_input == "scaled" else ()
 
 

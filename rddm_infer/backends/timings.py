@@ -1,4 +1,4 @@
-"""``--backend auto`` by measurement: time every installed backend and precision on this machine.
+"""The timing table ``--backend auto`` reads: every installed backend and precision, timed on this machine.
 
 ``rddm-infer bench --calibrate`` runs one short probe per candidate (each row of the backend
 table that runs the model, at each precision it offers), checks its accuracy against the
@@ -16,14 +16,12 @@ import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_bytes_atomic
-from .backends.registry import BACKENDS, artifact_kind, user_cache_dir
-from .errors import RDDMError
+from ..diffusion.engine_sampler import Noise
+from .registry import BACKENDS, artifact_kind, user_cache_dir
 
 MIN_PSNR = 40.0  # dB vs the exact fp32 result on the probe
 EXACT = (None, "fp32")
@@ -127,8 +125,6 @@ def probe_shape(meta, size: int, batch: int = 1) -> tuple[int, int, int, int]:
 def time_restores(sampler, plan, shape: tuple, runs: int, warmup: int = 1) -> tuple[list[float], np.ndarray]:
     """Seeded random input and noise of ``shape``; ``warmup`` untimed restores (first-call allocations, lazy
     compilation), then ``runs`` timed ones: their seconds and the last output."""
-    from .backends import Noise
-
     x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
     noise = Noise.draw(plan, shape, 0)
     times, y = [], None
@@ -138,42 +134,6 @@ def time_restores(sampler, plan, shape: tuple, runs: int, warmup: int = 1) -> tu
         if i >= warmup:
             times.append(time.perf_counter() - t)
     return times, y
-
-
-def calibrate(model: str | os.PathLike, *, size: int = 128, steps: int | None = None, threads: int | None = None,
-              runs: int = 3, log=lambda s: None) -> tuple[Table, Path]:
-    """Measure every candidate on one probe image; write and return the table."""
-    from .backends import EngineSampler, load_runner
-    from .metrics import psnr
-
-    path = Path(model)
-    table = Table(str(path.resolve()), cpu_model(), threads, size, 0,
-                  datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
-    ref = None
-    for name, opts in candidates(path):
-        entry = Entry(name, dict(opts))
-        table.entries.append(entry)
-        try:
-            runner, _ = load_runner(path, name, device="cpu", threads=threads, **opts)
-            with runner:
-                sampler = EngineSampler(runner)
-                plan = sampler.plan(steps)
-                times, y = time_restores(sampler, plan, probe_shape(runner.meta, size), runs, warmup=1)
-            table.steps = plan.k
-            if ref is None:
-                ref = y
-            entry.median_ms = round(float(np.median(times)) * 1e3, 2)
-            entry.psnr_db = psnr((y + 1) / 2, (ref + 1) / 2)
-        except RDDMError as e:  # e.g. bf16 on a CPU without it: a row of the table, not the end
-            entry.error = str(e)
-        log(f"{entry.label()}: " + (entry.error or f"{entry.median_ms:.1f} ms, "
-                                    f"{'identical' if entry.psnr_db == float('inf') else f'{entry.psnr_db:.1f} dB'}"))
-    if ref is None:
-        raise RDDMError(f"{path}: no backend could run the probe: " + "; ".join(
-            f"{e.label()}: {e.error}" for e in table.entries))
-    out = table_path(path, table.cpu)
-    write_bytes_atomic(out, table.to_json().encode())
-    return table, out
 
 
 def load_table(model: str | os.PathLike) -> tuple[Table | None, Path]:

@@ -22,8 +22,8 @@ import cv2
 import numpy as np
 
 from .atomic import write_bytes_atomic
-from .errors import ImageError
-from .imageheader import read_header
+from ..errors import ImageError
+from .headers import read_header
 from .storage import Uri, location, read_bytes, write_bytes
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")

@@ -2,8 +2,8 @@
 
 It owns the runner and everything that decides pixels (the sampling plan, the seeded per-image
 noise, padding, tiling and batching) and nothing about files. The jobs layer
-(:mod:`rddm_infer.jobs`, :class:`rddm_infer.pipeline.Restorer`) and the Ray actors
-(:mod:`rddm_infer.cluster`) run on it, so one seed gives the same pixels whichever executor,
+(:mod:`rddm_infer.restore.jobs`, :class:`rddm_infer.restore.local.Restorer`) and the Ray actors
+(:mod:`rddm_infer.restore.ray_executor`) run on it, so one seed gives the same pixels whichever executor,
 batch or worker restored an image.
 
 Each image is reflect-padded to the model's size multiple and cropped back; images larger
@@ -19,44 +19,19 @@ turned back and averaged (the "self-ensemble" of EDSR, Lim et al. 2017): n times
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from .backends import Choice, EngineSampler, Noise, Runner, load_runner
-from .errors import CheckpointError, ImageError, OptionError, RDDMError
-from .imageio import Image, check_float_range, from_model, to_model
-from .onnx_external import check_external_data
+from ..backends.base import Runner
+from ..backends.select import Choice, load_runner, resolve_model
+from ..diffusion.engine_sampler import EngineSampler, Noise
+from ..errors import ImageError, OptionError, RDDMError
+from ..io.images import Image, check_float_range, from_model, to_model
 from .tiling import (DEFAULT_OVERLAP, DEFAULT_TILE, ENSEMBLE_SIZES, ENSEMBLE_VIEWS, MAX_PIXEL_SHUFFLE, Tile,
                      from_view, pad_to_multiple, run_tiled, shuffle_index, shuffle_merge, shuffle_split, to_view)
-
-DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "default.onnx"
-DEFAULT_CHECKPOINT = DEFAULT_MODEL.with_suffix(".safetensors")  # what the built-in ONNX model was exported from
-
-
-def resolve_model(model: str | os.PathLike | None, backend: str = "auto") -> Path:
-    """The given model path, or the built-in default (a clear error when none is installed): the
-    checkpoint for a backend that loads only checkpoints (``--backend torch``), else the ONNX model."""
-    if model is not None:
-        path = Path(model)
-        if not path.exists():
-            raise CheckpointError(f"{path}: no such model file")
-        if path.suffix.lower() == ".onnx" and path.is_file():
-            check_external_data(path)  # before ONNX Runtime opens it: older releases follow any path
-        return path
-    from .backends.registry import BY_NAME
-
-    if backend in BY_NAME and BY_NAME[backend].artifacts == ("checkpoint",):
-        if not DEFAULT_CHECKPOINT.is_file():
-            raise CheckpointError(f"no built-in checkpoint is installed ({DEFAULT_CHECKPOINT} is missing); "
-                                  f"pass --model PATH")
-        return DEFAULT_CHECKPOINT
-    if not DEFAULT_MODEL.is_file():
-        raise CheckpointError(f"no built-in model is installed ({DEFAULT_MODEL} is missing); "
-                              f"pass --model PATH (an .onnx model, a TensorRT .engine or a checkpoint)")
-    return DEFAULT_MODEL
-
 
 class ImageRestorer:
     """One model on one backend, with the sampling and tiling settings used for every image."""
@@ -95,8 +70,16 @@ class ImageRestorer:
         return self.runner.meta
 
     @property
-    def backend(self) -> str:
+    def engine(self) -> str:
+        """What runs the model, in words (e.g. "onnxruntime (CPUExecutionProvider)")."""
         return self.runner.description
+
+    @property
+    def backend(self) -> str:
+        """Deprecated name of :attr:`engine` (``backend`` names a registry row everywhere else)."""
+        warnings.warn("ImageRestorer.backend is deprecated: use .engine (the description) or .choice.backend "
+                      "(the registry name)", DeprecationWarning, stacklevel=2)
+        return self.engine
 
     def close(self) -> None:
         self.runner.deactivate()
@@ -112,7 +95,7 @@ class ImageRestorer:
         x = pad_to_multiple(to_model(img, self.meta.channels), self.multiple * self.pixel_shuffle)
         return x, Noise.draw(self.plan, x.shape, self.seed)
 
-    def _padded(self, img: Image) -> tuple[int, int]:
+    def padded_size(self, img: Image) -> tuple[int, int]:
         m = self.multiple * self.pixel_shuffle
         return tuple(-(-s // m) * m for s in img.size)
 
@@ -173,7 +156,7 @@ class ImageRestorer:
                     ys[i][j] = y
         return ys
 
-    def _restore_each(self, images: Sequence[Image], ext: str | None = None,
+    def restore_each(self, images: Sequence[Image], ext: str | None = None,
                       on_tile: Callable[[int, int], None] | None = None) -> list[np.ndarray | ImageError]:
         """Restore several decoded images; same-size small ones run as one batch, large ones tiled.
         Each entry is the restored pixels or the error of that image alone."""
@@ -182,8 +165,8 @@ class ImageRestorer:
 
     def restore_images(self, images: Sequence[Image], ext: str | None = None,
                        on_tile: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
-        """Restore several decoded images; raises the first image's error (see ``_restore_each``)."""
-        out = self._restore_each(images, ext, on_tile)
+        """Restore several decoded images; raises the first image's error (see ``restore_each``)."""
+        out = self.restore_each(images, ext, on_tile)
         for y in out:
             if isinstance(y, ImageError):
                 raise y

@@ -111,7 +111,7 @@ def sample(model: ModelFn, plan: SamplingPlan, x_input, x_t, step_noise: Callabl
     """Run the K-step reverse loop with any model callable; returns the restored sample in [-1, 1].
 
     ``x_input`` and ``x_t`` are arrays/tensors of the same kind; the model gets each step's
-    :meth:`~rddm_infer.schedule.SamplingPlan.net_time` (an int, or a float pair); ``step_noise(i)`` supplies
+    :meth:`~rddm_infer.diffusion.schedule.SamplingPlan.net_time` (an int, or a float pair); ``step_noise(i)`` supplies
     z for stochastic steps (η > 0). ``stop`` = k runs only the first k steps and returns the
     state the loop holds before step k (the trainer's rollout).
     """

@@ -3,7 +3,7 @@
 Pure bookkeeping (no model): inputs (files, folders, globs) become :class:`Job` s with planned,
 never-clashing outputs outside the inputs, checked before any inference; results, summaries,
 ground-truth metrics and the metrics CSV. Every executor (the single-process
-:class:`rddm_infer.pipeline.Restorer`, the Ray actors of :mod:`rddm_infer.cluster`) plans with these.
+:class:`rddm_infer.restore.local.Restorer`, the Ray actors of :mod:`rddm_infer.restore.ray_executor`) plans with these.
 """
 
 from __future__ import annotations
@@ -12,22 +12,23 @@ import csv
 import glob
 import io
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .atomic import remove_stale_temps
-from .errors import ImageError, RDDMError
-from .imageio import IMAGE_EXTS, Image, is_complete_image, read_image, to_model, write_atomic
-from .metrics import psnr, ssim
-from .storage import Uri, contains, delete, glob_uri, list_files, location
+from ..io.atomic import remove_stale_temps
+from ..errors import ImageError, RDDMError
+from ..io.images import IMAGE_EXTS, Image, is_complete_image, read_image, to_model, write_atomic
+from ..metrics import psnr, ssim
+from ..io.storage import Uri, contains, delete, glob_uri, list_files, location
 
 
 @dataclass
 class Job:
-    src: Path | Uri  # a Uri for objects in a store (rddm_infer.storage): same naming, its own reads and writes
+    src: Path | Uri  # a Uri for objects in a store (rddm_infer.io.storage): same naming, its own reads and writes
     dst: Path | Uri | None = None
     rel: Path | None = None  # path relative to the input folder (mirrored under the output folder)
     error: str = ""  # set when the job cannot even start (missing input, name clash)
@@ -46,10 +47,16 @@ class Result:
 class Summary:
     results: list[Result] = field(default_factory=list)
     seconds: float = 0.0
-    backend: str = ""
+    engine: str = ""  # what ran the model, in words (the JSON summary's "backend")
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
+
+    @property
+    def backend(self) -> str:
+        """Deprecated name of :attr:`engine`."""
+        warnings.warn("Summary.backend is deprecated: use .engine", DeprecationWarning, stacklevel=2)
+        return self.engine
 
     @property
     def images_per_s(self) -> float:
@@ -67,7 +74,7 @@ class Summary:
     def to_dict(self) -> dict:
         return {"restored": self.count("restored"), "failed": self.count("failed"),
                 "skipped": self.count("skipped"), "seconds": round(self.seconds, 3),
-                "images_per_s": round(self.images_per_s, 3), "backend": self.backend,
+                "images_per_s": round(self.images_per_s, 3), "backend": self.engine,
                 "errors": [{"file": str(r.job.src), "error": r.error} for r in self.results if r.status == "failed"],
                 "outputs": [str(r.job.dst) for r in self.results if r.status == "restored"],
                 **({"metrics": {"mean": self.mean_metrics(),

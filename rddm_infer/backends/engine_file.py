@@ -21,9 +21,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import atomic_path
-from .artifact import ArtifactMeta
-from .errors import BackendUnavailable, CheckpointError
+from ..io.atomic import atomic_path
+from ..diffusion.metadata import ArtifactMeta
+from ..errors import BackendUnavailable, CheckpointError
 
 MAGIC = b"RDDMTRT\x00"
 VERSION = 1

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import RDDMError
+from ..errors import RDDMError
 
 _counter = itertools.count()  # next() on itertools.count is atomic under the GIL
 

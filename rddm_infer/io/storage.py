@@ -28,7 +28,7 @@ from typing import Iterator
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
-from .errors import ImageError, RDDMError
+from ..errors import ImageError, RDDMError
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")  # two letters at least: C:// is a drive
 INSTALL = "pip install 'rddm-infer[storage]'"

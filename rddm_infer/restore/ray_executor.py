@@ -6,7 +6,7 @@ inputs, names, writability, stale temps); Ray Data streams them through a pool o
 decode with opencv, restore, write atomically under the real name. Noise is drawn per image from
 the seed, so which worker ran an image, and beside which others, changes no pixel.
 
->>> from rddm_infer.cluster import restore_paths
+>>> from rddm_infer.restore.ray_executor import restore_paths
 >>> summary = restore_paths(["photos/"], "restored/", workers=2)       # a local Ray runtime
 >>> summary = restore_paths(["/shared/in"], "/shared/out", address="auto", gpus_per_worker=1)
 
@@ -29,10 +29,11 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import BackendUnavailable, RDDMError
+from ..backends.registry import BY_NAME
+from ..errors import BackendUnavailable, RDDMError
+from ..io.storage import location, to_str
 from .jobs import Job, Result, Summary, is_done, prepare_jobs, write_metrics_csv
-from .pipeline import Restorer
-from .storage import location, to_str
+from .local import Restorer
 
 RESULT_COLUMNS = ("index", "status", "error", "seconds", "psnr", "ssim", "backend")
 
@@ -77,7 +78,7 @@ class RestoreBatch:
                 "seconds": np.array([r.seconds for r in results], dtype=np.float64),
                 "psnr": np.array([r.metrics["psnr"] if r.metrics else nan for r in results], dtype=np.float64),
                 "ssim": np.array([r.metrics["ssim"] if r.metrics else nan for r in results], dtype=np.float64),
-                "backend": np.array([self.restorer.backend] * n, dtype=object)}
+                "backend": np.array([self.restorer.engine] * n, dtype=object)}
 
     def __del__(self):
         restorer = getattr(self, "restorer", None)
@@ -232,7 +233,7 @@ def restore_paths(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     """``Restorer.restore_paths`` on Ray: same jobs, outputs, errors, CSV and Summary (results in input order;
     ``on_result`` sees them as they finish). ``options`` go to each actor's Restorer (steps, seed, tile, ...).
     Paths must be visible to every node (local runtime, or a shared file system), or be store URIs
-    (``s3://``, ``gs://``: :mod:`rddm_infer.storage`) that every node can reach."""
+    (``s3://``, ``gs://``: :mod:`rddm_infer.io.storage`) that every node can reach."""
     if check_first:
         check_options(model, backend, options)
     jobs = prepare_jobs(inputs, out_dir, recursive=recursive, suffix=suffix, ext=ext)
@@ -259,7 +260,8 @@ def restore_paths(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
         sizes = dict(workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
         with ray_runtime(address) as ray:
             pool = cluster_pool(ray, **sizes)
-            if not pool.gpus and options.get("threads") is None and backend in ("auto", "onnxruntime"):
+            spec = BY_NAME.get(backend)
+            if not pool.gpus and options.get("threads") is None and (spec is None or spec.option("threads")):
                 options["threads"] = max(1, math.ceil(pool.cpus))  # as many engine threads as CPUs reserved
                 pool = replace(pool, threads=options["threads"])
             if on_pool:
@@ -267,7 +269,7 @@ def restore_paths(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
             for row in _stream(ray, [dict(r, index=i) for i, r in zip(todo, job_rows([jobs[i] for i in todo]))],
                                pool, model, backend, skip_existing, gt_dir, options):
                 j = jobs[row["index"]]
-                summary.backend = summary.backend or str(row["backend"])
+                summary.engine = summary.engine or str(row["backend"])
                 metrics = None if math.isnan(row["psnr"]) else {"psnr": row["psnr"], "ssim": row["ssim"]}
                 done(row["index"], Result(j, str(row["status"]), str(row["error"] or ""), row["seconds"], metrics))
     summary.seconds = time.perf_counter() - t0
@@ -319,12 +321,12 @@ class RayRestorer:
         self.meta = self.plan = self.choice = None
         self.seed, self.tile, self.overlap, self.batch, self.pixel_shuffle, self.self_ensemble = (
             options.get(k) for k in ("seed", "tile", "overlap", "batch", "pixel_shuffle", "self_ensemble"))
-        self.backend = f"{backend} in each Ray worker"
+        self.engine = f"{backend} in each Ray worker"
         if probe is not None:
             self.meta, self.plan, self.choice = probe.meta, probe.plan, probe.choice
             self.seed, self.tile, self.overlap, self.batch = probe.seed, probe.tile, probe.overlap, probe.batch
             self.pixel_shuffle, self.self_ensemble = probe.pixel_shuffle, probe.self_ensemble
-            self.backend = f"{probe.backend} in each Ray worker"
+            self.engine = f"{probe.engine} in each Ray worker"
 
     def _announce(self, pool: Pool) -> None:
         if not self.quiet:

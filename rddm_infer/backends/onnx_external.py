@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 # message kind -> {field number: message kind of that (length-delimited) field}
 _SCHEMA = {

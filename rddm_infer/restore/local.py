@@ -1,13 +1,13 @@
-"""The Python API: load a model once, restore numpy images, files and folders.
+"""The local executor: one process restoring files and folders with one loaded model.
 
 >>> r = Restorer("model.onnx")                       # or Restorer() for the built-in model
 >>> out = r.restore_array(cv2.imread("in.png"))      # same shape, dtype, channels as the input
 >>> summary = r.restore_paths(["photos/"], "restored/")
 
-:class:`Restorer` is the single-process executor of the jobs layer: the array core
-(:class:`rddm_infer.core.ImageRestorer`: plan, noise, tiles, batches; owns the runner) plus
-reading with a pixel limit, naming, atomic writing and metrics (:mod:`rddm_infer.jobs`).
-``restore_folder(..., executor="ray")`` runs the same jobs on Ray actors (:mod:`rddm_infer.cluster`).
+:class:`Restorer` has an array core (:class:`rddm_infer.restore.arrays.ImageRestorer`: plan, noise, tiles,
+batches; owns the runner) and adds reading with a pixel limit, naming, atomic writing and metrics
+(:mod:`rddm_infer.restore.jobs`). The Ray executor (:mod:`rddm_infer.restore.ray_executor`) runs the same
+``run_jobs`` loop in each actor.
 """
 
 from __future__ import annotations
@@ -15,35 +15,63 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .core import DEFAULT_CHECKPOINT, DEFAULT_MODEL, ImageRestorer, resolve_model
-from .errors import ImageError, OptionError, RDDMError
-from .imageio import DEFAULT_MAX_PIXELS, Image, encode_image, read_image, write_atomic
+from .arrays import ImageRestorer
+from ..errors import ImageError, RDDMError
+from ..io.images import DEFAULT_MAX_PIXELS, Image, encode_image, read_image, write_atomic
 from .jobs import (Job, Result, Summary, check_suffix, check_writable, collect_inputs, find_gt, image_metrics,
                    is_done, plan_outputs, prepare_jobs, write_metrics_csv)
-from .storage import location
+from ..io.storage import location
 
-__all__ = ["DEFAULT_CHECKPOINT", "DEFAULT_MODEL", "ImageRestorer", "Job", "Restorer", "Result", "Summary",
-           "check_suffix", "check_writable", "collect_inputs", "find_gt", "image_metrics", "is_done", "load_model",
-           "plan_outputs", "prepare_jobs", "resolve_model", "restore_folder", "write_metrics_csv"]
+__all__ = ["Restorer"]
 
 
-class Restorer(ImageRestorer):
-    """The array core plus files and folders: decode (with a pixel limit checked before decoding),
+def _read_through(name: str) -> property:
+    return property(lambda self: getattr(self.arrays, name), lambda self, value: setattr(self.arrays, name, value),
+                    doc=f"The array core's ``{name}`` (set through, e.g. another step count's plan).")
+
+
+class Restorer:
+    """An array core plus files and folders: decode (with a pixel limit checked before decoding),
     restore, write atomically under planned names, metrics; one bad file never stops a run."""
 
     def __init__(self, model=None, backend: str = "auto", *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                  **options):
         if max_pixels is not None and max_pixels < 1:
             raise RDDMError(f"--max-pixels {max_pixels}: must be >= 1")
-        super().__init__(model, backend, **options)
+        self.arrays = ImageRestorer(model, backend, **options)
         self.max_pixels = max_pixels
+
+    # The array core's settings, read through (the report and the CLI describe a run with them).
+    runner, choice, sampler, plan, meta, engine, seed = map(
+        _read_through, ("runner", "choice", "sampler", "plan", "meta", "engine", "seed"))
+    tile, overlap, batch, pixel_shuffle, self_ensemble = map(
+        _read_through, ("tile", "overlap", "batch", "pixel_shuffle", "self_ensemble"))
+
+    @property
+    def backend(self) -> str:
+        """Deprecated name of :attr:`engine`."""
+        return self.arrays.backend
+
+    def restore_array(self, pixels: np.ndarray, on_tile=None, *, noise=None) -> np.ndarray:
+        """:meth:`ImageRestorer.restore_array`."""
+        return self.arrays.restore_array(pixels, on_tile, noise=noise)
+
+    def restore_images(self, images: Sequence[Image], ext: str | None = None, on_tile=None) -> list[np.ndarray]:
+        """:meth:`ImageRestorer.restore_images`."""
+        return self.arrays.restore_images(images, ext, on_tile)
+
+    def close(self) -> None:
+        self.arrays.close()
 
     def __enter__(self) -> "Restorer":
         return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def restore_file(self, src: str | os.PathLike, dst: str | os.PathLike) -> Path:
         """Restore one file into ``dst`` (written atomically); ``dst`` may not be ``src``."""
@@ -66,7 +94,7 @@ class Restorer(ImageRestorer):
         jobs = prepare_jobs(inputs, out_dir, recursive=recursive, suffix=suffix, ext=ext)
         if on_start:
             on_start(jobs)
-        summary = Summary(backend=self.backend)
+        summary = Summary(engine=self.engine)
         t0 = time.perf_counter()
         for result in self._run_jobs(jobs, skip_existing, location(gt_dir) if gt_dir else None, on_tile):
             summary.results.append(result)
@@ -93,7 +121,7 @@ class Restorer(ImageRestorer):
             pending.clear()
             t = time.perf_counter()
             try:
-                ys = self._restore_each([img for _, img, _ in batch], ext=batch[0][0].dst.suffix, on_tile=on_tile)
+                ys = self.arrays.restore_each([img for _, img, _ in batch], ext=batch[0][0].dst.suffix, on_tile=on_tile)
             except RDDMError as e:
                 for job, _, _ in batch:
                     yield Result(job, "failed", str(e))
@@ -120,7 +148,7 @@ class Restorer(ImageRestorer):
                 yield from flush()
                 yield Result(job, "failed", str(e))
                 continue
-            key = (self._padded(img), job.dst.suffix)
+            key = (self.arrays.padded_size(img), job.dst.suffix)
             small = max(key[0]) <= self.tile
             if pending and (not small or key != pending_key[0]):
                 yield from flush()
@@ -146,32 +174,3 @@ class Restorer(ImageRestorer):
             except (RDDMError, ValueError) as e:
                 err = str(e)
         return Result(job, "restored", err, seconds + time.perf_counter() - t, metrics)
-
-
-def load_model(model: str | os.PathLike | None = None, backend: str = "auto", **options) -> Restorer:
-    """Load a model (default: the built-in one) for restoring arrays, files and folders.
-
-    ``options``: Restorer settings (steps, eta, seed, tile, overlap, batch, pixel_shuffle,
-    self_ensemble), model options
-    (objective, sum_scale, timesteps) and the backend's own options (``rddm_infer.backends.registry``);
-    an unknown option, or one that does not apply, is an error naming it."""
-    return Restorer(model, backend, **options)
-
-
-def restore_folder(inputs: str | os.PathLike | Iterable[str | os.PathLike], out_dir: str | os.PathLike,
-                   model: str | os.PathLike | None = None, *, executor: str = "local", **options) -> Summary:
-    """One-call folder restore with the given (or built-in) model.
-
-    ``executor="ray"`` runs the same jobs on Ray Data (same names, pixels and errors); it also takes
-    ``address``, ``workers``, ``cpus_per_worker`` and ``gpus_per_worker`` (:func:`rddm_infer.cluster.restore_paths`)."""
-    keys = ("suffix", "ext", "skip_existing", "recursive", "gt_dir")
-    run_opts = {k: options.pop(k) for k in keys if k in options}
-    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    if executor == "ray":
-        from .cluster import restore_paths
-
-        return restore_paths(items, out_dir, model=model, **run_opts, **options)
-    if executor != "local":
-        raise OptionError(f"executor {executor!r}: choose 'local' (this process) or 'ray'")
-    with Restorer(model, **options) as r:
-        return r.restore_paths(items, out_dir, **run_opts)

@@ -11,7 +11,7 @@ import math
 import numbers
 from dataclasses import dataclass, field, asdict, replace
 
-from .errors import CheckpointError, OptionError
+from ..errors import CheckpointError, OptionError
 from .graph_kinds import GRAPH_KINDS
 from .schedule import DiffusionConfig, SamplingPlan
 
