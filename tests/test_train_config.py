@@ -6,7 +6,7 @@ import pytest
 
 from rddm_train import config
 from rddm_train.config import ConfigError
-from rddm_train.degradations import Pipeline
+from rddm_train.degradations import Chain
 
 
 def test_file_then_overrides_then_flags(tmp_path):
@@ -66,5 +66,5 @@ def test_shipped_default_denoiser():
     unet, diffusion = cfg.unet_config(), cfg.diffusion_config()
     assert unet.condition and diffusion.condition and diffusion.sum_scale == 0.01
     assert unet.num_outputs == (1 if diffusion.objective in ("pred_res", "pred_noise") else 2)
-    pipe = Pipeline.from_specs(cfg.data.degradations)
-    assert [(s.name, s.p, s.params) for s in pipe.steps] == [("gaussian", 1.0, {"sigma": [0, 50]})]
+    chain = Chain.from_specs(cfg.data.degradations)
+    assert [(s.name, s.p, s.params) for s in chain.stages] == [("gaussian", 1.0, {"sigma": [0, 50]})]

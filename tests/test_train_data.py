@@ -11,9 +11,9 @@ from helpers_train import write_photos
 from rddm_infer.errors import ImageError
 from rddm_train.data import (DataError, ImageBank, IndexBatches, TrainSet, list_images, make_loader, pair_files,
                              read_rgb, validation_set)
-from rddm_train.degradations import Pipeline
+from rddm_train.degradations import Chain
 
-NOISE = Pipeline.from_specs([{"name": "gaussian", "sigma": [0, 50]}])
+NOISE = Chain.from_specs([{"name": "gaussian", "sigma": [0, 50]}])
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +59,12 @@ def test_pairs_match_by_file_name_and_flist_by_line(tmp_path):
 
 def test_samples_depend_only_on_seed_and_index(photos):
     bank = ImageBank.load(list_images(photos))
-    ds = TrainSet(bank, 32, seed=5, pipeline=NOISE)
+    ds = TrainSet(bank, 32, seed=5, chain=NOISE)
     inp, gt = ds[17]
-    inp2, gt2 = TrainSet(bank, 32, seed=5, pipeline=NOISE)[17]
+    inp2, gt2 = TrainSet(bank, 32, seed=5, chain=NOISE)[17]
     assert inp.shape == gt.shape == (3, 32, 32) and inp.dtype == torch.float32
     assert torch.equal(inp, inp2) and torch.equal(gt, gt2)
-    assert not torch.equal(inp, ds[18][0]) and not torch.equal(inp, TrainSet(bank, 32, seed=6, pipeline=NOISE)[17][0])
+    assert not torch.equal(inp, ds[18][0]) and not torch.equal(inp, TrainSet(bank, 32, seed=6, chain=NOISE)[17][0])
     # gt is an exact crop (maybe flipped) of one of the photos; the input is its noisy version
     crops = {bank[k][y:y + 32, x:x + 32, :].tobytes() for k in range(len(bank)) for y in range(9) for x in range(17)}
     crops |= {bank[k][y:y + 32, x:x + 32][:, ::-1].tobytes() for k in range(len(bank)) for y in range(9) for x in range(17)}
@@ -75,9 +75,9 @@ def test_samples_depend_only_on_seed_and_index(photos):
 
 def test_saturation_scales_the_colours_of_input_and_target_and_is_drawn_only_when_on(photos):
     bank = ImageBank.load(list_images(photos))
-    clean = Pipeline.from_specs([{"name": "gaussian", "sigma": 0}])
-    plain = TrainSet(bank, 32, seed=5, pipeline=NOISE)
-    off = TrainSet(bank, 32, seed=5, pipeline=NOISE, saturation=(1, 1))
+    clean = Chain.from_specs([{"name": "gaussian", "sigma": 0}])
+    plain = TrainSet(bank, 32, seed=5, chain=NOISE)
+    off = TrainSet(bank, 32, seed=5, chain=NOISE, saturation=(1, 1))
     assert all(torch.equal(a, b) for i in (3, 17) for a, b in zip(plain[i], off[i]))  # old runs' streams unchanged
 
     def chroma(x):  # mean distance of a pixel's colour from its gray
@@ -94,7 +94,7 @@ def test_saturation_scales_the_colours_of_input_and_target_and_is_drawn_only_whe
 
 
 def test_loader_with_workers_yields_the_same_stream_and_resumes_mid_way(photos):
-    ds = TrainSet(ImageBank.load(list_images(photos)), 32, seed=0, pipeline=NOISE)
+    ds = TrainSet(ImageBank.load(list_images(photos)), 32, seed=0, chain=NOISE)
     it0 = iter(make_loader(ds, 3, 0, num_workers=0))
     serial = [next(it0) for _ in range(4)]
     it2 = iter(make_loader(ds, 3, 0, num_workers=2))
@@ -125,14 +125,14 @@ def test_paired_crops_are_aligned_and_sizes_must_agree(tmp_path):
 
 def test_images_smaller_than_the_crop_are_padded(tmp_path):
     files = write_photos(tmp_path, n=1, size=(20, 24))
-    inp, gt = TrainSet(ImageBank.load(files), 32, seed=0, pipeline=NOISE)[0]
+    inp, gt = TrainSet(ImageBank.load(files), 32, seed=0, chain=NOISE)[0]
     assert gt.shape == (3, 32, 32)
 
 
 def test_validation_set_is_fixed(photos):
-    a = validation_set(32, 3, seed=9, clean=str(photos), pipeline=NOISE)
-    b = validation_set(32, 3, seed=9, clean=str(photos), pipeline=NOISE)
-    c = validation_set(32, 3, seed=10, clean=str(photos), pipeline=NOISE)
+    a = validation_set(32, 3, seed=9, clean=str(photos), chain=NOISE)
+    b = validation_set(32, 3, seed=9, clean=str(photos), chain=NOISE)
+    c = validation_set(32, 3, seed=10, clean=str(photos), chain=NOISE)
     assert a[0].shape == a[1].shape == (3, 3, 32, 32) and a[2] == ["img00.png", "img01.png", "img02.png"]
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], c[1]) and not np.array_equal(a[0], c[0])
     gt0 = cv2.imread(str(photos / "img00.png"))[4:36, 8:40, ::-1].transpose(2, 0, 1) / 255.0
@@ -140,9 +140,9 @@ def test_validation_set_is_fixed(photos):
 
 
 def test_a_gray_step_grays_the_training_and_validation_targets_too(photos):
-    gray = Pipeline.from_specs([{"name": "gray_gaussian", "sigma": 25}])
-    inp, gt = TrainSet(ImageBank.load(list_images(photos)), 32, seed=0, pipeline=gray)[3]
+    gray = Chain.from_specs([{"name": "gray_gaussian", "sigma": 25}])
+    inp, gt = TrainSet(ImageBank.load(list_images(photos)), 32, seed=0, chain=gray)[3]
     assert torch.equal(gt[0], gt[1]) and torch.equal(gt[0], gt[2])  # the model must keep a gray photo gray
     assert not torch.equal(inp, gt) and torch.equal(inp[0] - gt[0], inp[1] - gt[1])  # one noise field
-    ins, gts, _ = validation_set(32, 2, seed=9, clean=str(photos), pipeline=gray)
+    ins, gts, _ = validation_set(32, 2, seed=9, clean=str(photos), chain=gray)
     assert np.array_equal(gts[:, 0], gts[:, 2]) and not np.array_equal(ins, gts)

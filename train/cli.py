@@ -50,7 +50,6 @@ SWITCHES = [  # (flag, config key, value when given, help)
     ("--channels-last", "run.channels_last", True, "Channels-last memory format."),
     ("--no-progress", "run.progress", False, "No progress bar (logs are still written)."),
 ]
-MAX_AUTO_WORKERS = 8
 
 app = typer.Typer(add_completion=True, pretty_exceptions_enable=False, context_settings={"help_option_names": ["-h", "--help"]})
 
@@ -101,17 +100,14 @@ def resolve(config: str | None, overrides: list[str], flags: dict, resume: bool 
     return cfgmod.load(path, overrides, **flags)
 
 
-def auto_workers() -> int:
-    """Loader workers for this machine: one core stays with the training loop."""
-    return max(0, min((os.cpu_count() or 1) - 1, MAX_AUTO_WORKERS))
-
-
 def _say(msg: str) -> None:
     print(f"rddm-train: {msg}", flush=True)  # flushed: a long run's log is read while it runs
 
 
 def _prepare(cfg: cfgmod.TrainConfig) -> None:
     """Choices made for the user are stated (stdout); the run folder must be creatable before any work."""
+    from .data import auto_workers  # data imports torch: run() has checked that it is installed
+
     if cfg.data.num_workers < 0:
         cfg.data.num_workers = auto_workers()
         _say(f"data.num_workers = -1: {cfg.data.num_workers} loader workers ({os.cpu_count()} CPUs)")

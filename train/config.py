@@ -94,7 +94,7 @@ class OptimSection:
     grad_clip: float = 1.0  # max global grad norm; 0 disables
     ema_decay: float = 0.995
     ema_every: int = 10
-    ema_start: int = 100  # EMA copies the online weights until this step, then warms up
+    ema_start: int = 100  # EMA copies the online weights until this iteration, then warms up
     lr_schedule: str = "constant"  # constant | cosine (decays to lr·min_lr_ratio at run.steps)
     min_lr_ratio: float = 0.05
     # 0: t uniform over [0, T) as the reference trains. K: t drawn from the K-step sampling grid only
@@ -110,7 +110,7 @@ class RunSection:
     """How and where the run executes."""
 
     out: str = "runs/default"
-    steps: int = 10000
+    steps: int = 10000  # training iterations (optimizer updates); the key keeps its name for users' configs
     batch_size: int = 16
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
@@ -122,7 +122,7 @@ class RunSection:
     checkpoint_every: int = 1000
     log_every: int = 10
     max_minutes: float = 0.0  # wall-clock budget; 0 = none. A final checkpoint is written when it runs out.
-    init: str = ""  # start from these weights (a .safetensors/.pt checkpoint); optimizer and step start fresh
+    init: str = ""  # start from these weights (a .safetensors/.pt checkpoint); optimizer and iterations start fresh
     progress: bool = True
 
 

@@ -20,10 +20,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rddm_infer.errors import ImageError, RDDMError
 
-from .degradations import Pipeline, draw, saturate
+from .config import DataSection, TrainConfig
+from .degradations import Chain, draw, saturate
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 MAX_BAD_IMAGES = 10  # unreadable files skipped with a warning; more than this stops the run (a wrong folder?)
+MAX_AUTO_WORKERS = 8
 
 
 class DataError(RDDMError):
@@ -156,20 +158,20 @@ class TrainSet(Dataset):
     """Sample i -> (degraded input, ground truth), CHW float32 in [0, 1], determined by (seed, i).
 
     With ``inputs`` (paired mode) the same crop/flip is cut from both banks and no
-    degradation is applied; otherwise ``pipeline`` degrades the clean crop.
+    degradation is applied; otherwise ``chain`` degrades the clean crop.
     """
 
-    def __init__(self, gt: ImageBank, crop: int, seed: int, pipeline: Pipeline | None = None,
+    def __init__(self, gt: ImageBank, crop: int, seed: int, chain: Chain | None = None,
                  inputs: ImageBank | None = None, flip: bool = True, saturation: tuple[float, float] = (1.0, 1.0)):
-        if inputs is None and pipeline is None:
-            raise DataError("training data needs either paired inputs or a degradation pipeline")
+        if inputs is None and chain is None:
+            raise DataError("training data needs either paired inputs or a degradation chain")
         if inputs is not None:
             for k in range(len(gt)):
                 (hi, wi), (hg, wg) = inputs.shapes[k][:2].tolist(), gt.shapes[k][:2].tolist()
                 if (hi, wi) != (hg, wg):
                     raise DataError(f"{inputs.names[k]}: size {wi}x{hi} differs from its ground truth "
                                     f"{gt.names[k]} ({wg}x{hg})")
-        self.gt, self.inputs, self.pipeline = gt, inputs, pipeline
+        self.gt, self.inputs, self.chain = gt, inputs, chain
         if inputs is not None and tuple(saturation) != (1.0, 1.0):
             raise DataError("saturation augments clean photos before they are degraded; paired data is used as is")
         self.crop, self.seed, self.flip, self.saturation = crop, seed, flip, tuple(map(float, saturation))
@@ -191,7 +193,7 @@ class TrainSet(Dataset):
         else:
             if self.saturation != (1.0, 1.0):  # drawn only when on: the streams of runs without it are unchanged
                 gt_crop = saturate(gt_crop, draw(rng, self.saturation))
-            inp, gt_crop = self.pipeline.apply(gt_crop, rng)
+            inp, gt_crop = self.chain.apply(gt_crop, rng)
         return inp, gt_crop
 
     def __getitem__(self, i: int):
@@ -221,14 +223,17 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
+def auto_workers() -> int:
+    """Loader workers for this machine: one core stays with the training loop."""
+    return max(0, min((os.cpu_count() or 1) - 1, MAX_AUTO_WORKERS))
+
+
 def make_loader(dataset: TrainSet, batch_size: int, start_batch: int, num_workers: int,
                 pin_memory: bool = False) -> DataLoader:
     """An endless loader of batches from ``start_batch`` on; workers prefetch so the device never waits."""
     # Spawned, not forked: a child forked from a process whose thread pools (OpenMP, OpenCV, ONNX Runtime) were
     # busy can deadlock on a lock held at fork time (seen here in the test suite).
     if num_workers < 0:  # -1: chosen from the machine
-        from .cli import auto_workers
-
         num_workers = auto_workers()
     kw = dict(persistent_workers=True, prefetch_factor=4, multiprocessing_context="spawn") if num_workers > 0 else {}
     # Its own generator: creating the loader then leaves the global torch RNG (saved in checkpoints) untouched.
@@ -245,7 +250,7 @@ def center_crop(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def validation_set(crop: int, count: int, seed: int, clean: str = "", inputs: str = "", gt: str = "",
-                   pipeline: Pipeline | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                   chain: Chain | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Fixed (input, gt) NCHW float32 [0, 1] batches: centre crops, degraded with seeds (seed, i)."""
     if inputs or gt:
         if not (inputs and gt):
@@ -257,8 +262,35 @@ def validation_set(crop: int, count: int, seed: int, clean: str = "", inputs: st
     else:
         files = list_images(clean)[:count]
         crops = [center_crop(read_rgb(f), crop).astype(np.float32) / 255 for f in files]
-        degraded = [pipeline.apply(g, np.random.default_rng([seed, i])) for i, g in enumerate(crops)]
-        ins, gts = [d[0] for d in degraded], [d[1] for d in degraded]  # a gray step grays the target too
+        degraded = [chain.apply(g, np.random.default_rng([seed, i])) for i, g in enumerate(crops)]
+        ins, gts = [d[0] for d in degraded], [d[1] for d in degraded]  # a gray stage grays the target too
         names = [f.name for f in files]
     stack = lambda xs: np.stack([x.transpose(2, 0, 1) for x in xs]).astype(np.float32)  # noqa: E731
     return stack(ins), stack(gts), names
+
+
+def chain_of(data: DataSection) -> Chain:
+    """The degradation chain a config's ``[data]`` section describes."""
+    return Chain.from_specs(data.degradations, bits=data.bits)
+
+
+def training_set(cfg: TrainConfig) -> TrainSet:
+    """The training set a config asks for: clean photos degraded on the fly, or pairs."""
+    d = cfg.data
+    if d.input or d.gt:
+        if not (d.input and d.gt):
+            raise RDDMError("paired training data needs both --input and --gt")
+        inputs, gts = ImageBank.load_pairs(pair_files(d.input, d.gt))
+        return TrainSet(gts, d.crop, cfg.run.seed, inputs=inputs, flip=d.flip)
+    if not d.clean:
+        raise RDDMError("no training data: give --data DIR (clean photos) or --input DIR --gt DIR")
+    return TrainSet(ImageBank.load(list_images(d.clean)), d.crop, cfg.run.seed, chain_of(d), flip=d.flip,
+                    saturation=d.saturation)
+
+
+def validation_data(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+    """The config's fixed validation set, or None when it names none."""
+    v = cfg.val
+    if not (v.clean or v.input or v.gt):
+        return None
+    return validation_set(v.crop, v.count, v.seed, v.clean, v.input, v.gt, chain_of(cfg.data))

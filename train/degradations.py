@@ -272,7 +272,7 @@ def camera_noise(img: np.ndarray, rng: np.random.Generator, shot: Range = (1e-4,
     input, so that noisy and clean differ by noise alone, as a real pair (one shot vs the mean of many) does —
     not by the bilinear demosaic's blur as well. ``shot``: the shot-noise factor's range (drawn log-uniformly;
     variance = read + shot·x in linear raw units), read noise follows from it. ``chroma_blur`` / ``luma_blur``:
-    σ ranges (pixels) of the in-camera noise reduction (``isp_smooth``). Add a ``jpeg`` step after it for
+    σ ranges (pixels) of the in-camera noise reduction (``isp_smooth``). Add a ``jpeg`` stage after it for
     compressed photos.
     """
     cam = Camera.draw(rng)
@@ -296,13 +296,13 @@ REGISTRY: dict[str, tuple[Callable, dict[str, tuple[float, float]]]] = {
     "correlated_gaussian": (correlated_gaussian, {"sigma": (0, 255)}),
     "gray_gaussian": (gray_gaussian, {"sigma": (0, 255)}),
 }
-# These return (degraded, clean): they change the target as well, so they may only come first in a pipeline.
+# These return (degraded, clean): they change the target as well, so they may only come first in a chain.
 CHANGES_TARGET = {"gray_gaussian"}
 
 
 @dataclass(frozen=True)
 class Degradation:
-    """One step of a pipeline: applied with probability ``p``."""
+    """One stage of a :class:`Chain`: applied with probability ``p``."""
 
     name: str
     p: float
@@ -333,7 +333,7 @@ class OneOf:
         return any(c.changes_target for c in self.choices)
 
 
-def _parse_step(spec, where: str) -> Degradation:
+def _parse_stage(spec, where: str) -> Degradation:
     if not isinstance(spec, dict) or "name" not in spec:
         raise DegradationError(f"{where}: expected a table with a 'name', got {spec!r}")
     spec = dict(spec)
@@ -359,52 +359,52 @@ def _parse_one_of(spec: dict, where: str) -> OneOf:
                                f"(known: one_of, weights, p)")
     if not isinstance(choices, list) or not choices:
         raise DegradationError(f"{where}: one_of must be a non-empty list of degradation tables")
-    steps = []
+    stages = []
     for j, c in enumerate(choices):
         if isinstance(c, dict) and "p" in c:
             raise DegradationError(f"{where}.one_of[{j}]: a choice has no p of its own (use weights)")
-        steps.append(_parse_step(c, f"{where}.one_of[{j}]"))
-    weights = [1.0] * len(steps) if weights is None else weights
-    if (not isinstance(weights, list) or len(weights) != len(steps) or sum(weights) <= 0
+        stages.append(_parse_stage(c, f"{where}.one_of[{j}]"))
+    weights = [1.0] * len(stages) if weights is None else weights
+    if (not isinstance(weights, list) or len(weights) != len(stages) or sum(weights) <= 0
             or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights)):
-        raise DegradationError(f"{where}: weights must be {len(steps)} non-negative numbers with a positive sum, "
+        raise DegradationError(f"{where}: weights must be {len(stages)} non-negative numbers with a positive sum, "
                                f"got {weights!r}")
     if not isinstance(p, (int, float)) or not 0 <= p <= 1:
         raise DegradationError(f"{where} one_of: p must be in [0, 1], got {p!r}")
     total = float(sum(weights))
-    return OneOf(tuple(steps), tuple(float(w) / total for w in weights), float(p))
+    return OneOf(tuple(stages), tuple(float(w) / total for w in weights), float(p))
 
 
-class Pipeline:
+class Chain:
     """Degradations applied in order, each with its own probability; output clipped to [0, 1] float32.
 
     ``bits`` > 0 also rounds the output to that many bits per channel: inputs saved as 8-bit photos are
     clipped *and* quantised, and a model trained on float noise misreads the clipped shadows and highlights.
-    A step that changes the target (``CHANGES_TARGET``, e.g. a gray photo) must come first: ``apply`` then
+    A stage that changes the target (``CHANGES_TARGET``, e.g. a gray photo) must come first: ``apply`` then
     returns the target it made.
     """
 
-    def __init__(self, steps: list[Degradation | OneOf], bits: int = 0):
+    def __init__(self, stages: list[Degradation | OneOf], bits: int = 0):
         if not 0 <= bits <= 16:
             raise DegradationError(f"data.bits must be 0 (no rounding) or 1-16, got {bits!r}")
-        self.steps, self.levels = list(steps), float(2 ** bits - 1) if bits else 0.0
+        self.stages, self.levels = list(stages), float(2 ** bits - 1) if bits else 0.0
 
     @classmethod
-    def from_specs(cls, specs: list[dict], source: str = "data.degradations", bits: int = 0) -> "Pipeline":
-        steps = [_parse_one_of(spec, f"{source}[{i}]") if isinstance(spec, dict) and "one_of" in spec
-                 else _parse_step(spec, f"{source}[{i}]") for i, spec in enumerate(specs)]
-        for i, step in enumerate(steps[1:], 1):
-            if step.changes_target:
+    def from_specs(cls, specs: list[dict], source: str = "data.degradations", bits: int = 0) -> "Chain":
+        stages = [_parse_one_of(spec, f"{source}[{i}]") if isinstance(spec, dict) and "one_of" in spec
+                  else _parse_stage(spec, f"{source}[{i}]") for i, spec in enumerate(specs)]
+        for i, stage in enumerate(stages[1:], 1):
+            if stage.changes_target:
                 raise DegradationError(f"{source}[{i}]: {', '.join(sorted(CHANGES_TARGET))} change the clean "
                                        f"target too, so they must be the first step")
-        return cls(steps, bits)
+        return cls(stages, bits)
 
     def apply(self, img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """(degraded input, target): the target is ``img`` unless the first step changed it."""
+        """(degraded input, target): the target is ``img`` unless the first stage changed it."""
         out, clean = img.astype(np.float32, copy=True), img
-        for step in self.steps:
-            if rng.random() < step.p:  # always drawn, so one step's p never shifts another's randomness
-                out = step(out, rng)
+        for stage in self.stages:
+            if rng.random() < stage.p:  # always drawn, so one stage's p never shifts another's randomness
+                out = stage(out, rng)
                 if isinstance(out, tuple):
                     out, clean = out
         out = np.clip(out, 0.0, 1.0)
@@ -416,7 +416,10 @@ class Pipeline:
         return self.apply(img, rng)[0]
 
     def __len__(self) -> int:
-        return len(self.steps)
+        return len(self.stages)
+
+
+Pipeline = Chain  # the old name, still imported by benchmarks/noise_stats.py
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:
