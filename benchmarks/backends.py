@@ -36,6 +36,7 @@ from rddm_infer.io.atomic import atomic_path
 from rddm_infer.backends import EngineSampler, Noise
 from rddm_infer.metrics import psnr
 from rddm_infer.report import write_bench_report
+from rddm_infer.diffusion.graph_kinds import GRAPH_KINDS
 from rddm_infer.diffusion.schedule import SamplingPlan
 from rddm_infer.restore.tiling import run_tiled
 
@@ -135,9 +136,17 @@ def export_graphs(loaded, workdir: Path, kinds, steps: int, fp16: bool, int8: bo
     return paths
 
 
-def onnx_variants(paths: dict[str, Path], plan, threads: int | None, providers: list[str]) -> list[Variant]:
-    from rddm_infer.backends.onnxruntime import OnnxRuntimeRunner
+def onnx_backend():
+    """The registry's first row that runs ONNX graphs (the one ``auto`` prefers for them: ONNX Runtime), whose
+    execution providers :func:`onnx_variants` sweeps; :func:`registry_variants` runs the other ONNX rows."""
+    from rddm_infer.backends.registry import backends_for
 
+    return backends_for("onnx")[0]
+
+
+def onnx_variants(paths: dict[str, Path], plan, threads: int | None, providers: list[str]) -> list[Variant]:
+    spec = onnx_backend()
+    runner_class = spec.runner_class()
     out = []
     for prov in providers:
         short = prov.replace("ExecutionProvider", "")
@@ -145,8 +154,8 @@ def onnx_variants(paths: dict[str, Path], plan, threads: int | None, providers: 
             kind, prec = key.split("_")
             if prec == "int8" and prov != "CPUExecutionProvider":
                 continue  # QDQ int8 is a CPU (VNNI) variant
-            runner = OnnxRuntimeRunner(path, providers=[prov], threads=threads)
-            out.append(Variant(f"onnxruntime {short} {kind} {prec}", _engine(runner, plan), kind, prec,
+            runner = runner_class(path, providers=[prov], threads=threads)
+            out.append(Variant(f"{spec.name} {short} {kind} {prec}", _engine(runner, plan), kind, prec,
                                "cpu" if prov == "CPUExecutionProvider" else "cuda"))
     return out
 
@@ -163,8 +172,9 @@ def registry_variants(paths: dict[str, Path], plan, threads: int | None) -> list
     from rddm_infer.backends import BACKENDS, load_runner
 
     out = []
+    swept = onnx_backend().name  # onnx_variants runs that one
     for spec in BACKENDS:
-        if spec.name == "onnxruntime" or "onnx" not in spec.artifacts or "cpu" not in spec.devices \
+        if spec.name == swept or "onnx" not in spec.artifacts or "cpu" not in spec.devices \
                 or not spec.available():
             continue
         prec = spec.option("precision")
@@ -468,7 +478,7 @@ def parse(argv=None):
     ap.add_argument("--overlap", type=int, default=32)
     ap.add_argument("--image", type=Path, default=None, help="a real image to restore (default: synthetic)")
     ap.add_argument("--sigma", type=float, default=25.0, help="Gaussian noise added to the input (0-255 scale)")
-    ap.add_argument("--graphs", nargs="+", default=["step", "fused"], choices=["step", "fused", "unet"],
+    ap.add_argument("--graphs", nargs="+", default=["step", "fused"], choices=GRAPH_KINDS,
                     help="ONNX graph kinds to run")
     ap.add_argument("--fp16", action="store_true", help="also mixed-fp16 ONNX graphs")
     ap.add_argument("--int8", action="store_true", help="also int8 (QDQ Conv) ONNX graphs")

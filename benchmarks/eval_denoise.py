@@ -158,8 +158,9 @@ def write_recommended(model: Path, steps: int) -> None:
     if prop is None:
         raise RDDMError(f"{model}: no '{META_KEY}' metadata (not exported by rddm-export)")
     meta = ArtifactMeta.from_json(prop.value, where=str(model))
-    if meta.graph == "fused":
-        raise RDDMError(f"{model}: a fused graph has its {meta.steps} steps built in; stamp a 'step' or 'unet' graph")
+    if meta.kind.bakes_plan:
+        raise RDDMError(f"{model}: a {meta.graph} graph has its {meta.steps} steps built in; stamp a 'step' or "
+                        "'unet' graph")
     raw = json.loads(prop.value)
     raw["recommended_steps"] = int(steps)
     prop.value = json.dumps(raw, sort_keys=True)

@@ -8,7 +8,7 @@ from importlib import import_module
 _LAZY = {"export_onnx": ".onnx_export", "GraphBuilder": ".onnx_export", "artifact_meta": ".artifact",
          "read_metadata": ".artifact", "Artifact": ".artifact", "artifact_name": ".artifact",
          "validate_onnx": ".validate", "validate_engine": ".validate", "ValidationError": ".validate",
-         "export_all": ".pipeline", "to_mixed_fp16": ".fp16",
+         "export_all": ".exporter", "to_mixed_fp16": ".fp16",
          "build_engine": ".tensorrt_build", "EngineProfile": ".tensorrt_build", "quantize_int8": ".int8"}
 
 
@@ -16,6 +16,5 @@ def __getattr__(name):
     if name in _LAZY:
         return getattr(import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'rddm_export' has no attribute {name!r}")
-
 
 __all__ = list(_LAZY)

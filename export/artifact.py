@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from rddm_infer.backends.registry import artifact_kind, backends_for
+from rddm_infer.diffusion.graph_kinds import graph_kind
 from rddm_infer.diffusion.metadata import META_KEY, ArtifactMeta
 from rddm_infer.io.atomic import atomic_path, ensure_folder, remove_stale_temps_in
 from rddm_infer.errors import CheckpointError
@@ -48,9 +50,15 @@ class Artifact:
     def size(self) -> int:
         return self.path.stat().st_size
 
+    @property
+    def backend(self) -> str:
+        """The registry's first backend that runs this file's artifact kind (the one ``auto`` prefers without a
+        calibration table)."""
+        kind = artifact_kind(self.path)
+        return backends_for(kind)[0].name
+
     def restore_command(self) -> str:
-        backend = "tensorrt" if self.format == "tensorrt" else "onnxruntime"
-        return f"rddm-infer restore INPUT -o restored --model {shlex.quote(str(self.path))} --backend {backend}"
+        return f"rddm-infer restore INPUT -o restored --model {shlex.quote(str(self.path))} --backend {self.backend}"
 
     def to_dict(self) -> dict:
         v = self.validation
@@ -61,8 +69,8 @@ class Artifact:
 
 
 def artifact_name(graph: str, precision: str, steps: int, suffix: str = ".onnx") -> str:
-    """``step_fp32.onnx``, ``fused5_fp16.onnx``: K is in the name only where it is baked in."""
-    return f"{graph}{steps if graph == 'fused' else ''}_{precision}{suffix}"
+    """``step_fp32.onnx``, ``fused5_fp16.onnx``: K is in the name only where the kind bakes it in."""
+    return f"{graph}{steps if graph_kind(graph).bakes_plan else ''}_{precision}{suffix}"
 
 
 def default_out_dir(checkpoint: str | os.PathLike) -> Path:

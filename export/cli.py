@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from rddm_infer.cli import TEST_MODE_HELP, TIME_INPUT_HELP, TRANSLATION_HELP, TWO_PASS_HELP
+from rddm_infer.cli_options import registry_flags
+from rddm_infer.diffusion.graph_kinds import GRAPH_KINDS, graph_kind
 from rddm_infer.errors import RDDMError
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -21,11 +22,12 @@ err = Console(stderr=True)
 
 
 @app.command()
+@registry_flags("model")
 def export(
     checkpoint: Path = typer.Argument(..., help="Our .safetensors checkpoint or the reference's model-N.pt."),
     out_dir: Optional[Path] = typer.Option(None, "-o", "--out-dir",
                                            help="Output folder (default: ./<stem>_onnx/ in the current directory)."),
-    graph: List[str] = typer.Option(["step", "fused"], "--graph", "-g", help="unet | step | fused (repeatable)."),
+    graph: List[str] = typer.Option(["step", "fused"], "--graph", "-g", help=" | ".join(GRAPH_KINDS) + " (repeatable)."),
     fp16: bool = typer.Option(False, "--fp16", help="Also write mixed-precision fp16 graphs (for GPUs)."),
     int8: bool = typer.Option(False, "--int8", help="Also write int8 (VNNI) copies of the fp32 graphs, for CPUs."),
     calib: Optional[Path] = typer.Option(None, help="--int8 calibration photos (default: synthetic scenes)."),
@@ -33,12 +35,6 @@ def export(
     steps: int = typer.Option(5, "--steps", "-k", help="Sampling steps K (baked into fused; default for step)."),
     eta: float = typer.Option(0.0, help="DDIM η (restoration models always use 0)."),
     exporter: str = typer.Option("legacy", help="legacy (TorchScript) | dynamo (torch.export, opset ≥ 18)."),
-    objective: Optional[str] = typer.Option(None, help="Override the objective (reference checkpoints)."),
-    sum_scale: Optional[float] = typer.Option(None, help="Override sum_scale (reference checkpoints)."),
-    time_input: Optional[str] = typer.Option(None, help=TIME_INPUT_HELP),
-    translation: Optional[bool] = typer.Option(None, "--translation/--no-translation", help=TRANSLATION_HELP),
-    test_res_or_noise: Optional[str] = typer.Option(None, help=TEST_MODE_HELP),
-    two_pass: Optional[bool] = typer.Option(None, "--two-pass/--no-two-pass", help=TWO_PASS_HELP),
     online: bool = typer.Option(False, "--online", help="Use the online weights instead of the EMA."),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="Compare every artifact with PyTorch."),
     min_shape: str = typer.Option("1x64x64", help="TensorRT profile minimum, BxHxW."),
@@ -49,12 +45,15 @@ def export(
     workspace_gb: Optional[float] = typer.Option(None, help="TensorRT workspace limit in GiB."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
     report: bool = typer.Option(False, "--report", help="Also write report.html into the output folder."),
+    options: dict = None,
 ):
     """Export CHECKPOINT to ONNX (unet / step / fused), validate each graph, optionally build TensorRT engines."""
     export_all = _import_export_all()
     for g in graph:
-        if g not in ("unet", "step", "fused"):
-            raise RDDMError(f"unknown graph kind {g!r}; expected unet, step or fused")
+        try:
+            graph_kind(g)
+        except ValueError as e:
+            raise RDDMError(str(e)) from None
     if exporter not in ("legacy", "dynamo"):
         raise RDDMError(f"unknown exporter {exporter!r}; expected legacy or dynamo")
     trt_opts = None
@@ -63,8 +62,7 @@ def export(
 
         trt_opts = dict(profile=EngineProfile.parse(min_shape, opt_shape, max_shape), opt_level=opt_level,
                         timing_cache=timing_cache, workspace_gb=workspace_gb)
-    load = dict(objective=objective, sum_scale=sum_scale, time_input=time_input, translation=translation,
-                test_res_or_noise=test_res_or_noise, two_pass=two_pass, use_ema=not online)
+    load = dict(options, use_ema=not online)
     log = (lambda s: None) if json_out else (lambda s: err.print(f"[dim]{escape(s)}[/dim]"))
     artifacts = export_all(checkpoint, out_dir, graphs=tuple(dict.fromkeys(graph)), fp16=fp16, int8=int8, calib=calib,
                            steps=steps, eta=eta, exporter=exporter, validate=validate, tensorrt=trt_opts, load_options=load, log=log)
@@ -99,7 +97,7 @@ def _import_export_all():
     try:
         if missing:
             raise ImportError(f"No module named {missing[0]!r}", name=missing[0])
-        from .pipeline import export_all
+        from .exporter import export_all
     except ImportError as e:
         what = ", ".join(missing) or e.name or str(e)
         raise RDDMError(f"rddm-export needs the export extra (missing: {what}): pip install 'rddm-infer[export]'") \

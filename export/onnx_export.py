@@ -4,7 +4,7 @@ The network is traced and simplified **once** per export, whatever graphs are as
 a copy of it in its export form (WS folded, ORT-friendly norms and attention) is exported
 on its own with a small example input (the axes are dynamic anyway), simplified with
 onnxslim (constant folding, no leftover shape arithmetic), and then spliced into each
-graph kind. The graph kinds themselves (:mod:`rddm_export.graphs`) are traced around a
+graph kind. The graph kinds' wrappers (:mod:`rddm_infer.model.graphs`) are traced around a
 placeholder node that stands for one network call, which costs milliseconds; every
 placeholder is then replaced by a copy of the network's nodes, all sharing one set of
 weights. The fused graph of K steps thus costs one network trace instead of K, and the
@@ -34,7 +34,7 @@ from rddm_infer.diffusion.schedule import NUM_COEFS, SamplingPlan
 
 from .artifact import artifact_meta, save_model, set_metadata
 from .graph_cleanup import static_reshapes, symbolic_shapes
-from .graphs import build_graph, example_inputs
+from .graphs import build_graph
 
 EXPORTERS = ("legacy", "dynamo")
 LEGACY_OPSET = 17
@@ -168,6 +168,12 @@ class _NetGraph(nn.Module):
     def forward(self, x, t):
         return tuple(self.net(x, t))
 
+    def example_inputs(self, shape: tuple[int, int, int, int], seed: int = 0):
+        """(x, t) for images of ``shape``'s batch and size, with the network's own input channels."""
+        g = torch.Generator().manual_seed(seed)
+        return (torch.randn(shape[0], self.in_channels, *shape[2:], generator=g),
+                torch.rand(shape[0], *self.time_dims, generator=g) * 999)
+
 
 def inline_net(wrapper: onnx.ModelProto, net: onnx.ModelProto, *, in_place: bool = False) -> onnx.ModelProto:
     """``wrapper`` with each placeholder node replaced by ``net``'s nodes (weights shared by every copy).
@@ -229,15 +235,11 @@ def inline_net(wrapper: onnx.ModelProto, net: onnx.ModelProto, *, in_place: bool
 
 def trace(graph: torch.nn.Module, channels: int, size_multiple: int, exporter: str = "legacy",
           opset: int | None = None, custom_opsets: dict | None = None) -> onnx.ModelProto:
-    """Export ``graph`` with dynamic batch/height/width and return the in-memory ONNX model."""
+    """Export ``graph`` (a module with ``input_names``, ``output_names`` and ``example_inputs(shape)``) with dynamic
+    batch/height/width and return the in-memory ONNX model."""
     m = max(size_multiple, 8)
     # Batch 2: the dynamo exporter silently fixes a batch of 1 even where the graph says otherwise.
-    if isinstance(graph, _NetGraph):
-        g = torch.Generator().manual_seed(0)
-        args = (torch.randn(2, graph.in_channels, 2 * m, 3 * m, generator=g),
-                torch.rand(2, *graph.time_dims, generator=g) * 999)
-    else:
-        args = example_inputs(graph, (2, channels, 2 * m, 3 * m), getattr(getattr(graph, "plan", None), "steps", 5))
+    args = graph.example_inputs((2, channels, 2 * m, 3 * m))
     names, outs = list(graph.input_names), list(graph.output_names)
     axes = {n: dynamic_axes(n) for n in names + outs}
     with torch.no_grad(), tempfile.TemporaryDirectory(prefix="rddm-export-") as tmp:

@@ -1,8 +1,9 @@
 """Prove an exported graph matches PyTorch before anyone is told it exists.
 
-Every graph runs in ONNX Runtime (CPU) on fresh random inputs at two shapes (one
-with batch 2, so a batch silently fixed at export shows up) and is compared with the
-PyTorch sampler fed the same noise: fp32 per network call (max-abs ≤ 1e-4) and on
+Every graph runs the way ``restore`` runs it (ONNX Runtime on the CPU, or the TensorRT
+engine, driven by :class:`~rddm_infer.diffusion.engine_sampler.EngineSampler`) on fresh random
+inputs at two shapes (one with batch 2, so a batch silently fixed at export shows up) and is
+compared with the PyTorch sampler fed the same noise: fp32 per network call (max-abs ≤ 1e-4) and on
 the restored image (≤ 1e-3); fp16 restored image ≥ 40 dB PSNR against fp32 torch (int8: ≥ 30 dB, see
 INT8_MIN_PSNR).
 """
@@ -17,15 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rddm_infer.backends.base import Runner
+from rddm_infer.diffusion.engine_sampler import EngineSampler, Noise
 from rddm_infer.diffusion.metadata import ArtifactMeta
+from rddm_infer.diffusion.sampler import initial_state, sample
+from rddm_infer.diffusion.schedule import COEF_NAMES
 from rddm_infer.errors import RDDMError
-from rddm_infer.diffusion.graph_kinds import KINDS
 from rddm_infer.metrics import psnr
 from rddm_infer.model import LoadedModel, TorchRDDM, fold_weight_standardization
-from rddm_infer.diffusion.sampler import initial_state, sample, step, time_array
-from rddm_infer.diffusion.schedule import COEF_NAMES
-
-from .artifact import read_metadata
 
 CALL_MAX_ABS = 1e-4
 IMAGE_MAX_ABS = 1e-3
@@ -112,55 +112,68 @@ def validate_onnx(path: str | os.PathLike, loaded: LoadedModel, *, meta: Artifac
                   reference: TorchRDDM | None = None) -> Validation:
     """Compare ``path`` with the PyTorch sampler of ``loaded``; raises ValidationError above tolerance.
 
+    The graph runs the way ``restore`` runs it: an :class:`OnnxRuntimeRunner` (CPU) driven by
+    :class:`EngineSampler` (its graph kind's driver), fed the reference's noise. Where one graph call is
+    not the whole run, its first call is also compared with the kind's expectation from the reference
+    network's first outputs (:meth:`GraphKind.call_reference`).
+
     ``meta``: what the writer stamped into the file (read from it when not given). ``report_as``
     names the file in the result and errors (the final name of a file validated under a temporary one).
     ``reference``: a :func:`reference_sampler` to reuse across artifacts.
     """
-    import onnxruntime as ort
+    from rddm_infer.backends.onnxruntime import OnnxRuntimeRunner
 
     path = Path(path)
-    meta = meta or read_metadata(path)
+    runner = _FirstCall(OnnxRuntimeRunner(path, providers=["CPUExecutionProvider"]), meta)
+    meta = runner.meta
     plan = meta.plan()
     reduced = meta.precision in MIN_PSNR
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     torch_rddm = reference or reference_sampler(loaded)
     result = Validation(Path(report_as or path), meta.graph, meta.precision)
     rng = np.random.default_rng(seed)
-    for shape in shapes or default_shapes(meta.channels, meta.size_multiple):
-        shape = tuple(shape)
-        x_in, noise, zs, ref, first = _reference(torch_rddm, plan, shape, rng)
-        x_t = initial_state(plan, x_in, noise=noise)
-        if meta.graph == "unet":
-            t = time_array(plan.net_time(0), shape[0])
-            names = KINDS["unet"].inputs
-            got = sess.run(None, dict(zip(names, (x_t, x_in, t))))
-            err = max(_max_abs(g, w) for g, w in zip(got, first))
-
-            def model(x, xi, tt):
-                return sess.run(None, dict(zip(names, (x, xi, time_array(tt, x.shape[0])))))
-
-            image = sample(model, plan, x_in, x_t, lambda i: zs[i])
-        elif meta.graph == "step":
-            feeds = lambda x, i: dict(zip(KINDS["step"].inputs, (  # noqa: E731
-                x, x_in, plan.coefs[i].astype(np.float32), zs[i] if plan.coefs[i][_SIGMA] > 0 else np.zeros_like(x))))
-            got = sess.run(None, feeds(x_t, 0))
-            outs = [*first, None]
-            want = step(plan.config.objective, outs[0], outs[1], x_t, x_in, plan.coefs[0],
-                        zs[0] if plan.coefs[0][_SIGMA] > 0 else None)
-            err = max(_max_abs(g, w) for g, w in zip(got, want))
-            image = got[0]
-            for i in range(1, plan.steps):
-                image = sess.run(None, feeds(image, i))[0]
-        else:
-            stochastic = len(sess.get_inputs()) > len(KINDS["fused"].inputs)
-            feeds = dict(zip(KINDS["fused"].input_names(stochastic), (x_in, noise, np.stack(zs))))
-            image, err = sess.run(None, feeds)[0], None
-        if err is not None:
-            result.checks.append(Check("call", shape, "max_abs", err, None if reduced else CALL_MAX_ABS))
-        result.checks.append(_image_check(shape, image, ref, meta.precision))
+    sampler = EngineSampler(runner)
+    try:
+        for shape in shapes or default_shapes(meta.channels, meta.size_multiple):
+            shape = tuple(shape)
+            x_in, noise, ref, first = _reference(torch_rddm, plan, shape, rng)
+            runner.first = None
+            image = sampler.run(x_in, plan, noise)
+            want = meta.kind.call_reference(first, x_in, plan, noise)
+            if want is not None:
+                err = max(_max_abs(g, w) for g, w in zip(runner.first, want))
+                result.checks.append(Check("call", shape, "max_abs", err, None if reduced else CALL_MAX_ABS))
+            result.checks.append(_image_check(shape, image, ref, meta.precision))
+    finally:
+        runner.deactivate()
     return _finish(result, raise_on_failure)
+
+
+class _FirstCall(Runner):
+    """A runner passed through unchanged, remembering the outputs of its first ``infer`` since ``first`` was
+    reset (host arrays, in the graph's output order); ``meta`` replaces the one read from the file when given."""
+
+    def __init__(self, inner: Runner, meta: ArtifactMeta | None = None):
+        super().__init__(meta or inner.meta)
+        self.inner, self.name, self.array_math = inner, inner.name, inner.array_math
+        self.first: list[np.ndarray] | None = None
+
+    def _activate(self) -> None:
+        self.inner.activate()
+
+    def _deactivate(self) -> None:
+        self.inner.deactivate()
+
+    def upload(self, a):
+        return self.inner.upload(a)
+
+    def download(self, h):
+        return self.inner.download(h)
+
+    def infer(self, feeds):
+        outs = self.inner.infer(feeds)
+        if self.first is None:
+            self.first = [self.inner.download(v) for v in outs.values()]
+        return outs
 
 
 @torch.no_grad()
@@ -168,7 +181,6 @@ def validate_engine(path: str | os.PathLike, loaded: LoadedModel, profile, *, se
                     raise_on_failure: bool = True, report_as: str | os.PathLike | None = None,
                     reference: TorchRDDM | None = None) -> Validation:
     """The same image comparison for a TensorRT engine file, at two shapes inside its profile."""
-    from rddm_infer.diffusion.engine_sampler import EngineSampler, Noise
     from rddm_infer.backends.tensorrt import TensorRTRunner
 
     runner = TensorRTRunner(path, cuda_graph=False)
@@ -180,9 +192,8 @@ def validate_engine(path: str | os.PathLike, loaded: LoadedModel, profile, *, se
     sampler = EngineSampler(runner)
     try:
         for shape in engine_shapes(profile, meta.channels, meta.size_multiple):
-            x_in, noise, zs, ref, _ = _reference(torch_rddm, plan, shape, rng)
-            steps = [z if plan.coefs[i][_SIGMA] > 0 else None for i, z in enumerate(zs)]
-            image = sampler.run(x_in, plan, Noise(noise, steps))
+            x_in, noise, ref, _ = _reference(torch_rddm, plan, shape, rng)
+            image = sampler.run(x_in, plan, noise)
             result.checks.append(_image_check(shape, image, ref, meta.precision))
     finally:
         runner.deactivate()
@@ -196,11 +207,12 @@ def engine_shapes(profile, channels: int, size_multiple: int) -> list[tuple[int,
     return [(b, channels, h, w), (min(max(b, 2), profile.max[0]), channels, taller, w)]
 
 
-def _reference(torch_rddm: TorchRDDM, plan, shape, rng):
-    """Fresh random inputs and all the noise of one run, the PyTorch sampler's result for them and its
-    first network call's outputs (numpy), from one pass of the loop."""
+def _reference(torch_rddm: TorchRDDM, plan, shape, rng) -> tuple[np.ndarray, Noise, np.ndarray, list[np.ndarray]]:
+    """Fresh random inputs and all the noise of one run (z drawn for every step, kept where the plan is
+    stochastic), the PyTorch sampler's result for them and its first network call's outputs (numpy), from
+    one pass of the loop."""
     x_in = rng.uniform(-1, 1, shape).astype(np.float32)
-    noise = rng.standard_normal(shape, dtype=np.float32)
+    eps = rng.standard_normal(shape, dtype=np.float32)
     zs = [rng.standard_normal(shape, dtype=np.float32) for _ in range(plan.steps)]
     calls = []
 
@@ -211,9 +223,10 @@ def _reference(torch_rddm: TorchRDDM, plan, shape, rng):
         return outs
 
     t_ = lambda a: torch.from_numpy(a)  # noqa: E731
-    x_t = initial_state(plan, x_in, noise=noise)
+    x_t = initial_state(plan, x_in, noise=eps)
     ref = sample(model, plan, t_(x_in), t_(x_t), lambda i: t_(zs[i])).numpy()
-    return x_in, noise, zs, ref, calls[0]
+    noise = Noise(eps, [z if plan.coefs[i][_SIGMA] > 0 else None for i, z in enumerate(zs)])
+    return x_in, noise, ref, calls[0]
 
 
 def _image_check(shape, image, ref, precision: str) -> Check:

@@ -18,7 +18,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from . import __version__, cli_options  # noqa: F401  (cli_options: flags render as flags in --help)
+from . import __version__
+from .cli_options import registry_flags
 from .backends.registry import backend_help
 from .errors import RDDMError
 from .restore.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
@@ -42,29 +43,12 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 BACKEND_HELP = backend_help()
-DEVICE_HELP = "auto | cpu | cuda | cuda:N (onnxruntime provider + device_id, torch device, TensorRT device_id)."
-PRECISION_HELP = ("fp32 | bf16 (torch autocast, OpenVINO inference precision); other backends run the artifact's. "
-                  "auto: with --backend auto, allow a calibrated reduced precision (see bench --calibrate).")
-OBJECTIVE_HELP = ("Checkpoints: what the network predicts (pred_res_noise | pred_res | pred_noise | pred_x0_noise | "
-                  "pred_x0 | pred_res_add_noise | pred_x0_add_noise | auto_res_noise); "
-                  "exported models: must match the one they were exported with.")
-SUM_SCALE_HELP = "Checkpoints: the schedule's sum_scale; exported models: must match the one baked in."
-TIME_INPUT_HELP = ("Reference checkpoints: what the UNet was fed as time, index (t: official experiments 2, 3, "
-                   "6) or scaled (ᾱ_t·T / β̄_t·T: experiments 0, 4, 5, root src/); the file cannot tell. "
-                   "Exported models: must match.")
-TEST_MODE_HELP = ("Official checkpoints: the reference's test_res_or_noise, which UNet(s) to read: res_noise | "
-                  "x0_noise (both), res (unet0's residual), noise (unet1's noise).")
-TWO_PASS_HELP = ("Reference checkpoints: sample as the official experiment 0 / root src/ ddim_sample does, K "
-                 "residual-only steps then K noise-only steps (2K network calls). Exported models: must match.")
 PIXEL_SHUFFLE_HELP = ("Restore the s² sub-images of every s-th pixel separately and interleave them back "
                       "(pixel-shuffle downsampling). Camera photos: 2, their noise is spatially correlated and the "
                       "model would keep it as texture; 1 (off) for scans and synthetic noise.")
 SELF_ENSEMBLE_HELP = ("Restore each image in 2, 4 or 8 flipped / transposed views and average them: a little "
                       "more quality for 2-8x the time (real camera pairs with --pixel-shuffle 2: +0.06 / +0.13 dB "
                       "at 2 / 4). 1: off.")
-TRANSLATION_HELP = ("Reference checkpoints: the x_t-only network is an img2img translation model (official "
-                    "img_to_img_translation, experiments 4, 5), sampled from the input image. Exported: must match.")
-
 
 def _error(msg: str) -> None:
     err.print(f"[red]error:[/red] {escape(msg)}")
@@ -81,6 +65,7 @@ def _quiet_onnxruntime() -> None:
 
 
 @app.command()
+@registry_flags("sampling", "backend", "model")
 def restore(
     inputs: List[str] = typer.Argument(..., help="Image files, folders (sorted) or glob patterns."),
     output: str = typer.Option("restored", "-o", "--output",
@@ -88,17 +73,6 @@ def restore(
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help="ONNX model, TensorRT engine or checkpoint (default: built-in)."),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
-    precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
-    objective: Optional[str] = typer.Option(None, help=OBJECTIVE_HELP),
-    sum_scale: Optional[float] = typer.Option(None, help=SUM_SCALE_HELP),
-    time_input: Optional[str] = typer.Option(None, help=TIME_INPUT_HELP),
-    translation: Optional[bool] = typer.Option(None, "--translation/--no-translation", help=TRANSLATION_HELP),
-    test_res_or_noise: Optional[str] = typer.Option(None, help=TEST_MODE_HELP),
-    two_pass: Optional[bool] = typer.Option(None, "--two-pass/--no-two-pass", help=TWO_PASS_HELP),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the model's measured recommendation, "
-                                        "else its export default)."),
-    eta: Optional[float] = typer.Option(None, help="DDIM η (default: the model's)."),
     seed: int = typer.Option(0, help="Noise seed (same seed, same result on every backend)."),
     tile: int = typer.Option(DEFAULT_TILE, help="Tile size for large images."),
     tile_overlap: int = typer.Option(DEFAULT_OVERLAP, help="Overlap between tiles, in pixels."),
@@ -113,9 +87,6 @@ def restore(
     max_pixels: int = typer.Option(100_000_000, "--max-pixels",
                                    help="Refuse images whose header claims more pixels (checked before decoding)."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into subfolders."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads (onnxruntime, openvino, torch)."),
-    providers: Optional[str] = typer.Option(None, help="onnxruntime providers, e.g. cuda,cpu (default: fastest)."),
-    compile: bool = typer.Option(False, "--compile", help="torch backend: torch.compile the network."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors."),
     json_out: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
     report: bool = typer.Option(False, "--report", help="Write OUTPUT/report.html (before/after) and run.json."),
@@ -125,6 +96,7 @@ def restore(
     workers: Optional[int] = typer.Option(None, help="Ray: restore actors (default: sized from the cluster)."),
     cpus_per_worker: Optional[float] = typer.Option(None, help="Ray: CPUs each actor reserves."),
     gpus_per_worker: Optional[float] = typer.Option(None, help="Ray: GPUs each actor reserves (0.5: two share one)."),
+    options: dict = None,
 ):
     """Restore images; one bad file is reported and skipped, the run goes on.
 
@@ -148,19 +120,15 @@ def restore(
         raise RDDMError(f"{gt}: ground-truth folder not found")
     check_suffix(suffix)
     _quiet_onnxruntime()
-    options = dict(steps=steps, eta=eta, seed=seed, tile=tile, overlap=tile_overlap, batch=batch,
-                   pixel_shuffle=pixel_shuffle, self_ensemble=self_ensemble, max_pixels=max_pixels, threads=threads,
-                   providers=providers, compile=compile or None,
-                   device=device, precision=precision, objective=objective, sum_scale=sum_scale,
-                   time_input=time_input, translation=translation, test_res_or_noise=test_res_or_noise,
-                   two_pass=two_pass)
+    options = dict(options, seed=seed, tile=tile, overlap=tile_overlap, batch=batch, pixel_shuffle=pixel_shuffle,
+                   self_ensemble=self_ensemble, max_pixels=max_pixels)
     ray_options = dict(address=ray_address, workers=workers, cpus_per_worker=cpus_per_worker,
                        gpus_per_worker=gpus_per_worker)
     kind = "ray" if ray or ray_address is not None else "local"
     with executor(model, backend, kind=kind, quiet=quiet, **ray_options, **options) as restorer:
         if not quiet and isinstance(restorer, Restorer):
             err.print(f"backend: [bold]{escape(restorer.engine)}[/bold] ({escape(restorer.choice.reason)}); "
-                      f"{restorer.meta.graph} graph, {_steps_note(steps, restorer.meta, restorer.plan.k)}"
+                      f"{restorer.meta.graph} graph, {_steps_note(options['steps'], restorer.meta, restorer.plan.k)}"
                       f"{' in two passes (experiment 0 sampler)' if restorer.plan.config.two_pass else ''}"
                       f"{_pixel_shuffle_note(restorer.pixel_shuffle)}{_ensemble_note(restorer.self_ensemble)}")
         summary = _run_with_progress(restorer, inputs, output, quiet=quiet or json_out, suffix=suffix, ext=ext,
@@ -203,7 +171,7 @@ def _steps_note(asked: int | None, meta, steps: int) -> str:
             if steps == (meta.diffusion or {}).get("timesteps") else "")
     if asked is not None:
         return f"--steps {steps}{full}"
-    measured = meta.recommended_steps is not None and meta.graph != "fused"
+    measured = meta.steps_recommended
     count = f"{steps} step{'s' * (steps != 1)}"
     return (f"{count} (the model's recommended)" if measured else count) + full
 
@@ -287,24 +255,18 @@ def report(output: Path = typer.Argument(..., help="An output folder of `restore
 
 
 @app.command()
+@registry_flags("sampling", "model")
 def info(model: str = typer.Argument(..., help="ONNX model, TensorRT engine or checkpoint."),
-         objective: Optional[str] = typer.Option(None, help=OBJECTIVE_HELP),
-         sum_scale: Optional[float] = typer.Option(None, help=SUM_SCALE_HELP),
-         time_input: Optional[str] = typer.Option(None, help=TIME_INPUT_HELP),
-         translation: Optional[bool] = typer.Option(None, "--translation/--no-translation", help=TRANSLATION_HELP),
-         test_res_or_noise: Optional[str] = typer.Option(None, help=TEST_MODE_HELP),
-         two_pass: Optional[bool] = typer.Option(None, "--two-pass/--no-two-pass", help=TWO_PASS_HELP),
-         steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the model's)."),
-         eta: Optional[float] = typer.Option(None, help="DDIM η (default: the model's).")):
+         options: dict = None):
     """Print an artifact's metadata (graph kind, steps, η, precision, architecture, diffusion)."""
     from .backends import read_artifact_meta
     from .backends.select import resolve_model
 
     _quiet_onnxruntime()
     path = resolve_model(model)
-    stored = read_artifact_meta(path, objective=objective, sum_scale=sum_scale, time_input=time_input,
-                                translation=translation, test_res_or_noise=test_res_or_noise, two_pass=two_pass)
-    meta = stored.with_sampling(steps, eta)
+    sampling = {k: options.pop(k) for k in ("steps", "eta")}
+    stored = read_artifact_meta(path, **options)
+    meta = stored.with_sampling(**sampling)
     plan = meta.plan(meta.steps)
     rows = [("file", f"{path} ({path.stat().st_size / 1e6:.2f} MB)"), ("format", meta.format),
             ("graph", meta.graph), ("steps", meta.steps), ("eta", meta.eta), ("times", list(plan.times)),
@@ -320,39 +282,28 @@ def info(model: str = typer.Argument(..., help="ONNX model, TensorRT engine or c
 
 def _runs_on(path: Path) -> str:
     """The rows of the backend table that run this artifact, and what installs the missing ones."""
-    from .backends.registry import BACKENDS, artifact_kind
+    from .backends.registry import artifact_kind, backends_for
 
     kind = artifact_kind(path)
     return ", ".join(b.name + ("" if b.available() else f" (not installed: pip install 'rddm-infer[{b.extra}]')")
-                     for b in BACKENDS if kind in b.artifacts)
+                     for b in backends_for(kind))
 
 
 @app.command()
+@registry_flags("sampling", "backend", "model")
 def bench(
     model: Optional[str] = typer.Argument(None, help="ONNX model, TensorRT engine or checkpoint (default: built-in)."),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
-    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
-    precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
-    objective: Optional[str] = typer.Option(None, help=OBJECTIVE_HELP),
-    sum_scale: Optional[float] = typer.Option(None, help=SUM_SCALE_HELP),
-    time_input: Optional[str] = typer.Option(None, help=TIME_INPUT_HELP),
-    translation: Optional[bool] = typer.Option(None, "--translation/--no-translation", help=TRANSLATION_HELP),
-    test_res_or_noise: Optional[str] = typer.Option(None, help=TEST_MODE_HELP),
-    two_pass: Optional[bool] = typer.Option(None, "--two-pass/--no-two-pass", help=TWO_PASS_HELP),
     size: int = typer.Option(256, help="Square input size (rounded up to the model's size multiple)."),
     batch: int = typer.Option(1, help="Images per call."),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: the model's)."),
     runs: int = typer.Option(10, help="Timed runs."),
     warmup: int = typer.Option(2, help="Untimed runs first (engine setup, CUDA graph capture)."),
-    eta: Optional[float] = typer.Option(None, help="DDIM η (default: the model's)."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads (onnxruntime, openvino, torch)."),
-    providers: Optional[str] = typer.Option(None, help="onnxruntime providers, e.g. cuda,cpu."),
-    compile: bool = typer.Option(False, "--compile", help="torch backend: torch.compile the network."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     calibrate: bool = typer.Option(False, "--calibrate",
                                    help="Time every installed backend and precision on this CPU (at most 3 runs "
                                         "each, after a warm-up), check each is >= 40 dB vs fp32, and save the table "
                                         "that --backend auto reads."),
+    options: dict = None,
 ):
     """Time whole restores (all K steps) on random input: median latency and images/s."""
     import numpy as np
@@ -365,13 +316,10 @@ def bench(
     from .backends.select import resolve_model
 
     if calibrate:
-        return _calibrate(resolve_model(model, backend), backend, size=size, steps=steps, threads=threads,
-                          runs=min(runs, 3), json_out=json_out)
+        return _calibrate(resolve_model(model, backend), backend, size=size, runs=min(runs, 3), json_out=json_out,
+                          **options)
 
-    runner, choice = load_runner(resolve_model(model, backend), backend, threads=threads, providers=providers,
-                                 device=device, precision=precision, compile=compile or None, objective=objective,
-                                 sum_scale=sum_scale, time_input=time_input, translation=translation,
-                                 test_res_or_noise=test_res_or_noise, two_pass=two_pass, steps=steps, eta=eta)
+    runner, choice = load_runner(resolve_model(model, backend), backend, **options)
     with runner:
         sampler = EngineSampler(runner)
         plan = sampler.plan()
@@ -405,7 +353,12 @@ def _calibrate(model: Path, backend: str, *, json_out: bool, **kw) -> None:
 
     if backend != "auto":
         raise RDDMError("--calibrate measures every installed backend; leave --backend at auto")
-    table, path = calibrate(model, log=lambda s: err.print(escape(s)), **kw)
+    ignored = [k for k, v in kw.items() if v is not None and k not in ("size", "runs", "steps", "threads")]
+    if ignored:
+        raise RDDMError(f"--calibrate times every backend and precision with their defaults: "
+                        f"{', '.join('--' + k.replace('_', '-') for k in ignored)} does not apply")
+    table, path = calibrate(model, log=lambda s: err.print(escape(s)), **{k: v for k, v in kw.items()
+                                                                          if k in ("size", "runs", "steps", "threads")})
     if json_out:
         print(table.to_json(), end="")
         return

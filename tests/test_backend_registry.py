@@ -283,3 +283,61 @@ def test_calibrate_then_auto_picks_by_measurement(tmp_path, monkeypatch):
     assert choice.backend == "onnxruntime"
     r = cli("bench", step, "--precision", "auto", "--runs", 1, "--size", 16)
     assert r.returncode == 0 and "openvino (CPU, bf16" in r.stderr and "--precision auto allows it" in r.stderr
+
+
+TOY_RUNNER = '''
+from rddm_infer.backends.onnxruntime import OnnxRuntimeRunner
+from rddm_infer.backends.registry import DEVICE, BackendSpec, Option
+
+
+class ToyRunner(OnnxRuntimeRunner):
+    name = "toy"
+
+    def __init__(self, path, device=None, toy_gain=None):
+        super().__init__(path, providers=["CPUExecutionProvider"], device=device)
+        self.toy_gain = toy_gain
+
+    @property
+    def description(self):
+        return f"toy runner (gain {self.toy_gain})"
+
+
+SPEC = BackendSpec("toy", "a backend added at test time", "", ("numpy",), ("onnx",), "toy_backend:ToyRunner",
+                   (DEVICE, Option("toy_gain", float, None, "the toy's own option")))
+'''
+
+
+def _plugin(root, name, module_text, entry):
+    """An installed package as importlib.metadata sees one: a module plus a dist-info with an entry point."""
+    root.mkdir()
+    if module_text:
+        (root / f"{name}.py").write_text(module_text)
+    info = root / f"{name}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[rddm_infer.backends]\n{entry}\n")
+    return {"PYTHONPATH": str(root)}
+
+
+def test_a_backend_added_at_test_time_is_one_module_and_one_row_with_its_flags_everywhere(tmp_path):
+    env = _plugin(tmp_path / "site", "toy_backend", TOY_RUNNER, "toy = toy_backend:SPEC")
+    for command in ("restore", "bench"):
+        r = cli(command, "--help", env=env)
+        assert r.returncode == 0 and "--toy-gain" in r.stdout and "toy: the toy's own option" in r.stdout, command
+    assert "--toy-gain" not in cli("restore", "--help").stdout  # nothing leaks without the package
+    src = tmp_path / "in"
+    src.mkdir()
+    cv2.imwrite(str(src / "a.png"), np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8))
+    r = cli("restore", src, "-o", tmp_path / "out", "--backend", "toy", "--toy-gain", "2", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "toy runner (gain 2.0)" in r.stderr and (tmp_path / "out" / "a.png").is_file()
+    r = cli("restore", src, "-o", tmp_path / "out2", "--toy-gain", "2", "--backend", "onnxruntime", env=env)
+    assert r.returncode == 2 and "does not apply to the onnxruntime backend (it is an option of toy)" in r.stderr
+    assert not (tmp_path / "out2").exists()
+
+
+def test_a_broken_backend_plugin_is_named_and_skipped(tmp_path):
+    env = _plugin(tmp_path / "site", "broken_backend", "", "broken = no_such_module:SPEC")
+    r = cli("restore", "--help", env=env)
+    assert r.returncode == 0 and "--backend" in r.stdout
+    assert "backend plugin 'broken' (no_such_module:SPEC) skipped" in r.stderr

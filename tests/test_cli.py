@@ -18,9 +18,9 @@ RNG = np.random.default_rng(0)
 SCRIPT = Path(sys.executable).parent / "rddm-infer"
 
 
-def cli(*args, cwd=None):
+def cli(*args, cwd=None, env=None):
     cmd = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "rddm_infer.cli"]
-    env = {**os.environ, "COLUMNS": "200", "PYTHONIOENCODING": "utf-8"}
+    env = {**os.environ, "COLUMNS": "200", "PYTHONIOENCODING": "utf-8", **(env or {})}
     return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
 
 

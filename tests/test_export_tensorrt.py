@@ -130,7 +130,7 @@ def _gpu_reason():
 @pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
 @pytest.mark.parametrize("fp16", [False, True])
 def test_build_validated_engines_on_a_gpu(tmp_path, fp16):
-    from rddm_export.pipeline import export_all
+    from rddm_export.exporter import export_all
 
     profile = EngineProfile((1, 32, 32), (1, 64, 64), (2, 64, 64))
     arts = export_all(tiny_checkpoint(tmp_path), tmp_path / "out", graphs=("step", "fused"), fp16=fp16, steps=2,

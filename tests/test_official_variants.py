@@ -356,7 +356,7 @@ def test_fp16_step_graph_of_an_explicit_schedule(tmp_path):
 def test_training_targets_invert_to_the_true_residual_and_noise(objective):
     """rddm-train's targets per objective and the sampler's predictions are inverses (every objective trains)."""
     from rddm_infer.diffusion.sampler import predictions
-    from rddm_train.trainer import targets
+    from rddm_train.loss import targets
 
     rng = np.random.default_rng(0)
     x0, x_in = (torch.from_numpy(rng.uniform(-0.5, 0.5, SHAPE).astype(np.float32)) for _ in range(2))
@@ -470,7 +470,7 @@ def test_exported_time_input_is_checked_and_our_checkpoints_keep_it(tmp_path):
     from rddm_infer.backends import load_runner
     from rddm_infer.errors import OptionError
 
-    from rddm_export.pipeline import export_all
+    from rddm_export.exporter import export_all
 
     v = variant("exp5-pred_noise-1unet")
     path, _, _ = write_variant(tmp_path, v)

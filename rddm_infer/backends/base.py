@@ -30,6 +30,24 @@ class Runner:
         self.meta = meta
         self.active = False
 
+    # -- what ``choose_backend`` asks a backend before loading anything (cheap: no framework import)
+    @classmethod
+    def choice_reason(cls, kind: str, model, device: str, providers) -> str:
+        """Why this backend runs ``model`` (an artifact of ``kind``) on ``device``, in a few words."""
+        return {"checkpoint": "PyTorch checkpoint"}.get(kind, f"{kind} model")
+
+    @classmethod
+    def gpu_visible(cls) -> bool:
+        """Whether this backend sees a GPU here, when that can be told without loading a framework
+        (``auto`` then leaves the CPU timing table alone); False when it cannot tell cheaply."""
+        return False
+
+    @classmethod
+    def read_meta(cls, path, **model_options) -> ArtifactMeta:
+        """An artifact's self-description without running it (``rddm-infer info``)."""
+        with cls(path, **model_options) as runner:
+            return runner.meta
+
     # -- lifecycle
     def activate(self) -> "Runner":
         if not self.active:

@@ -118,6 +118,20 @@ class OnnxRuntimeRunner(Runner):
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.on_gpu = self.session.get_providers()[0] in GPU_PROVIDERS
 
+    @classmethod
+    def choice_reason(cls, kind: str, model, device: str, providers) -> str:
+        providers = available_providers() if providers is None else providers
+        order = {"cpu": FASTEST_FIRST[-1:], "cuda": GPU_PROVIDERS}.get(device, FASTEST_FIRST)
+        return f"ONNX model, fastest provider here: {next((p for p in order if p in providers), order[0])}"
+
+    @classmethod
+    def gpu_visible(cls) -> bool:
+        return bool(set(GPU_PROVIDERS) & set(available_providers()))
+
+    @classmethod
+    def read_meta(cls, path, **model_options) -> ArtifactMeta:
+        return cls(path, providers=["CPUExecutionProvider"], **model_options).meta
+
     def _provider_entry(self, p: str):
         if p == "TensorrtExecutionProvider":
             TRT_CACHE.mkdir(parents=True, exist_ok=True)

@@ -3,8 +3,10 @@
 A row says what a backend is called, which pip extra installs it, how to tell it is
 installed (``importlib.util.find_spec``: nothing is imported), which artifacts it runs,
 its typed options, and where its runner class lives. ``choose_backend``/``load_runner``,
-the CLI (``--backend`` help, option checks) and ``benchmarks.backends`` all read it, so
-adding a backend is one runner module plus one row here.
+the CLI (``--backend`` help, every backend, model and sampling flag of ``restore``, ``bench``,
+``info`` and ``rddm-export``, option checks) and ``benchmarks.backends`` all read it, so
+adding a backend is one runner module plus one row: a row here, or :func:`register` /
+an ``rddm_infer.backends`` entry point (``name = "package.module:SPEC"``) from another package.
 
 Model options (``objective``, ``sum_scale``, ``timesteps``, ``time_input``, ``translation``,
 ``test_res_or_noise``, ``two_pass``) and sampling options
@@ -61,13 +63,22 @@ def parse_device(device: str | None) -> tuple[str, int | None]:
 
 @dataclass(frozen=True)
 class Option:
-    """One typed option: ``None`` always means "not given" (the backend's default applies)."""
+    """One typed option: ``None`` always means "not given" (the backend's default applies).
+
+    Each option is also a command-line flag (``--name-with-dashes``; a bool is ``--x/--no-x``)
+    unless ``cli`` is False (an option that another flag already sets, e.g. ``--device cuda:N``).
+    """
 
     name: str
     type: type
     default: Any
     help: str
     choices: tuple = ()
+    cli: bool = True
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
 
     def check(self, value: Any, owner: str) -> Any:
         if value is None:
@@ -87,27 +98,40 @@ class Option:
         return value
 
 
-DEVICE = Option("device", str, "auto", "auto | cpu | cuda[:N]")
+DEVICE = Option("device", str, "auto", "auto | cpu | cuda | cuda:N")
 THREADS = Option("threads", int, None, "CPU threads for inference")
 PRECISION = ("fp32", "bf16")
 
 # The same for every backend (see the module docstring).
 MODEL_OPTIONS = (
-    Option("objective", str, None, "what the network predicts", (*OBJECTIVES, "auto_res_noise")),
-    Option("sum_scale", float, None, "the schedule's Σβ² (noise level of x_T)"),
-    Option("timesteps", int, None, "length of the training schedule"),
-    Option("time_input", str, None, "what the UNet is fed as time: index (t) or scaled (ᾱ_t·T / β̄_t·T)",
-           ("index", "scaled")),
-    Option("translation", bool, None, "an x_t-only network sampled towards the input (img2img translation)"),
-    Option("test_res_or_noise", str, None, "official checkpoints: which UNet(s) to read (res: unet0, noise: unet1)",
+    Option("objective", str, None, "checkpoints: what the network predicts; exported models: must match the one "
+           "they were exported with", (*OBJECTIVES, "auto_res_noise")),
+    Option("sum_scale", float, None, "checkpoints: the schedule's sum_scale (Σβ², the noise level of x_T); exported "
+           "models: must match the one baked in"),
+    Option("timesteps", int, None, "checkpoints: length of the training schedule; exported models: must match"),
+    Option("time_input", str, None, "reference checkpoints: what the UNet was fed as time, index (t: official "
+           "experiments 2, 3, 6) or scaled (ᾱ_t·T / β̄_t·T: experiments 0, 4, 5, root src/); the file cannot tell. "
+           "Exported models: must match", ("index", "scaled")),
+    Option("translation", bool, None, "reference checkpoints: the x_t-only network is an img2img translation model "
+           "(official img_to_img_translation, experiments 4, 5), sampled from the input image. Exported: must match"),
+    Option("test_res_or_noise", str, None, "official checkpoints: the reference's test_res_or_noise, which UNet(s) "
+           "to read: res_noise | x0_noise (both), res (unet0's residual), noise (unet1's noise)",
            ("res_noise", "res", "noise", "x0_noise")),
-    Option("two_pass", bool, None, "official experiment 0 / root src/ sampler: K residual-only then K noise-only "
-           "steps"),
+    Option("two_pass", bool, None, "reference checkpoints: sample as the official experiment 0 / root src/ "
+           "ddim_sample does, K residual-only steps then K noise-only steps (2K network calls). Exported models: "
+           "must match"),
 )
 SAMPLING_OPTIONS = (
-    Option("steps", int, None, "sampling steps (default: the model's)"),
+    Option("steps", int, None, "sampling steps (default: the model's measured recommendation, else its export "
+                               "default)"),
     Option("eta", float, None, "DDIM η (default: the model's)"),
 )
+# What ``choose_backend``/``load_runner`` add to a shared option's meaning (the flags' help says it once).
+SELECTION_NOTES = {
+    "device": "auto picks the fastest device here; cuda:N also sets the CUDA device index",
+    "precision": "auto: with --backend auto, allow a calibrated reduced precision (see bench --calibrate); other "
+                 "backends run the artifact's precision",
+}
 
 
 @dataclass(frozen=True)
@@ -157,18 +181,18 @@ def _importable(module: str) -> bool:
 
 
 # Order matters: without a calibration table, ``auto`` takes the first available row that runs the artifact.
-BACKENDS: tuple[BackendSpec, ...] = (
+BACKENDS: list[BackendSpec] = [
     BackendSpec(
         "tensorrt", "native TensorRT engines, CUDA graphs", "tensorrt", ("tensorrt", "cuda.bindings"),
         ("engine",), ".tensorrt:TensorRTRunner",
-        (DEVICE, Option("device_id", int, None, "CUDA device index (same as --device cuda:N)"),
+        (DEVICE, Option("device_id", int, None, "CUDA device index (same as --device cuda:N)", cli=False),
          Option("cuda_graph", bool, True, "replay step chains as CUDA graphs")),
         devices=("cuda",), hardware=" and an NVIDIA GPU", needs="tensorrt and cuda-python"),
     BackendSpec(
         "onnxruntime", "ONNX Runtime: CPU, CUDA and TensorRT execution providers", "", ("onnxruntime",),
         ("onnx",), ".onnxruntime:OnnxRuntimeRunner",
         (DEVICE, THREADS, Option("providers", object, None, "execution providers, e.g. cuda,cpu (default: fastest)"),
-         Option("device_id", int, None, "CUDA device index (same as --device cuda:N)")),
+         Option("device_id", int, None, "CUDA device index (same as --device cuda:N)", cli=False)),
         devices=("cpu", "cuda")),
     BackendSpec(
         "torch", "PyTorch eager (or torch.compile) from a checkpoint", "torch", ("torch",),
@@ -188,9 +212,45 @@ BACKENDS: tuple[BackendSpec, ...] = (
          Option("rewrite_norms", bool, True, "rewrite LayerNorm / GroupNorm at load into ops that need no layout "
                                              "reorders (same math; off: the graph as exported)")),
         devices=("cpu",)),
-)
+]
 BY_NAME = {b.name: b for b in BACKENDS}
-NAMES = ("auto", *BY_NAME)
+NAMES = ["auto", *BY_NAME]
+ENTRY_POINTS = "rddm_infer.backends"  # packages add rows here: [project.entry-points."rddm_infer.backends"]
+
+
+def register(spec: BackendSpec) -> BackendSpec:
+    """Add a row (after the built-in ones, so ``auto`` prefers those): its runner, options and flags then
+    work everywhere the table is read. An option that shares a name with another row's must share its type."""
+    if spec.name in BY_NAME or spec.name == "auto":
+        raise ValueError(f"backend {spec.name!r} is already registered")
+    reserved = {o.name for o in (*MODEL_OPTIONS, *SAMPLING_OPTIONS)}
+    for o in spec.options:
+        other = next((x for b in BACKENDS for x in b.options if x.name == o.name), None)
+        if o.name in reserved or (other is not None and other.type is not o.type):
+            raise ValueError(f"backend {spec.name!r}: option {o.name!r} clashes with "
+                             f"{'a model/sampling option' if o.name in reserved else 'another row of type ' + other.type.__name__}")
+    BACKENDS.append(spec)
+    BY_NAME[spec.name] = spec
+    NAMES.append(spec.name)
+    return spec
+
+
+def _register_entry_points() -> None:
+    """Rows that installed packages declare; a broken one is named on stderr and skipped (the CLI still runs)."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINTS):
+        try:
+            spec = ep.load()
+            if not isinstance(spec, BackendSpec):
+                raise TypeError(f"{ep.value} is a {type(spec).__name__}, not a BackendSpec")
+            register(spec)
+        except Exception as e:  # a third-party plugin must not break the built-in backends
+            import sys
+            print(f"rddm-infer: backend plugin {ep.name!r} ({ep.value}) skipped: {e}", file=sys.stderr)
+
+
+_register_entry_points()
 
 
 def backend_spec(name: str) -> BackendSpec:
@@ -199,17 +259,56 @@ def backend_spec(name: str) -> BackendSpec:
     return BY_NAME[name]
 
 
+def backends_for(kind: str | None) -> list[BackendSpec]:
+    """The rows that run artifacts of ``kind`` (see :data:`ARTIFACTS`), in the table's order."""
+    return [b for b in BACKENDS if kind in b.artifacts]
+
+
 def backend_help() -> str:
     """The ``--backend`` help text, from the table."""
     return "auto (see the reason printed) | " + " | ".join(b.name for b in BACKENDS) + ". " + "; ".join(
         f"{b.name}: {b.description}" for b in BACKENDS)
 
 
-def split_options(spec: BackendSpec, options: Mapping[str, Any]) -> tuple[dict, dict, dict]:
+def cli_options(group: str) -> list[tuple[Option, list[str]]]:
+    """The flags of one group, ``backend`` | ``model`` | ``sampling``: each option once, with the rows
+    that own it (a backend option several rows share is one flag: ``--threads``, ``--precision``)."""
+    if group == "model":
+        return [(o, []) for o in MODEL_OPTIONS]
+    if group == "sampling":
+        return [(o, []) for o in SAMPLING_OPTIONS]
+    if group != "backend":
+        raise ValueError(f"unknown option group {group!r}")
+    merged: dict[str, tuple[Option, list[str]]] = {}
+    for b in BACKENDS:
+        for o in b.options:
+            if o.cli:
+                merged.setdefault(o.name, (o, []))[1].append(b.name)
+    return list(merged.values())
+
+
+def option_help(name: str, owners: list[str]) -> str:
+    """One flag's help from the rows that own it: shared texts once, others per backend, with defaults."""
+    texts: dict[str, list[str]] = {}
+    for owner in owners:
+        o = BY_NAME[owner].option(name)
+        default = o.default if o.type is not bool else ("on" if o.default else "off")
+        text = o.help + (f" (default: {default})" if o.default is not None and o.name != "device" else "")
+        texts.setdefault(text, []).append(owner)
+    if len(owners) == len(BACKENDS) and len(texts) == 1:
+        parts = [next(iter(texts))]
+    else:
+        parts = [f"{', '.join(who)}: {text}" for text, who in texts.items()]
+    note = SELECTION_NOTES.get(name)
+    return "; ".join(parts + ([note] if note else [])) + "."
+
+
+def split_options(spec: BackendSpec | None, options: Mapping[str, Any]) -> tuple[dict, dict, dict]:
     """(backend options, model options, sampling options) for ``spec``, each checked.
 
     An unknown name is an error; so is a backend option of another backend given a value
-    (``None`` means "not given", so callers may pass every option they know).
+    (``None`` means "not given", so callers may pass every option they know). ``spec`` None:
+    no backend (reading an artifact), so every backend option is unknown here.
     """
     model_names = {o.name: o for o in MODEL_OPTIONS}
     sampling = {o.name: o for o in SAMPLING_OPTIONS}
@@ -221,12 +320,12 @@ def split_options(spec: BackendSpec, options: Mapping[str, Any]) -> tuple[dict, 
         elif name in sampling:
             if (v := sampling[name].check(value, "sampling")) is not None:
                 samp[name] = v
-        elif (opt := spec.option(name)) is not None:
+        elif spec is not None and (opt := spec.option(name)) is not None:
             if (v := opt.check(value, spec.name)) is not None:
                 own[name] = v
         else:
             owners = [b.name for b in BACKENDS if b.option(name)]
-            if not owners:
+            if not owners or spec is None:
                 known = sorted({o.name for b in BACKENDS for o in b.options} | set(model_names) | set(sampling))
                 raise OptionError(f"unknown option {name!r} (known: {', '.join(known)})")
             if value is not None:

@@ -16,8 +16,8 @@ from ..diffusion.metadata import ArtifactMeta
 from ..errors import BackendUnavailable, CheckpointError, OptionError, RDDMError  # noqa: F401
 from .base import Runner
 from .onnx_external import check_external_data
-from .registry import (ARTIFACT_WORDS, ARTIFACTS, BACKENDS, BY_NAME, MODEL_OPTIONS, NAMES, SAMPLING_OPTIONS,
-                       BackendSpec, Option, _importable, artifact_kind, backend_help, backend_spec, check_baked_options,
+from .registry import (ARTIFACT_WORDS, ARTIFACTS, BACKENDS, BY_NAME, backends_for, MODEL_OPTIONS, SAMPLING_OPTIONS,
+                       BackendSpec, _importable, artifact_kind, backend_spec, check_baked_options,
                        parse_device, split_options)
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "default.onnx"
@@ -34,8 +34,6 @@ def resolve_model(model: str | os.PathLike | None, backend: str = "auto") -> Pat
         if path.suffix.lower() == ".onnx" and path.is_file():
             check_external_data(path)  # before ONNX Runtime opens it: older releases follow any path
         return path
-    from ..backends.registry import BY_NAME
-
     if backend in BY_NAME and BY_NAME[backend].artifacts == ("checkpoint",):
         if not DEFAULT_CHECKPOINT.is_file():
             raise CheckpointError(f"no built-in checkpoint is installed ({DEFAULT_CHECKPOINT} is missing); "
@@ -107,21 +105,10 @@ def choose_backend(model: str | os.PathLike, requested: str = "auto", *, modules
 
 
 def _choice(spec: BackendSpec, path: Path, kind: str, engine: Path | None, dev: str, providers, given) -> Choice:
-    """The choice of ``spec`` with its reason (the artifact it runs and, for ONNX Runtime, the provider)."""
-    if spec.name == "tensorrt":
-        target = engine or path
-        why = ("native TensorRT engine" if kind == "engine"
-               else f"TensorRT engine {target.name} found beside the ONNX model")
-        return Choice(spec.name, target, reason=given or why)
-    if spec.name == "onnxruntime":
-        from .onnxruntime import FASTEST_FIRST, GPU_PROVIDERS, available_providers
-
-        providers = available_providers() if providers is None else providers
-        order = {"cpu": FASTEST_FIRST[-1:], "cuda": GPU_PROVIDERS}.get(dev, FASTEST_FIRST)
-        best = next((p for p in order if p in providers), order[0])
-        why = (given + ", " if given else "ONNX model, ") + f"fastest provider here: {best}"
-        return Choice(spec.name, path, reason=why)
-    return Choice(spec.name, path, reason=given or {"checkpoint": "PyTorch checkpoint"}.get(kind, spec.description))
+    """The choice of ``spec`` with its reason: a backend that runs engines takes the one beside an ONNX model."""
+    target = engine if engine is not None and "engine" in spec.artifacts else path
+    why = spec.runner_class().choice_reason(kind, target, dev, providers)
+    return Choice(spec.name, target, reason=f"{given}, {why}" if given else why)
 
 
 def load_runner(model: str | os.PathLike, backend: str = "auto", **options) -> tuple[Runner, Choice]:
@@ -154,13 +141,12 @@ def _calibrated_choice(model, options: dict, allow_reduced: bool) -> tuple[Choic
     """The fastest accurate entry of this machine's calibration table that fits the given options,
     or (None, why not) -- then ``auto`` keeps the fixed rule and the reason says so."""
     from .timings import load_table
-    from .onnxruntime import GPU_PROVIDERS, available_providers
 
     path = Path(model)
     dev = parse_device(options.get("device"))[0]
     if dev == "cuda" or not path.is_file() or artifact_kind(path) is None:
         return None, "fixed rule (calibration tables cover the CPU only)"
-    if dev == "auto" and (BY_NAME["tensorrt"].available() or set(GPU_PROVIDERS) & set(available_providers())):
+    if dev == "auto" and any(b.available() and b.runner_class().gpu_visible() for b in BACKENDS if "cuda" in b.devices):
         return None, "fixed rule: a GPU is here (calibration tables cover the CPU: --device cpu uses them)"
     table, where = load_table(path)
     if table is None:
@@ -201,16 +187,13 @@ def read_artifact_meta(model: str | os.PathLike, **options) -> ArtifactMeta:
     bad = [k for k in options if k not in names]
     if bad:
         raise OptionError(f"unknown option {bad[0]!r} here (model and sampling options: {', '.join(sorted(names))})")
-    _, model_opts, sampling = split_options(BY_NAME["torch"], options)
+    _, model_opts, sampling = split_options(None, options)
     kind = artifact_kind(path)
-    if kind == "engine":
-        from .engine_file import read_engine
-        meta = read_engine(path)[0]
-    elif kind == "checkpoint":
-        from .torch import TorchRunner
-        return TorchRunner(path, device="cpu", **model_opts).meta.with_sampling(**sampling)
-    else:
-        from .onnxruntime import OnnxRuntimeRunner
-        meta = OnnxRuntimeRunner(path, providers=["CPUExecutionProvider"]).meta
-    check_baked_options(meta, model_opts, str(path))
+    rows = backends_for(kind)
+    if not rows:
+        raise CheckpointError(f"{path}: unknown model type {path.suffix or '(no extension)'!r}")
+    spec = next((b for b in rows if b.available()), rows[0])  # an engine's header needs no TensorRT
+    loader = {k: v for k, v in model_opts.items() if k in spec.model_options}
+    meta = spec.runner_class().read_meta(path, **loader)
+    check_baked_options(meta, {k: v for k, v in model_opts.items() if k not in loader}, str(path))
     return meta.with_sampling(**sampling)

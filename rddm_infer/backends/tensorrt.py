@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import BackendUnavailable, CheckpointError, RDDMError
+from ..diffusion.metadata import ArtifactMeta
 from .base import Runner
 
 
@@ -97,6 +98,20 @@ class TensorRTRunner(Runner):
         self.device_id, self.cuda_graph = device_id, cuda_graph
         self._bufs: dict[tuple, dict[str, _Buffer]] = {}
         self._graphs: dict[tuple, Any] = {}
+
+    @classmethod
+    def choice_reason(cls, kind: str, model, device: str, providers) -> str:
+        return "native TensorRT engine" if kind == "engine" else f"TensorRT engine {model.name} found beside the ONNX model"
+
+    @classmethod
+    def gpu_visible(cls) -> bool:
+        return True  # installed TensorRT means an NVIDIA GPU is the target
+
+    @classmethod
+    def read_meta(cls, path, **model_options) -> ArtifactMeta:
+        from .engine_file import read_engine
+
+        return read_engine(path)[0]  # the header: no GPU needed
 
     @property
     def description(self) -> str:

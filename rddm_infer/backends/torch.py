@@ -70,6 +70,10 @@ class TorchRunner(Runner):
         self._rddm = TorchRDDM(loaded.net, loaded.diffusion, self.device,
                                dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
 
+    @classmethod
+    def read_meta(cls, path, **model_options) -> ArtifactMeta:
+        return cls(path, device="cpu", **model_options).meta
+
     @property
     def description(self) -> str:
         extra = "".join((", bf16 autocast" if self.precision == "bf16" else ", fp32",

@@ -2,8 +2,8 @@
 
 :class:`EngineSampler` owns the diffusion: it draws the noise (numpy, seeded, so every backend sees the same),
 builds the :class:`~rddm_infer.diffusion.schedule.SamplingPlan` from the artifact's metadata and hands the
-run to the artifact's graph kind (:mod:`rddm_infer.diffusion.graph_kinds`), which knows how to call a graph
-of its kind through any runner (``infer``, ``run_chain``, ``upload`` / ``download``).
+run to the artifact's graph kind (:meth:`rddm_infer.diffusion.graph_kinds.GraphKind.run`, the kind's driver),
+which knows how to call a graph of its kind through any runner (``infer``, ``run_chain``, ``upload`` / ``download``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import RDDMError
-from .graph_kinds import KINDS
-from .sampler import initial_state, sample, time_array
 from .schedule import COEF_NAMES, SamplingPlan
 
 _SIGMA = COEF_NAMES.index("sigma")
@@ -83,7 +81,7 @@ class Noise:
 class EngineSampler:
     """Restore model-space batches (NCHW float32, [-1, 1]) with any runner."""
 
-    def __init__(self, runner: Runner):
+    def __init__(self, runner):  # any rddm_infer.backends.base.Runner (diffusion/ imports no backend)
         self.runner = runner.activate()
         self.meta = runner.meta
 
@@ -105,43 +103,4 @@ class EngineSampler:
         """
         x_input = np.ascontiguousarray(x_input, dtype=np.float32)
         noise.check(plan, x_input.shape)
-        graph = self.meta.graph
-        if graph == "fused":
-            return self._fused(x_input, plan, noise)
-        x_t = initial_state(plan, x_input, noise=noise.eps)
-        if graph == "step":
-            return self._step(x_input, x_t, plan, noise)
-        return self._unet(x_input, x_t, plan, noise)
-
-    def _fused(self, x_input, plan, noise):
-        kind = KINDS["fused"]
-        values = [x_input, noise.eps]
-        if plan.stochastic:
-            values.append(np.stack([np.zeros_like(x_input) if z is None else z for z in noise.steps]))
-        r = self.runner
-        return r.download(r.infer(dict(zip(kind.input_names(plan.stochastic), values)))[kind.outputs[0]])
-
-    def _step(self, x_input, x_t, plan, noise):
-        kind = KINDS["step"]
-        _, x_in_name, coef_name, noise_name = kind.inputs
-        r = self.runner
-        zeros = r.upload(np.zeros_like(x_input)) if any(z is None for z in noise.steps) else None
-        per_step = [{coef_name: plan.coefs[i].astype(np.float32),
-                     noise_name: zeros if noise.steps[i] is None else noise.steps[i]} for i in range(plan.steps)]
-        return r.run_chain({x_in_name: x_input}, per_step, kind.carry, x_t)
-
-    def _unet(self, x_input, x_t, plan, noise):
-        kind = KINDS["unet"]
-        outputs = kind.output_names(self.meta.num_outputs)
-        r = self.runner
-        native = r.array_math
-        put = r.upload if native else (lambda a: a)
-        get = (lambda h: h) if native else r.download
-        batch = x_input.shape[0]
-
-        def model(xt, xi, t):
-            outs = r.infer(dict(zip(kind.inputs, (xt, xi, put(time_array(t, batch))))))
-            return [get(outs[k]) for k in outputs if k in outs]
-
-        out = sample(model, plan, put(x_input), put(x_t), lambda i: put(noise.steps[i]))
-        return out if isinstance(out, np.ndarray) else r.download(out)
+        return self.meta.kind.run(self.runner, x_input, plan, noise)

@@ -12,7 +12,7 @@ import numbers
 from dataclasses import dataclass, field, asdict, replace
 
 from ..errors import CheckpointError, OptionError
-from .graph_kinds import GRAPH_KINDS
+from .graph_kinds import GRAPH_KINDS, GraphKind, graph_kind
 from .schedule import DiffusionConfig, SamplingPlan
 
 META_KEY = "rddm"
@@ -65,10 +65,10 @@ def metadata_problem(d: dict) -> str:
 
 @dataclass
 class ArtifactMeta:
-    graph: str  # unet | step | fused
+    graph: str  # a graph kind: unet | step | fused (rddm_infer.diffusion.graph_kinds)
     unet: dict  # UNetConfig.to_dict()
     diffusion: dict  # DiffusionConfig.to_dict()
-    steps: int = 5  # fused: baked in; unet/step: the default for run time
+    steps: int = 5  # built in where the kind bakes the plan in (fused); else the default for run time
     eta: float = 0.0
     precision: str = "fp32"
     size_multiple: int = 8
@@ -102,22 +102,33 @@ class ArtifactMeta:
         return 1 if self.unet.get("share_encoder") == -1 else 2
 
     @property
+    def kind(self) -> GraphKind:
+        """The artifact's graph kind (its contract, its facts and its driver)."""
+        return graph_kind(self.graph)
+
+    @property
+    def steps_recommended(self) -> bool:
+        """Whether the default step count is the measured recommendation (set, and the kind does not bake
+        its steps in); otherwise it is ``steps``."""
+        return self.recommended_steps is not None and not self.kind.bakes_plan
+
+    @property
     def default_steps(self) -> int:
-        """Steps when none are asked for: the measured recommendation, except where a fused graph bakes them in."""
-        return self.steps if self.graph == "fused" or self.recommended_steps is None else self.recommended_steps
+        """Steps when none are asked for: the measured recommendation, except where the kind bakes them in."""
+        return self.recommended_steps if self.steps_recommended else self.steps
 
     def plan(self, steps: int | None = None, eta: float | None = None) -> SamplingPlan:
         return SamplingPlan.create(self.config, self.default_steps if steps is None else steps,
                                    self.eta if eta is None else eta)
 
     def with_sampling(self, steps: int | None = None, eta: float | None = None) -> "ArtifactMeta":
-        """This artifact with run-time steps / η (unet and step graphs; a fused graph refuses others).
+        """This artifact with run-time steps / η (a kind that bakes the plan in, fused, refuses others).
         A step count asked for replaces the measured recommendation as the default."""
         if steps is None and eta is None:
             return self
-        if self.graph == "fused" and ((steps is not None and steps != self.steps) or
-                                      (eta is not None and eta != self.eta)):
-            raise OptionError(f"this fused model has steps={self.steps} and eta={self.eta} built in; "
+        if self.kind.bakes_plan and ((steps is not None and steps != self.steps) or
+                                     (eta is not None and eta != self.eta)):
+            raise OptionError(f"this {self.graph} model has steps={self.steps} and eta={self.eta} built in; "
                               f"export a 'step' graph to choose them at run time")
         try:
             self.plan(steps, eta)

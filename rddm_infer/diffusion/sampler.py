@@ -2,7 +2,7 @@
 
 Only arithmetic and a clamp are used, so the same function runs eagerly on numpy
 or torch and traces into an ONNX graph (where the coefficients are graph inputs or
-constants). The loop that calls it lives in :func:`sample`, which drives any
+constants). The step is :func:`reverse_step`; the loop that calls it lives in :func:`sample`, which drives any
 *model* callable ``model(x_t, x_input, t) -> (out0, out1)``: a torch module, an
 ONNX Runtime session or a TensorRT engine (k-diffusion style).
 """
@@ -69,8 +69,8 @@ def update(x_t, res, eps, x0, coef, noise=None):
     return last * x0 + (1.0 - last) * nxt
 
 
-def step(objective: str, out0, out1, x_t, x_input, coef, noise=None):
-    """Predictions plus update: returns (x_next, x0_estimate)."""
+def reverse_step(objective: str, out0, out1, x_t, x_input, coef, noise=None):
+    """One RDDM reverse step, predictions plus update: returns (x_next, x0_estimate)."""
     res, eps, x0 = predictions(objective, out0, out1, x_t, x_input, coef)
     return update(x_t, res, eps, x0, coef, noise), x0
 
@@ -120,5 +120,5 @@ def sample(model: ModelFn, plan: SamplingPlan, x_input, x_t, step_noise: Callabl
         outs = model(x_t, x_input, plan.net_time(i))
         out1 = outs[1] if len(outs) > 1 else None
         z = step_noise(i) if (step_noise is not None and coef[_I["sigma"]] > 0) else None
-        x_t, _ = step(plan.config.objective, outs[0], out1, x_t, x_input, coef, z)
+        x_t, _ = reverse_step(plan.config.objective, outs[0], out1, x_t, x_input, coef, z)
     return x_t

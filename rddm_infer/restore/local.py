@@ -22,8 +22,8 @@ import numpy as np
 from .arrays import ImageRestorer
 from ..errors import ImageError, RDDMError
 from ..io.images import DEFAULT_MAX_PIXELS, Image, encode_image, read_image, write_atomic
-from .jobs import (Job, Result, Summary, check_suffix, check_writable, collect_inputs, find_gt, image_metrics,
-                   is_done, plan_outputs, prepare_jobs, write_metrics_csv)
+from .jobs import (Job, Result, Summary, find_gt, image_metrics,
+                   is_done, prepare_jobs, write_metrics_csv)
 from ..io.storage import location
 
 __all__ = ["Restorer"]
