@@ -23,7 +23,7 @@ import onnx
 
 from rddm_infer.diffusion.metadata import ArtifactMeta
 from rddm_infer.backends import EngineSampler, Noise
-from rddm_infer.backends.base import Runner
+from rddm_infer.backends.base import Runner, RunnerWrapper
 from rddm_infer.backends.onnxruntime import OnnxRuntimeRunner
 from rddm_infer.errors import RDDMError
 
@@ -46,25 +46,12 @@ def synthetic_calibration(shape=(1, 3, 128, 128), count: int = 2, sigma: float =
     return out
 
 
-class RecordingRunner(Runner):
+class RecordingRunner(RunnerWrapper):
     """Wraps a runner and keeps a copy of the inputs of every call it passes on."""
 
     def __init__(self, inner: Runner):
-        super().__init__(inner.meta)
-        self.inner = inner
+        super().__init__(inner)
         self.feeds: list[dict[str, np.ndarray]] = []
-
-    def _activate(self) -> None:
-        self.inner.activate()
-
-    def _deactivate(self) -> None:
-        self.inner.deactivate()
-
-    def upload(self, a):
-        return self.inner.upload(a)
-
-    def download(self, h):
-        return self.inner.download(h)
 
     def infer(self, feeds):
         self.feeds.append({k: np.array(self.download(v)) for k, v in feeds.items()})

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rddm_infer.backends.base import Runner
+from rddm_infer.backends.base import Runner, RunnerWrapper
 from rddm_infer.diffusion.engine_sampler import EngineSampler, Noise
 from rddm_infer.diffusion.metadata import ArtifactMeta
 from rddm_infer.diffusion.sampler import initial_state, sample
@@ -148,26 +148,13 @@ def validate_onnx(path: str | os.PathLike, loaded: LoadedModel, *, meta: Artifac
     return _finish(result, raise_on_failure)
 
 
-class _FirstCall(Runner):
+class _FirstCall(RunnerWrapper):
     """A runner passed through unchanged, remembering the outputs of its first ``infer`` since ``first`` was
     reset (host arrays, in the graph's output order); ``meta`` replaces the one read from the file when given."""
 
     def __init__(self, inner: Runner, meta: ArtifactMeta | None = None):
-        super().__init__(meta or inner.meta)
-        self.inner, self.name, self.array_math = inner, inner.name, inner.array_math
+        super().__init__(inner, meta)
         self.first: list[np.ndarray] | None = None
-
-    def _activate(self) -> None:
-        self.inner.activate()
-
-    def _deactivate(self) -> None:
-        self.inner.deactivate()
-
-    def upload(self, a):
-        return self.inner.upload(a)
-
-    def download(self, h):
-        return self.inner.download(h)
 
     def infer(self, feeds):
         outs = self.inner.infer(feeds)

@@ -1,30 +1,15 @@
-"""Shared fixtures: tiny models and images, so the whole suite runs in minutes on 2 CPU cores."""
+"""Shared fixtures, and the test lanes: ``tests/unit`` (fast) and ``tests/e2e`` (subprocess CLI, Ray, S3,
+Chromium), which is marked ``slow`` here, as are the few unit tests marked by hand.
+
+``python -m pytest -m "not slow"`` is the fast lane (under 2 minutes on 2 cores); ``python -m pytest`` runs all.
+Helpers live in :mod:`helpers` (``tests/helpers/``): tiny models, exports, the CLI runner, S3, a browser."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-TINY = dict(dim=8, dim_mults=(1, 2))  # attention keeps the reference heads (4 × 32)
-
-
-def tiny_loaded_model(share_encoder: int = 1, objective: str = "pred_res_noise", seed: int = 0, **diffusion):
-    """A randomly initialised, reference-compatible model small enough for any test."""
-    import torch
-
-    from rddm_infer.model import LoadedModel, UNetConfig, UnetRes
-    from rddm_infer.diffusion.schedule import DiffusionConfig
-
-    torch.manual_seed(seed)
-    cfg = UNetConfig(share_encoder=share_encoder, **TINY)
-    net = UnetRes(cfg).eval()
-    # Random init leaves GroupNorm/LayerNorm at identity and biases at zero: perturb so every
-    # parameter matters and outputs span a realistic range.
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return LoadedModel(net, cfg, DiffusionConfig(objective=objective, **diffusion), source="tiny")
-
+from helpers.models import tiny_loaded_model
 
 @pytest.fixture
 def tiny_model():
@@ -51,3 +36,9 @@ def pytest_configure(config):
         torch.set_num_threads(2)
     except ImportError:
         pass
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "e2e" in item.path.parts:
+            item.add_marker(pytest.mark.slow)

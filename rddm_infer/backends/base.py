@@ -99,3 +99,28 @@ class Runner:
         for feeds in per_step:
             x = self.infer({**fixed, carry[0]: x, **feeds})[carry[1]]
         return self.download(x)
+
+
+class RunnerWrapper(Runner):
+    """A runner passed on unchanged (lifecycle, handles, calls): subclasses override ``infer`` to watch the
+    calls (int8 calibration records inputs; export validation checks the first outputs)."""
+
+    def __init__(self, inner: Runner, meta: ArtifactMeta | None = None):
+        super().__init__(meta or inner.meta)
+        self.inner, self.name, self.array_math = inner, inner.name, inner.array_math
+
+    def _activate(self) -> None:
+        self.inner.activate()
+
+    def _deactivate(self) -> None:
+        self.inner.deactivate()
+
+    def upload(self, a):
+        return self.inner.upload(a)
+
+    def download(self, h):
+        return self.inner.download(h)
+
+    def infer(self, feeds):
+        return self.inner.infer(feeds)
+

@@ -5,7 +5,7 @@ import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from helpers_export import exported, run_fused_and_torch, tiny_loaded
+from helpers.export import exported, run_fused_and_torch, tiny_loaded
 from rddm_infer.metrics import psnr
 from rddm_export.artifact import read_metadata
 from rddm_export.validate import ValidationError, validate_onnx
@@ -16,6 +16,7 @@ def tiny():
     return tiny_loaded()
 
 
+@pytest.mark.slow  # over 2 s on 2 cores
 def test_fp16_fused_graph_is_mixed_precision_and_within_40db(tiny):
     path = exported("fused", steps=2, fp16=True)
     model = onnx.load(str(path))

@@ -2,7 +2,7 @@
 
 Each variant (docs/OFFICIAL_VARIANTS.md) is written in its exact trainer layout (EMA with
 ``online_model.``/``ema_model.``, ``model.`` prefix, the experiment's registered buffers) and
-sampled by rddm_infer and by the independent oracle in ``official_oracle.py`` from the same noise.
+sampled by rddm_infer and by the independent oracle in ``helpers/oracle.py`` from the same noise.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-import official_oracle as official
-from helpers_export import tiny_net
+from helpers import oracle as official
+from helpers.export import tiny_net
 from rddm_infer import DiffusionConfig, Noise, SamplingPlan
 from rddm_infer.diffusion.metadata import ArtifactMeta
 from rddm_infer.errors import CheckpointError, RDDMError
@@ -181,6 +181,7 @@ def error_vs_oracle(sampler, plan, v: Variant, ema, buffers, seed: int) -> float
 
 
 @pytest.mark.parametrize("v", VARIANTS, ids=lambda v: v.name)
+@pytest.mark.slow  # over 2 s on 2 cores
 def test_variant_samples_as_the_official_ddim_sample(tmp_path, v):
     path, ema, buffers = write_variant(tmp_path, v)
     loaded = load(path, v)  # schedule, T, sum_scale (where stored), auto objective: from the file
@@ -314,6 +315,7 @@ ONNX_SUBSET = ["exp3-auto-noise", "ddim-cosine-x0_add", "exp6-res_noise-2unets"]
 
 
 @pytest.mark.parametrize("name", ONNX_SUBSET)
+@pytest.mark.slow  # over 2 s on 2 cores
 def test_step_graph_in_onnxruntime_matches_the_official_loop(tmp_path, name):
     from rddm_export.artifact import read_metadata
     from rddm_export.onnx_export import export_onnx
@@ -333,6 +335,7 @@ def test_step_graph_in_onnxruntime_matches_the_official_loop(tmp_path, name):
     assert np.abs(got - oracle(v, ema, buffers, x_in, eps, zs)).max() <= 1e-4
 
 
+@pytest.mark.slow  # over 2 s on 2 cores
 def test_fp16_step_graph_of_an_explicit_schedule(tmp_path):
     from rddm_export.onnx_export import export_onnx
     from rddm_infer import EngineSampler
@@ -371,7 +374,7 @@ def test_training_targets_invert_to_the_true_residual_and_noise(objective):
 
 
 def test_restore_array_takes_explicit_noise(tmp_path):
-    from helpers_export import tiny_checkpoint
+    from helpers.export import tiny_checkpoint
     from rddm_infer import Restorer
     from rddm_infer.backends.torch import TorchRunner
 
@@ -400,6 +403,7 @@ GRAPH_CASES = [  # two UNets (a time column each) / one UNet fed β̄_t·T or �
 
 
 @pytest.mark.parametrize("name, kind", GRAPH_CASES)
+@pytest.mark.slow  # over 2 s on 2 cores
 def test_continuous_time_translation_and_two_pass_graphs_in_onnxruntime(tmp_path, name, kind):
     """The exported graph knows its time input, translation and passes, and samples as the official loop."""
     import onnxruntime as ort
@@ -466,6 +470,7 @@ def test_entry_points_refuse_an_unknown_value(tmp_path, options, message):
         load_checkpoint(path, time_input="continuous")
 
 
+@pytest.mark.slow  # over 2 s on 2 cores
 def test_exported_time_input_is_checked_and_our_checkpoints_keep_it(tmp_path):
     from rddm_infer.backends import load_runner
     from rddm_infer.errors import OptionError
@@ -491,9 +496,10 @@ def test_exported_time_input_is_checked_and_our_checkpoints_keep_it(tmp_path):
         load_checkpoint(ours, time_input="index")
 
 
+@pytest.mark.slow  # over 2 s on 2 cores
 def test_cli_time_input_and_translation(tmp_path):
     import cv2
-    from test_cli import cli
+    from helpers.cli import cli
 
     path, _, _ = write_variant(tmp_path, variant("exp4-pred_res_noise-2unets"))
     img = tmp_path / "a.png"
@@ -512,12 +518,13 @@ def test_cli_time_input_and_translation(tmp_path):
     assert r.returncode == 2 and "'time_input' must be one of index, scaled" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow  # over 2 s on 2 cores
 def test_two_pass_is_an_option_of_every_entry_point(tmp_path):
     from rddm_export.onnx_export import export_onnx
     from rddm_infer import EngineSampler, load_model
     from rddm_infer.backends import load_runner, read_artifact_meta
     from rddm_infer.errors import OptionError
-    from test_cli import cli
+    from helpers.cli import cli
 
     v = variant("root-pred_res_noise-2unets")
     path, ema, buffers = write_variant(tmp_path, v)

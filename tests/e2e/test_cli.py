@@ -2,26 +2,17 @@
 
 import csv
 import json
-import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-import _runtime_models as models
+from helpers import models
+from helpers.cli import cli
 
 RNG = np.random.default_rng(0)
-SCRIPT = Path(sys.executable).parent / "rddm-infer"
-
-
-def cli(*args, cwd=None, env=None):
-    cmd = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "rddm_infer.cli"]
-    env = {**os.environ, "COLUMNS": "200", "PYTHONIOENCODING": "utf-8", **(env or {})}
-    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
 
 
 def _px(shape, dtype=np.uint8):

@@ -288,7 +288,7 @@ def test_noise_stats_tells_camera_like_noise_from_white_noise(tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out = tmp_path / "stats.json"
     run = subprocess.run([sys.executable, "-m", "benchmarks.noise_stats", "--pairs", "examples/noisy", "examples/clean",
                           "--data", "examples/clean", "--crop", "96", "--out", str(out), "--degradation",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers_train import tiny_config, write_photos
+from helpers.train import tiny_config, write_photos
 from rddm_infer.errors import CheckpointError, RDDMError
 from rddm_infer.model import TorchRDDM, load_checkpoint
 from rddm_train.trainer import Trainer, TrainingDiverged
@@ -25,6 +25,7 @@ def _losses(out):
     return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # over 2 s on 2 cores
 def test_a_few_dozen_steps_lower_the_loss_and_the_ema_checkpoint_loads(tmp_path, photos):
     cfg = tiny_config(tmp_path / "run", photos, "optim.lr=2e-3", "run.steps=40", "run.checkpoint_every=20",
                       "data.degradations=[{name = 'gaussian', sigma = [10, 40]}]")
@@ -71,6 +72,7 @@ def _assert_same_tensors(a, b, where=""):
         assert a == b, where
 
 
+@pytest.mark.slow  # over 2 s on 2 cores
 def test_interrupted_run_resumed_matches_an_uninterrupted_one_bit_for_bit(tmp_path, photos):
     extra = ["optim.grad_accum=2", "run.checkpoint_every=3", "optim.lr=1e-3"]
     whole = Trainer(tiny_config(tmp_path / "whole", photos, *extra, "run.steps=8"))
@@ -202,6 +204,7 @@ def test_rollout_trains_on_the_states_the_sampler_itself_reaches(tmp_path, photo
         Trainer(tiny_config(tmp_path / "bad", photos, "optim.rollout=true"))
 
 
+@pytest.mark.slow  # over 2 s on 2 cores
 def test_best_validation_weights_are_kept_and_a_resume_only_replaces_them_with_better(tmp_path, photos):
     out = tmp_path / "run"
     extra = [f"val.clean='{photos}'", "val.every=1", "val.steps=1", "run.checkpoint_every=2", "optim.lr=2e-3",

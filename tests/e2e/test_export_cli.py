@@ -7,15 +7,14 @@ import sys
 
 import numpy as np
 
-from helpers_export import reference_checkpoint, run_fused_and_torch
+from helpers.cli import run
+from helpers.export import reference_checkpoint, run_fused_and_torch
 from rddm_infer.model import load_checkpoint
 from rddm_export.artifact import read_metadata
 
 
 def _cli(*args, cwd=None):
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "rddm_export.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=600)
+    return run("rddm-export", *args, cwd=cwd, timeout=600)
 
 
 def test_reference_checkpoint_exports_validated_graphs(tmp_path):

@@ -2,8 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -11,12 +9,12 @@ import numpy as np
 import onnx
 import pytest
 
-import _runtime_models as models
+from helpers.cli import cli
+from helpers import models
 from benchmarks import eval_denoise
 from rddm_infer.diffusion.metadata import META_KEY, ArtifactMeta
 from rddm_infer.errors import CheckpointError, RDDMError
 
-SCRIPT = Path(sys.executable).parent / "rddm-infer"
 
 
 def _meta(**kw) -> ArtifactMeta:
@@ -119,9 +117,7 @@ def test_stamping_refuses_fused_graphs_and_foreign_files(tmp_path):
 
 
 def _cli(*args):
-    cmd = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "rddm_infer.cli"]
-    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=300,
-                          env={"COLUMNS": "200", "PYTHONIOENCODING": "utf-8", "PATH": "/usr/bin:/bin"})
+    return cli(*args, inherit_env=False)
 
 
 def test_restore_uses_the_recommended_steps_by_default_and_says_so(sets, tmp_path):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_loaded_model
+from helpers.models import tiny_loaded_model
 from rddm_infer.backends.base import Runner
 from rddm_infer.diffusion.engine_sampler import EngineSampler, Noise
 from rddm_infer.diffusion.graph_kinds import GRAPH_KINDS, graph_kind

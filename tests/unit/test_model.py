@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_loaded_model
+from helpers.models import tiny_loaded_model
 from rddm_infer.model import UNetConfig, UnetRes, fold_weight_standardization, infer_unet_config, to_export_form
 from rddm_infer.model.unet import LayerNorm, LinearAttention, Attention, use_sdpa
 

@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from helpers_export import TINY, exported, run_fused_and_torch, tiny_checkpoint, tiny_loaded
+from helpers.export import TINY, exported, run_fused_and_torch, tiny_checkpoint, tiny_loaded
 from rddm_infer.diffusion.metadata import META_KEY
 from rddm_infer.model import TorchRDDM, load_checkpoint
 from rddm_infer.diffusion.schedule import SamplingPlan
@@ -31,6 +31,7 @@ def _images(shape, seed):
 SHAPES = [(1, 3, 16, 24), (2, 3, 32, 8)]
 
 
+@pytest.mark.slow  # over 2 s on 2 cores
 def test_unet_graph_matches_torch_network(tiny):
     path = exported("unet")
     sess = _session(path)
@@ -63,6 +64,7 @@ def test_step_graph_loop_matches_torch_sampler(tiny):
         assert np.abs(ref).max() > 0.05  # a non-trivial image
 
 
+@pytest.mark.slow  # over 2 s on 2 cores
 def test_fused_graph_matches_torch_sampler(tiny):
     path = exported("fused", steps=2)
     for i, shape in enumerate(SHAPES):
@@ -111,8 +113,9 @@ def test_graph_hygiene():
     assert ops.count("Shape") <= 16  # was 85 before the cleanup
 
 
+@pytest.mark.slow  # over 2 s on 2 cores
 def test_generation_model_with_eta_keeps_the_contract(tmp_path):
-    from helpers_export import DiffusionConfig, UNetConfig
+    from helpers.export import DiffusionConfig, UNetConfig
     from rddm_export.validate import validate_onnx
 
     cfg = UNetConfig(dim=8, dim_mults=(1, 2), heads=2, dim_head=8, condition=False)
@@ -128,8 +131,9 @@ def test_generation_model_with_eta_keeps_the_contract(tmp_path):
 
 
 @pytest.mark.parametrize("share_encoder, objective", [(-1, "pred_noise")])
+@pytest.mark.slow  # over 2 s on 2 cores
 def test_other_architectures_export(tmp_path, share_encoder, objective):
-    from helpers_export import DiffusionConfig, UNetConfig
+    from helpers.export import DiffusionConfig, UNetConfig
     from rddm_export.validate import validate_onnx
 
     cfg = UNetConfig(dim=8, dim_mults=(1, 2), heads=2, dim_head=8, share_encoder=share_encoder)

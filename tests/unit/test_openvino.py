@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-import _runtime_models as models
+from helpers import models
 from rddm_infer.backends import EngineSampler, Noise, load_runner
 from rddm_infer.errors import BackendUnavailable, CheckpointError, OptionError
 from rddm_infer.metrics import psnr
@@ -24,6 +24,7 @@ def _pair(path, tmp_path, **ov):
 
 
 @pytest.mark.parametrize("kind", ["unet", "step", "fused"])
+@pytest.mark.slow  # over 2 s on 2 cores
 def test_fp32_matches_onnxruntime(kind, tmp_path):
     a, b, runner = _pair(models.onnx_model(kind), tmp_path, precision="fp32")
     assert runner.compiled_precision == "fp32" and "fp32 exact" in runner.description
@@ -31,6 +32,7 @@ def test_fp32_matches_onnxruntime(kind, tmp_path):
     assert np.abs(a).max() > 0.1  # a real image, not zeros
 
 
+@pytest.mark.slow  # over 2 s on 2 cores
 def test_norm_rewrites_and_static_shapes_keep_the_math(tmp_path, monkeypatch):
     """Each channel LayerNorm becomes one MVN over the channel axis and each GroupNorm reshape-free ops;
     static and dynamic compiles agree with ONNX Runtime."""
@@ -83,6 +85,7 @@ def test_group_norm_rewrite_matches_torch(groups, tmp_path):
     np.testing.assert_allclose(compiled({"x": x.numpy()})[0], want, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # over 2 s on 2 cores
 def test_fp16_and_int8_graphs_run(tmp_path):
     from rddm_export.int8 import quantize_int8, synthetic_calibration
 
@@ -130,10 +133,11 @@ def test_compiled_model_is_cached_and_options_checked(tmp_path):
         OpenVINORunner(tmp_path / "plain.onnx", cache_dir="")
 
 
+@pytest.mark.slow  # over 2 s on 2 cores
 def test_cli_restore_with_openvino_matches_onnxruntime(tmp_path):
     import cv2
 
-    from test_cli import cli
+    from helpers.cli import cli
 
     img = tmp_path / "a.png"
     cv2.imwrite(str(img), np.random.default_rng(0).integers(0, 256, (16, 20, 3), dtype=np.uint8))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-import _runtime_models as models
+from helpers import models
 from rddm_infer.backends import select
 from rddm_infer.errors import CheckpointError, ImageError, RDDMError
 from rddm_infer.io.images import Image

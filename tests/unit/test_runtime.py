@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import _runtime_models as models
+from helpers import models
 from rddm_infer.backends import EngineSampler, Noise, choose_backend, load_runner, read_artifact_meta
 from rddm_infer.backends.onnxruntime import OnnxRuntimeRunner, available_providers, resolve_providers
 from rddm_infer.errors import BackendUnavailable, CheckpointError, RDDMError

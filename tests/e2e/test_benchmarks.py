@@ -12,9 +12,9 @@ import cv2
 import numpy as np
 import pytest
 
-from _runtime_models import loaded_model, onnx_model
+from helpers.models import loaded_model, onnx_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

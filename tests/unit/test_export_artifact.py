@@ -10,12 +10,12 @@ import numpy as np
 import onnx
 import pytest
 
-from helpers_export import exported, tiny_loaded
+from helpers.export import exported, tiny_loaded
 from rddm_export.artifact import artifact_name, get_metadata, read_metadata, save_model, write_validated
 from rddm_export.onnx_export import GraphBuilder
 from rddm_export.validate import ValidationError, validate_onnx
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXPORT = ROOT / "export"
 
 
@@ -48,6 +48,7 @@ def test_export_modules_import_each_other_without_a_cycle():
         visit(module, [])
 
 
+@pytest.mark.slow  # over 2 s on 2 cores
 def test_each_module_imports_on_its_own():
     """Every module imports first in a fresh package state (an order-dependent cycle would fail here)."""
     modules = sorted(p.stem for p in EXPORT.glob("*.py") if p.stem != "__init__")
@@ -68,6 +69,7 @@ def test_artifact_and_engine_modules_need_no_torch():
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
+@pytest.mark.slow  # over 2 s on 2 cores
 def test_builder_hands_back_the_metadata_it_stamped(tmp_path):
     builder = GraphBuilder(tiny_loaded())
     model, meta = builder.build("fused", steps=2)
@@ -84,6 +86,7 @@ def test_builder_hands_back_the_metadata_it_stamped(tmp_path):
     assert len(model.graph.initializer) <= len(builder.net().graph.initializer) + 40
 
 
+@pytest.mark.slow  # over 2 s on 2 cores
 def test_a_graph_that_fails_validation_never_reaches_its_path(tmp_path):
     model = onnx.load(str(exported("step")))
     conv = next(n for n in model.graph.node if n.op_type == "Conv")

@@ -13,7 +13,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from helpers_s3 import download, s3_server, s3fs, upload
+from helpers.cli import cli
+from helpers.s3 import download, s3_server, s3fs, upload
 
 from rddm_infer import restore_folder
 from rddm_infer.errors import RDDMError
@@ -56,8 +57,7 @@ def case(s3, tmp_path_factory):
 
 
 def _cli(*args, env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rddm_infer.cli", "restore", *map(str, args)], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, **env})
+    return cli("restore", *args, timeout=120, env=env)
 
 
 def test_s3_to_s3_same_bytes_one_error_line_csv_run_json_and_resume(s3, case):

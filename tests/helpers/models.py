@@ -71,3 +71,24 @@ def onnx_fp16_step() -> Path:
     from rddm_export import export_onnx
 
     return export_onnx(loaded_model(), ROOT / "tiny_step_fp16.onnx", kind="step", steps=5, fp16=True, slim=False)
+
+
+TINY = dict(dim=8, dim_mults=(1, 2))  # attention keeps the reference heads (4 × 32)
+
+
+def tiny_loaded_model(share_encoder: int = 1, objective: str = "pred_res_noise", seed: int = 0, **diffusion):
+    """A randomly initialised, reference-compatible model small enough for any test."""
+    import torch
+
+    from rddm_infer.model import LoadedModel, UNetConfig, UnetRes
+    from rddm_infer.diffusion.schedule import DiffusionConfig
+
+    torch.manual_seed(seed)
+    cfg = UNetConfig(share_encoder=share_encoder, **TINY)
+    net = UnetRes(cfg).eval()
+    # Random init leaves GroupNorm/LayerNorm at identity and biases at zero: perturb so every
+    # parameter matters and outputs span a realistic range.
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return LoadedModel(net, cfg, DiffusionConfig(objective=objective, **diffusion), source="tiny")

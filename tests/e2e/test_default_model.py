@@ -11,7 +11,7 @@ import numpy as np
 from rddm_infer import DEFAULT_MODEL, psnr
 from rddm_infer.backends import read_artifact_meta
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _chw(path):

@@ -6,12 +6,12 @@ import cv2
 import numpy as np
 import pytest
 
-import _runtime_models as models
+from helpers import models
 from rddm_infer.backends import EngineSampler, choose_backend, load_runner, read_artifact_meta
 from rddm_infer.backends.registry import BACKENDS, BY_NAME, NAMES, artifact_kind, backend_help, parse_device
 from rddm_infer.errors import BackendUnavailable, OptionError
 from rddm_infer.diffusion.graph_kinds import KINDS, dynamic_axes
-from test_cli import cli
+from helpers.cli import cli
 
 X = np.random.default_rng(2).uniform(-1, 1, (1, 3, 16, 16)).astype(np.float32)
 
@@ -28,6 +28,7 @@ def test_every_row_is_complete_and_named_in_the_cli_help():
     assert all(b.name in r.stdout for b in BACKENDS) and "--device" in r.stdout and "--objective" in r.stdout
 
 
+@pytest.mark.slow  # over 2 s on 2 cores
 def test_graph_kinds_match_the_exported_graphs():
     import onnxruntime as ort
 
@@ -170,6 +171,7 @@ def one_output_checkpoint(tmp_path_factory):
                            DiffusionConfig(objective="pred_res", sum_scale=0.01))
 
 
+@pytest.mark.slow  # over 2 s on 2 cores
 def test_checkpoint_model_options_reach_the_loader(one_output_checkpoint, tmp_path):
     from rddm_infer import load_model
 
@@ -245,6 +247,7 @@ def test_torch_without_model_uses_the_builtin_checkpoint():
 
 # ------------------------------------------------------------------------------------ calibration
 
+@pytest.mark.slow  # over 2 s on 2 cores
 def test_calibrate_then_auto_picks_by_measurement(tmp_path, monkeypatch):
     """A real calibration run writes the table; auto then reads it (the timings are then edited so the
     expected pick does not depend on this shared machine's noise)."""

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers_train import write_photos
+from helpers.train import write_photos
 from rddm_infer.errors import ImageError
 from rddm_train.data import (DataError, ImageBank, IndexBatches, TrainSet, list_images, make_loader, pair_files,
                              read_rgb, validation_set)

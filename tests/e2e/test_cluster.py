@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 import pytest
 
+from helpers.cli import cli
 from rddm_infer.restore.ray_executor import size_pool
 from rddm_infer.errors import RDDMError
 
@@ -67,8 +68,7 @@ def ray_cluster():
 
 
 def _cli(*args, timeout=180, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rddm_infer.cli", "restore", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **RAY_ENV}, cwd=cwd)
+    return cli("restore", *args, timeout=timeout, env=RAY_ENV, cwd=cwd)
 
 
 def _images(folder: Path, n: int, size=(40, 40), seed=0) -> None:

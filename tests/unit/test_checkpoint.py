@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_loaded_model
+from helpers.models import tiny_loaded_model
 from rddm_infer.errors import CheckpointError
 from rddm_infer.model import TorchRDDM, load_checkpoint, save_checkpoint
 from rddm_infer.model.checkpoint import TIME_INPUT_NOTE
@@ -35,6 +35,7 @@ def save_reference_checkpoint(path, online, ema, step=1234, sum_scale=0.01):
 
 
 @pytest.mark.parametrize("share", [0, 1, -1])
+@pytest.mark.slow  # over 2 s on 2 cores
 def test_reference_checkpoint_round_trip_loads_ema_and_samples(tmp_path, share, rng):
     objective = "pred_res" if share == -1 else "pred_res_noise"
     online = tiny_loaded_model(share, objective, seed=1).net

@@ -19,24 +19,19 @@ import cv2
 import numpy as np
 import pytest
 
-import _runtime_models as models
+from helpers import models
+from helpers.cli import py
+from helpers.cli import run as run_tool
 from rddm_infer.io.atomic import remove_stale_temps, write_bytes_atomic
 from rddm_infer.errors import ImageError
 from rddm_infer.io.images import read_image
 
 RNG = np.random.default_rng(11)
-EXE = Path(sys.executable).parent
 ENV = {**os.environ, "COLUMNS": "200", "PYTHONIOENCODING": "utf-8"}
 
 
 def run(tool: str, *args, timeout=240, **kw):
-    return subprocess.run([str(EXE / tool), *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          env=ENV, **kw)
-
-
-def py(code: str, *args, timeout=240):
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
+    return run_tool(tool, *args, timeout=timeout, **kw)
 
 
 def one_line(stderr: str) -> str:
@@ -320,7 +315,7 @@ def test_wrong_or_absurd_metadata_is_one_line_in_info_and_restore(model, tmp_pat
 def test_rddm_train_into_an_uncreatable_folder_is_one_line(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     photos = tmp_path / "photos"
-    from helpers_train import TINY_TRAIN, write_photos
+    from helpers.train import TINY_TRAIN, write_photos
 
     write_photos(photos, n=2)
     args = [a for item in TINY_TRAIN for a in ("--set", item)]
@@ -452,7 +447,7 @@ def test_library_log_lines_stay_off_stderr(model, tmp_path):
 
 
 def test_unreadable_training_images_are_skipped_with_a_warning_up_to_a_limit(tmp_path, capsys):
-    from helpers_train import write_photos
+    from helpers.train import write_photos
     from rddm_train.data import MAX_BAD_IMAGES, DataError, ImageBank
 
     files = write_photos(tmp_path / "p", n=3)
@@ -485,7 +480,7 @@ def test_cli_conventions_flags_completion_and_python_m():
 
 
 def test_packaged_config_chooses_workers_and_states_when_ema_starts(tmp_path):
-    from helpers_train import TINY_TRAIN, write_photos
+    from helpers.train import TINY_TRAIN, write_photos
 
     write_photos(tmp_path / "p", n=2)
     args = [a for item in TINY_TRAIN for a in ("--set", item) if not item.startswith("data.num_workers")]

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,16 +13,17 @@ import cv2
 import pytest
 import torch
 
-from helpers_train import TINY_TRAIN, write_photos
+from helpers.train import TINY_TRAIN, write_photos
+from helpers.cli import command, run
 from rddm_infer.model import load_checkpoint
 from rddm_train import config
 
-EXE = Path(sys.executable).with_name("rddm-train")
+EXE = command("rddm-train")
 TINY_ARGS = [a for item in TINY_TRAIN for a in ("--set", item)]
 
 
 def rddm_train(*args, timeout=180):
-    return subprocess.run([str(EXE), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    return run("rddm-train", *args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_train_validate_checkpoint_and_resume_from_the_saved_config(tmp_path, ph
 
 def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, photos):
     out = tmp_path / "run"
-    proc = subprocess.Popen([str(EXE), *TINY_ARGS, "--data", str(photos), "--out", str(out), "--steps", "100000",
+    proc = subprocess.Popen([*EXE, *TINY_ARGS, "--data", str(photos), "--out", str(out), "--steps", "100000",
                              "--checkpoint-every", "2", "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
@@ -82,7 +82,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, photos):
 
 def test_sigterm_stops_after_the_current_step_with_a_checkpoint(tmp_path, photos):
     out = tmp_path / "run"
-    proc = subprocess.Popen([str(EXE), *TINY_ARGS, "--data", str(photos), "--out", str(out), "--steps", "100000",
+    proc = subprocess.Popen([*EXE, *TINY_ARGS, "--data", str(photos), "--out", str(out), "--steps", "100000",
                              "--checkpoint-every", "1000", "--no-progress"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -122,7 +122,7 @@ def test_print_config_and_resume_without_a_run(tmp_path):
 def test_real_denoiser_config_fine_tunes_the_built_in_model(tmp_path, photos):
     """The packaged mixture (camera / correlated / gray / Gaussian noise, JPEG) runs as shipped, from --init."""
     out = tmp_path / "real"
-    weights = Path(__file__).parents[1] / "rddm_infer" / "weights" / "default.safetensors"
+    weights = Path(__file__).parents[2] / "rddm_infer" / "weights" / "default.safetensors"
     small = ["data.crop=32", "val.crop=32", "val.count=2", "run.batch_size=2", "data.num_workers=0", "run.threads=1"]
     r = rddm_train("--config", "real_denoiser", "--init", weights, *[a for s in small for a in ("--set", s)],
                    "--data", photos, "--val", photos, "--out", out, "--steps", 2, "--val-every", 2, "--device", "cpu",

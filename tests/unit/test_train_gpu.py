@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers_train import tiny_config, write_photos
+from helpers.train import tiny_config, write_photos
 from rddm_infer.model import load_checkpoint
 from rddm_train.trainer import Trainer
 

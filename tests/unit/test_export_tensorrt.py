@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from helpers_export import TINY, reference_checkpoint, tiny_checkpoint
+from helpers.export import TINY, reference_checkpoint, tiny_checkpoint
 from rddm_infer.diffusion.metadata import ArtifactMeta
 from rddm_infer.backends.engine_file import MAGIC, BuildTarget, check_compatible, read_engine, read_header, write_engine
 from rddm_infer.errors import BackendUnavailable, CheckpointError, RDDMError
@@ -105,6 +105,7 @@ def test_missing_tensorrt_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.skipif(HAS_TRT, reason="checks the error path of a machine without TensorRT")
+@pytest.mark.slow  # over 2 s on 2 cores
 def test_cli_refuses_tensorrt_before_exporting(tmp_path):
     import subprocess
     import sys

@@ -14,11 +14,11 @@ import cv2
 import numpy as np
 import pytest
 
-import _runtime_models as models
-from _browser import Browser, find_chromium
-from test_cli import cli
+from helpers import models
+from helpers.browser import Browser, find_chromium
+from helpers.cli import cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT_NAME = "b<script>alert(1)<script>.png"
 ODD_NAME = "p #1 %20&'q.png"  # URL and HTML special characters
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
