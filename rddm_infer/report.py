@@ -277,6 +277,10 @@ class _Assets:
 
     def __init__(self, out_dir: Path):
         self.out_dir, self.dir, self.kept = out_dir, out_dir / ASSETS, set()
+        # Writing or pruning through a link would touch (and delete) files of another folder.
+        if self.dir.is_symlink() or (self.dir.exists() and not self.dir.is_dir()):
+            raise RDDMError(f"{self.dir}: is a symbolic link or not a folder; the report writes and prunes its "
+                            f"thumbnails only in a real folder inside the output (remove it, then rerun)")
 
     def write(self, name: str, data: bytes) -> str:
         path = _write(self.dir / name, data)
@@ -307,10 +311,10 @@ class _Assets:
         return thumb, full, (w, h)
 
     def prune(self) -> None:
-        if self.dir.is_dir():
+        if self.dir.is_dir() and not self.dir.is_symlink():
             for p in self.dir.iterdir():
-                if p.is_file() and p.name not in self.kept:
-                    p.unlink(missing_ok=True)
+                if (p.is_file() or p.is_symlink()) and p.name not in self.kept:
+                    p.unlink(missing_ok=True)  # a link is removed itself, never what it points to
 
 
 def _panel(i: int, im: dict, out_dir: Path, assets: _Assets, per_page: int) -> str:

@@ -311,3 +311,19 @@ def test_pages_in_a_real_browser(run, tmp_path):
         assert len(first) == 2 and len(last) == 1 and not set(first) & set(last)
         assert b.js(LOADED) == [] and b.js("document.body.dataset.page") == "3"
         assert b.problems == []
+
+
+def test_a_symlinked_report_folder_is_refused_and_the_folder_it_points_to_is_untouched(tmp_path):
+    """Issue 26, case 1: pruning stale thumbnails through OUT/.report -> another folder deleted that folder's files."""
+    src, out, victim = tmp_path / "in", tmp_path / "out", tmp_path / "victim"
+    for d in (src, out, victim):
+        d.mkdir()
+    cv2.imwrite(str(src / "a.png"), np.random.default_rng(0).integers(0, 256, (20, 20, 3), dtype=np.uint8))
+    (victim / "a.txt").write_text("precious")
+    (out / ".report").symlink_to(victim, target_is_directory=True)
+    r = cli("restore", src, "-o", out, "--model", models.onnx_model("step"), "--report")
+    assert r.returncode == 2 and "symbolic link" in r.stderr and "Traceback" not in r.stderr
+    assert (out / "a.png").is_file()  # the images were restored before the report was refused
+    r = cli("report", out)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert sorted(p.name for p in victim.iterdir()) == ["a.txt"] and (victim / "a.txt").read_text() == "precious"
