@@ -279,7 +279,7 @@ class _Assets:
         self.out_dir, self.dir, self.kept = out_dir, out_dir / ASSETS, set()
         # Writing or pruning through a link would touch (and delete) files of another folder.
         if self.dir.is_symlink() or (self.dir.exists() and not self.dir.is_dir()):
-            raise RDDMError(f"{self.dir}: is a symbolic link or not a folder; the report writes and prunes its "
+            raise RDDMError(f"{self.dir}: cannot write the report (a symbolic link or not a folder); it writes and prunes its "
                             f"thumbnails only in a real folder inside the output (remove it, then rerun)")
 
     def write(self, name: str, data: bytes) -> str:
