@@ -148,9 +148,15 @@ def recommend_steps(results: list[dict], tolerance: float = TOLERANCE_DB) -> tup
 
 
 def write_recommended(model: Path, steps: int) -> None:
-    """Stamp ``recommended_steps`` into an ONNX model's ``rddm`` metadata (other keys kept as they are), atomically."""
+    """Stamp ``recommended_steps`` into an ONNX model's ``rddm`` metadata (other keys kept as they are), atomically;
+    into one of our ``.safetensors`` checkpoints too, so every graph exported from it keeps the default."""
     import json
 
+    if model.suffix == ".safetensors":
+        from rddm_infer.model.checkpoint import stamp_checkpoint
+
+        stamp_checkpoint(model, recommended_steps=int(steps))
+        return
     import onnx
 
     m = onnx.load(str(model))

@@ -107,9 +107,21 @@ def write_validated(path: Path, fmt: str, meta: ArtifactMeta, write: Callable[[P
 def artifact_meta(loaded: "LoadedModel", kind: str, steps: int, eta: float, precision: str, **extra) -> ArtifactMeta:
     """The ``rddm`` self-description of one graph exported from ``loaded``."""
     plan = SamplingPlan.create(loaded.diffusion, steps, eta)  # validates K and applies the η rule
+    info = dict(loaded.info)
+    recommended = info.pop("recommended_steps", None)  # measured on the network: every graph that takes steps keeps it
     return ArtifactMeta(graph=kind, unet=loaded.unet.to_dict(), diffusion=loaded.diffusion.to_dict(), steps=steps,
                         eta=plan.eta, precision=precision, size_multiple=loaded.unet.size_multiple,
-                        source=str(loaded.source), extra={**loaded.info, **extra})
+                        source=Path(loaded.source).name,  # the file's name only: no build-machine paths ship
+                        extra={**info, **extra},
+                        recommended_steps=None if graph_kind(kind).bakes_plan else recommended,
+                        attention=_attention(loaded))
+
+
+def _attention(loaded: "LoadedModel") -> list[dict]:
+    """Every attention layer, measured on the network: the runtime estimates a tile's memory from it."""
+    from rddm_infer.model import attention_layout
+
+    return attention_layout(loaded.net, loaded.unet.size_multiple)
 
 
 def set_metadata(model, meta: ArtifactMeta) -> None:

@@ -32,8 +32,10 @@ def export(
     int8: bool = typer.Option(False, "--int8", help="Also write int8 (VNNI) copies of the fp32 graphs, for CPUs."),
     calib: Optional[Path] = typer.Option(None, help="--int8 calibration photos (default: synthetic scenes)."),
     tensorrt: bool = typer.Option(False, "--tensorrt", help="Also build TensorRT engines (needs a GPU)."),
-    steps: int = typer.Option(5, "--steps", "-k", help="Sampling steps K (baked into fused; default for step)."),
-    eta: float = typer.Option(0.0, help="DDIM η (restoration models always use 0)."),
+    steps: Optional[int] = typer.Option(None, "--steps", "-k", show_default=False,
+                                        help="Sampling steps K (baked into fused; default for step) "
+                                             "[default: the checkpoint's recommended steps, else 5]."),
+    eta: float = typer.Option(0.0, help="DDIM η in [0, 1], generation models only (restoration models sample with 0; another value is an error)."),
     exporter: str = typer.Option("legacy", help="legacy (TorchScript) | dynamo (torch.export, opset ≥ 18)."),
     online: bool = typer.Option(False, "--online", help="Use the online weights instead of the EMA."),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="Compare every artifact with PyTorch."),

@@ -13,21 +13,34 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from rddm_infer.errors import RDDMError
+from rddm_infer.errors import OptionError, RDDMError
 from rddm_infer.model import LoadedModel, load_checkpoint
-from rddm_infer.diffusion.schedule import SamplingPlan
+from rddm_infer.diffusion.schedule import SamplingPlan, eta_problem
 
 from .artifact import Artifact, artifact_name, default_out_dir, prepare_out_dir, save_model, write_validated
 from .onnx_export import GraphBuilder
 from .tensorrt_build import EngineProfile
-from .validate import reference_sampler, validate_onnx
+from .validate import check_reference, reference_sampler, validate_onnx
 
 DEFAULT_GRAPHS = ("step", "fused")
 
 
+def _steps(loaded: LoadedModel, steps: int | None, log) -> tuple[LoadedModel, int]:
+    """K for the graphs: the one asked for (which then replaces a measured recommendation as every graph's
+    default), else the checkpoint's recommended steps, else 5."""
+    recommended = loaded.info.get("recommended_steps")
+    if steps is None:
+        if recommended:
+            log(f"{Path(loaded.source).name}: {recommended} steps, the checkpoint's recommended (--steps to change)")
+        return loaded, recommended or 5
+    if recommended and steps != recommended:
+        loaded = replace(loaded, info={k: v for k, v in loaded.info.items() if k != "recommended_steps"})
+    return loaded, steps
+
+
 def export_all(checkpoint: str | os.PathLike | LoadedModel, out_dir: str | os.PathLike | None = None, *,
                graphs=DEFAULT_GRAPHS, fp16: bool = False, int8: bool = False, calib: str | os.PathLike | None = None,
-               steps: int = 5, eta: float = 0.0, exporter: str = "legacy", validate: bool = True,
+               steps: int | None = None, eta: float = 0.0, exporter: str = "legacy", validate: bool = True,
                tensorrt: dict | None = None, load_options: dict | None = None,
                log: Callable[[str], None] = lambda s: None) -> list[Artifact]:
     """Export (and validate) every requested graph into ``out_dir`` (default ``./<stem>_onnx``); ``int8`` adds
@@ -35,6 +48,9 @@ def export_all(checkpoint: str | os.PathLike | LoadedModel, out_dir: str | os.Pa
     ``tensorrt`` (builder options) adds engines."""
     owned = not isinstance(checkpoint, LoadedModel)  # loaded here: its network may be folded in place
     loaded = load_checkpoint(checkpoint, **(load_options or {})) if owned else checkpoint
+    loaded, steps = _steps(loaded, steps, log)
+    if problem := eta_problem(loaded.diffusion, eta):  # not silently replaced by the η a restoration model fixes
+        raise OptionError(f"{loaded.source}: --{problem}")
     try:
         SamplingPlan.create(loaded.diffusion, steps, eta)
     except ValueError as e:
@@ -46,11 +62,14 @@ def export_all(checkpoint: str | os.PathLike | LoadedModel, out_dir: str | os.Pa
 
         tensorrt.get("profile", EngineProfile()).check(loaded.unet.size_multiple)
         current_target(import_tensorrt())
+    reference = reference_sampler(loaded, in_place=owned) if validate else None  # one for every artifact
+    if reference is not None:  # a degenerate model fails here, before any folder or trace
+        check_reference(reference, SamplingPlan.create(loaded.diffusion, steps, eta), loaded.unet.channels,
+                        loaded.unet.size_multiple, loaded.source)
     out = prepare_out_dir(Path(out_dir) if out_dir is not None else default_out_dir(loaded.source))
     if loaded.info.get("time_input"):
         log(f"{loaded.source}: reference checkpoint, {loaded.info['time_input']}")
     builder = GraphBuilder(loaded, exporter, log=log)
-    reference = reference_sampler(loaded, in_place=owned) if validate else None  # one for every artifact
     check = (lambda meta: partial(_validate, loaded=loaded, meta=meta, reference=reference)) if validate else \
         (lambda meta: None)
     artifacts = []

@@ -136,6 +136,7 @@ def validate_onnx(path: str | os.PathLike, loaded: LoadedModel, *, meta: Artifac
         for shape in shapes or default_shapes(meta.channels, meta.size_multiple):
             shape = tuple(shape)
             x_in, noise, ref, first = _reference(torch_rddm, plan, shape, rng)
+            _refuse_degenerate(result.path, x_in, initial_state(plan, x_in, noise=noise.eps), ref)
             runner.first = None
             image = sampler.run(x_in, plan, noise)
             want = meta.kind.call_reference(first, x_in, plan, noise)
@@ -214,6 +215,37 @@ def _reference(torch_rddm: TorchRDDM, plan, shape, rng) -> tuple[np.ndarray, Noi
     ref = sample(model, plan, t_(x_in), t_(x_t), lambda i: t_(zs[i])).numpy()
     noise = Noise(eps, [z if plan.coefs[i][_SIGMA] > 0 else None for i, z in enumerate(zs)])
     return x_in, noise, ref, calls[0]
+
+
+DEGENERATE_MAX_ABS = 1e-6
+
+
+def degenerate(x_in: np.ndarray, x_start: np.ndarray, image: np.ndarray) -> str | None:
+    """Why a restored image shows its model is broken (None if it does not): an image equal to the input, to
+    the unchanged starting state (a network whose outputs are all zero) or a constant image. An artifact that
+    reproduces such a model still passes the comparison with PyTorch, so this is checked on its own."""
+    if _max_abs(image, x_in) <= DEGENERATE_MAX_ABS:
+        return "restores every image as its input (an identity model)"
+    if _max_abs(image, np.clip(x_start, -1, 1)) <= DEGENERATE_MAX_ABS:
+        return "leaves the starting noise unchanged (its network outputs nothing but zeros)"
+    if float(np.ptp(image)) <= DEGENERATE_MAX_ABS:
+        return "restores every image as one constant"
+    return None
+
+
+@torch.no_grad()
+def check_reference(torch_rddm: TorchRDDM, plan, channels: int, size_multiple: int, source, seed: int = 0) -> None:
+    """Refuse a degenerate PyTorch model (:func:`degenerate`) before anything is exported from it."""
+    shape = default_shapes(channels, size_multiple)[0]
+    x_in, noise, ref, _ = _reference(torch_rddm, plan, shape, np.random.default_rng(seed))
+    _refuse_degenerate(source, x_in, initial_state(plan, x_in, noise=noise.eps), ref)
+
+
+def _refuse_degenerate(source, x_in, x_start, image) -> None:
+    why = degenerate(x_in, x_start, image)
+    if why is not None:
+        raise ValidationError(f"{source}: the model is degenerate: in PyTorch it {why}; nothing exported from it "
+                              "would restore anything")
 
 
 def _image_check(shape, image, ref, precision: str) -> Check:

@@ -22,7 +22,7 @@ __all__ = ["DEFAULT_CHECKPOINT", "DEFAULT_MODEL", "EXECUTORS", "RAY_OPTIONS", "R
            "restore_folder"]
 
 EXECUTORS = ("local", "ray")
-RAY_OPTIONS = ("address", "workers", "cpus_per_worker", "gpus_per_worker")
+RAY_OPTIONS = ("address", "workers", "cpus_per_worker", "gpus_per_worker", "connect_timeout")
 RUN_OPTIONS = ("suffix", "ext", "skip_existing", "recursive", "gt_dir")
 
 
@@ -30,7 +30,8 @@ def load_model(model: str | os.PathLike | None = None, backend: str = "auto", **
     """Load a model (default: the built-in one) for restoring arrays, files and folders.
 
     ``options``: Restorer settings (steps, eta, seed, tile, overlap, batch, pixel_shuffle,
-    self_ensemble), model options
+    self_ensemble; ``tile`` None: 512, or the largest that fits in memory, which ``memory_note`` then says; a
+    tile given that does not fit is an error: ``rddm_infer.restore.memory``), model options
     (objective, sum_scale, timesteps) and the backend's own options (``rddm_infer.backends.registry``);
     an unknown option, or one that does not apply, is an error naming it."""
     return Restorer(model, backend, **options)
@@ -39,7 +40,8 @@ def load_model(model: str | os.PathLike | None = None, backend: str = "auto", **
 def executor(model: str | os.PathLike | None = None, backend: str = "auto", *, kind: str = "local",
              quiet: bool = False, **options):
     """A loaded executor for a folder run: :class:`Restorer` (``kind="local"``) or the Ray executor
-    (``kind="ray"``, which also takes ``address``, ``workers``, ``cpus_per_worker``, ``gpus_per_worker``).
+    (``kind="ray"``, which also takes ``address``, ``workers``, ``cpus_per_worker``, ``gpus_per_worker``,
+    ``connect_timeout``).
     Both have ``restore_paths`` and are context managers."""
     if kind not in EXECUTORS:
         raise OptionError(f"executor {kind!r}: choose 'local' (this process) or 'ray'")
@@ -49,7 +51,7 @@ def executor(model: str | os.PathLike | None = None, backend: str = "auto", *, k
         return RayRestorer(model, backend, quiet=quiet, **options)
     given = [k for k in RAY_OPTIONS if options.get(k) is not None]
     if given:
-        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        flags = ", ".join("--" + {"connect_timeout": "ray-connect-timeout"}.get(k, k.replace("_", "-")) for k in given)
         raise RDDMError(f"{flags}: Ray options need --ray or --ray-address (executor='ray')")
     return Restorer(model, backend, **{k: v for k, v in options.items() if k not in RAY_OPTIONS})
 

@@ -2,8 +2,9 @@
 
 User errors (bad model, bad option values, unreadable images) are one red line each,
 never a traceback. Exit status: 0 all restored (or skipped), 1 some images failed,
-2 usage or model errors. Heavy modules are imported inside the commands so
-``--version`` and ``--help`` stay instant.
+2 usage or model errors (an unreachable Ray cluster too), 3 the Ray cluster was lost mid-run (a summary line
+says how many were restored and left; rerun with --skip-existing to continue), 130 interrupted. Heavy modules
+are imported inside the commands so ``--version`` and ``--help`` stay instant.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from . import __version__
 from .cli_options import registry_flags
 from .backends.registry import backend_help
 from .errors import RDDMError
+from .io.formats import QUALITY_HELP, check_quality, is_lossy
 from .restore.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -43,9 +45,10 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 BACKEND_HELP = backend_help()
-PIXEL_SHUFFLE_HELP = ("Restore the s² sub-images of every s-th pixel separately and interleave them back "
-                      "(pixel-shuffle downsampling). Camera photos: 2, their noise is spatially correlated and the "
-                      "model would keep it as texture; 1 (off) for scans and synthetic noise.")
+PIXEL_SHUFFLE_HELP = ("auto: chosen per image from its own noise: 2 (and 1 step) where the noise is spatially "
+                      "correlated, as in camera photos, which the model would keep as texture; else 1 (the whole "
+                      "image). s: restore the s² sub-images of every s-th pixel separately for every image; 1: off.")
+RAY_PANEL, FILES_PANEL = "Ray cluster", "Output files"
 SELF_ENSEMBLE_HELP = ("Restore each image in 2, 4 or 8 flipped / transposed views and average them: a little "
                       "more quality for 2-8x the time (real camera pairs with --pixel-shuffle 2: +0.06 / +0.13 dB "
                       "at 2 / 4). 1: off.")
@@ -74,15 +77,20 @@ def restore(
                                         help="ONNX model, TensorRT engine or checkpoint (default: built-in)."),
     backend: str = typer.Option("auto", help=BACKEND_HELP),
     seed: int = typer.Option(0, help="Noise seed (same seed, same result on every backend)."),
-    tile: int = typer.Option(DEFAULT_TILE, help="Tile size for large images."),
+    tile: Optional[int] = typer.Option(None, show_default=False,
+                                       help=f"Tile size for large images (default: {DEFAULT_TILE}, or the largest "
+                                            f"that fits in memory, said when smaller; a tile that does not fit is "
+                                            f"refused before any image is read)."),
     tile_overlap: int = typer.Option(DEFAULT_OVERLAP, help="Overlap between tiles, in pixels."),
     batch: int = typer.Option(1, help="Tiles / same-size images per engine call."),
-    pixel_shuffle: int = typer.Option(1, help=PIXEL_SHUFFLE_HELP),
+    pixel_shuffle: str = typer.Option("auto", help=PIXEL_SHUFFLE_HELP),
     self_ensemble: int = typer.Option(1, help=SELF_ENSEMBLE_HELP),
     gt: Optional[str] = typer.Option(None, help="Ground-truth folder (or URI): PSNR/SSIM per image, saved as CSV."),
-    suffix: str = typer.Option("", help="Appended to output file names."),
-    ext: Optional[str] = typer.Option(None, help="Output format, e.g. png (default: the input's)."),
-    skip_existing: bool = typer.Option(False, "--skip-existing",
+    suffix: str = typer.Option("", help="Appended to output file names.", rich_help_panel=FILES_PANEL),
+    ext: Optional[str] = typer.Option(None, help="Output format, e.g. png (default: the input's, in its case).",
+                                      rich_help_panel=FILES_PANEL),
+    quality: Optional[int] = typer.Option(None, help=QUALITY_HELP, show_default=False, rich_help_panel=FILES_PANEL),
+    skip_existing: bool = typer.Option(False, "--skip-existing", rich_help_panel=FILES_PANEL,
                                        help="Skip inputs whose output exists and decodes (resumes a stopped run)."),
     max_pixels: int = typer.Option(100_000_000, "--max-pixels",
                                    help="Refuse images whose header claims more pixels (checked before decoding)."),
@@ -90,21 +98,37 @@ def restore(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors."),
     json_out: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
     report: bool = typer.Option(False, "--report", help="Write OUTPUT/report.html (before/after) and run.json."),
-    ray: bool = typer.Option(False, "--ray", help="Run on Ray Data (a local Ray runtime unless --ray-address)."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address",
+    ray: bool = typer.Option(False, "--ray", help="Run on Ray Data (a local Ray runtime unless --ray-address).",
+                             rich_help_panel=RAY_PANEL),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", rich_help_panel=RAY_PANEL,
                                               help="Ray cluster to attach to: auto | host:port | ray://host:port."),
-    workers: Optional[int] = typer.Option(None, help="Ray: restore actors (default: sized from the cluster)."),
-    cpus_per_worker: Optional[float] = typer.Option(None, help="Ray: CPUs each actor reserves."),
-    gpus_per_worker: Optional[float] = typer.Option(None, help="Ray: GPUs each actor reserves (0.5: two share one)."),
+    workers: Optional[int] = typer.Option(None, help="Ray: restore actors (default: sized from the cluster).",
+                                          rich_help_panel=RAY_PANEL),
+    cpus_per_worker: Optional[float] = typer.Option(None, help="Ray: CPUs each actor reserves.",
+                                                    rich_help_panel=RAY_PANEL),
+    gpus_per_worker: Optional[float] = typer.Option(None, help="Ray: GPUs each actor reserves (0.5: two share one).",
+                                                    rich_help_panel=RAY_PANEL),
+    ray_connect_timeout: Optional[float] = typer.Option(
+        None, "--ray-connect-timeout", metavar="SECONDS", show_default=False, rich_help_panel=RAY_PANEL,
+        help="Ray: seconds to reach --ray-address (an address that does not answer is an error, exit 2) and to wait "
+             "for a cluster that stops answering mid-run (then exit 3: rerun with --skip-existing) [default: 30]."),
     options: dict = None,
 ):
     """Restore images; one bad file is reported and skipped, the run goes on.
+
+    Exit status: 0 all restored or skipped; 1 some images failed; 2 a usage, model or connection error;
+    3 the Ray cluster was lost mid-run (rerun with --skip-existing to continue); 130 interrupted.
+
+    By default each image is restored in the mode its own noise calls for (camera photos: pixel-shuffle 2, 1 step;
+    white noise and clean images: whole, the model's steps), said per image; --pixel-shuffle and --steps fix it.
 
     Examples:
 
       rddm-infer restore photos/ -o restored/
 
-      rddm-infer restore 'scans/**/*.tif' -r --batch 4 --tile 512
+      rddm-infer restore camera_jpegs/ -o out/ --quality 92 --gt clean/   (per-image mode, PSNR gain)
+
+      rddm-infer restore 'scans/**/*.tif' -r --batch 4 --tile 512 --pixel-shuffle 1
 
       rddm-infer restore noisy/ --gt clean/ --json
 
@@ -119,11 +143,14 @@ def restore(
     if gt is not None and not gt.is_dir():
         raise RDDMError(f"{gt}: ground-truth folder not found")
     check_suffix(suffix)
+    check_quality(quality)
+    _check_inputs(inputs, recursive, output, json_out)  # before the model loads: a typo costs no load
     _quiet_onnxruntime()
-    options = dict(options, seed=seed, tile=tile, overlap=tile_overlap, batch=batch, pixel_shuffle=pixel_shuffle,
-                   self_ensemble=self_ensemble, max_pixels=max_pixels)
+    options = dict(options, seed=seed, tile=tile, overlap=tile_overlap, batch=batch,
+                   pixel_shuffle=_pixel_shuffle(pixel_shuffle), self_ensemble=self_ensemble, max_pixels=max_pixels,
+                   quality=quality)
     ray_options = dict(address=ray_address, workers=workers, cpus_per_worker=cpus_per_worker,
-                       gpus_per_worker=gpus_per_worker)
+                       gpus_per_worker=gpus_per_worker, connect_timeout=ray_connect_timeout)
     kind = "ray" if ray or ray_address is not None else "local"
     with executor(model, backend, kind=kind, quiet=quiet, **ray_options, **options) as restorer:
         if not quiet and isinstance(restorer, Restorer):
@@ -131,7 +158,10 @@ def restore(
                       f"{restorer.meta.graph} graph, {_steps_note(options['steps'], restorer.meta, restorer.plan.k)}"
                       f"{' in two passes (experiment 0 sampler)' if restorer.plan.config.two_pass else ''}"
                       f"{_pixel_shuffle_note(restorer.pixel_shuffle)}{_ensemble_note(restorer.self_ensemble)}")
-        summary = _run_with_progress(restorer, inputs, output, quiet=quiet or json_out, suffix=suffix, ext=ext,
+            if restorer.memory_note:
+                err.print(escape(restorer.memory_note))
+        summary = _run_with_progress(restorer, inputs, output, quiet=quiet or json_out, json_out=json_out,
+                                     suffix=suffix, ext=ext,
                                      skip_existing=skip_existing, recursive=recursive, gt_dir=gt)
         if report:
             from .report import write_restore_report
@@ -144,18 +174,70 @@ def restore(
             if not quiet:
                 err.print(f"report: {escape(str(page))}" + (" (report.html is built for local output folders: "
                           "copy this one and run `rddm-infer report DIR`)" if isinstance(output, Uri) else ""))
+        _remove_stale_run_files(output, gt is not None and bool(summary.mean_metrics()), report, quiet)
     if json_out:
         print(json.dumps(summary.to_dict(), indent=2))
     elif not quiet or summary.count("failed"):
         means = summary.mean_metrics()
         if means:
-            out.print(f"mean PSNR {means['psnr']:.2f} dB, mean SSIM {means['ssim']:.4f} "
-                      f"(per image: {escape(str(output / 'metrics.csv'))})")
+            lossy = sorted({r.job.dst.suffix.lower() for r in summary.results
+                            if r.metrics and is_lossy(r.job.dst.suffix, quality)})
+            saved = (f"; measured on the saved {', '.join(lossy)} files (quality {quality or 'default'})"
+                     if lossy else "")
+            out.print(f"mean PSNR {_psnr_change(means)}, mean SSIM {means['ssim']:.4f} "
+                      f"(per image: {escape(str(output / 'metrics.csv'))}{saved})")
         out.print(f"{summary.line()} ({summary.images_per_s:.2f} images/s)")
     raise typer.Exit(1 if summary.count("failed") else 0)
 
 
-def _pixel_shuffle_note(s: int) -> str:
+def _pixel_shuffle(value: str):
+    """``--pixel-shuffle``: auto or an integer (range checked where it is used)."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise RDDMError(f"--pixel-shuffle {value!r}: must be auto or an integer (1: off, 2: camera photos)") from None
+
+
+def _check_inputs(inputs, recursive: bool, output, json_out: bool) -> None:
+    """Nothing to restore (every input missing, an empty folder, a glob that matches nothing): the run's failures,
+    said before the model is loaded rather than after (exit 1, as for any run whose images all failed)."""
+    from .restore.jobs import Result, Summary, collect_inputs
+
+    jobs = collect_inputs(inputs, recursive, exclude=output)
+    if jobs and all(j.error for j in jobs):
+        summary = Summary([Result(j, "failed", j.error) for j in jobs])
+        for r in summary.results:
+            _report_failure(r)
+        print(json.dumps(summary.to_dict(), indent=2)) if json_out else out.print(summary.line())
+        raise typer.Exit(1)
+
+
+def _psnr_change(m: dict) -> str:
+    """``36.04 → 37.40 dB (+1.36)`` with the input's PSNR, else the output's alone."""
+    if "psnr_in" not in m:
+        return f"{m['psnr']:.2f} dB"
+    return f"{m['psnr_in']:.2f} → {m['psnr']:.2f} dB ({m['psnr'] - m['psnr_in']:+.2f})"
+
+
+def _remove_stale_run_files(output, metrics: bool, report: bool, quiet: bool) -> None:
+    """A run folder describes its last run only: the run files an earlier run left and this one did not write go."""
+    from .io.storage import Uri
+    from .restore.run_files import METRICS_CSV, REPORT_HTML, RUN_JSON, remove_stale
+
+    if isinstance(output, Uri):
+        return  # objects in a store are left as they are
+    wrote = ({METRICS_CSV} if metrics else set()) | ({RUN_JSON, REPORT_HTML} if report else set())
+    removed = remove_stale(output, wrote)
+    if removed and not quiet:
+        err.print(f"removed the earlier run's {', '.join(removed)} from {escape(str(output))} (this run wrote none: "
+                  f"they would describe other pixels)")
+
+
+def _pixel_shuffle_note(s) -> str:
+    if s == "auto":
+        return "; per image: pixel-shuffle 2 and 1 step where its noise is correlated (camera photos), else whole"
     nth = {2: "2nd", 3: "3rd"}.get(s, f"{s}th")
     return f"; pixel-shuffle {s}: the {s * s} sub-images of every {nth} pixel restored separately" if s > 1 else ""
 
@@ -176,11 +258,19 @@ def _steps_note(asked: int | None, meta, steps: int) -> str:
     return (f"{count} (the model's recommended)" if measured else count) + full
 
 
-def _run_with_progress(restorer, inputs, output, *, quiet: bool, **kw):
-    """Ctrl-C exits 130 with what was done, instead of a traceback."""
+def _run_with_progress(restorer, inputs, output, *, quiet: bool, json_out: bool = False, **kw):
+    """Ctrl-C exits 130 with what was done, instead of a traceback; a Ray cluster lost mid-run exits 3 with its
+    account (and the partial --json summary)."""
+    from .errors import ClusterLost
+
     restored: list = []
     try:
         return _restore_reporting(restorer, inputs, output, quiet, restored, **kw)
+    except ClusterLost as e:
+        _error(str(e))
+        if json_out and e.summary is not None:
+            print(json.dumps(e.summary.to_dict(), indent=2))
+        raise typer.Exit(3) from None
     except KeyboardInterrupt:
         _error(f"interrupted: {len(restored)} restored; rerun with --skip-existing to continue")
         raise typer.Exit(130) from None
@@ -206,8 +296,9 @@ def _restore_reporting(restorer, inputs, output, quiet: bool, restored: list, **
             _report_failure(r)
             if r.status != "failed":
                 what = f"{r.job.dst} ({r.seconds:.1f} s)" if r.status == "restored" else "skipped (output exists)"
-                metrics = f", PSNR {r.metrics['psnr']:.2f} dB, SSIM {r.metrics['ssim']:.4f}" if r.metrics else ""
-                err.print(f"[{seen[0]}/{total[0]}] {escape(str(r.job.src))} -> {escape(what)}{metrics}")
+                metrics = f", PSNR {_psnr_change(r.metrics)}, SSIM {r.metrics['ssim']:.4f}" if r.metrics else ""
+                mode = f" [{r.mode}]" if r.mode else ""
+                err.print(f"[{seen[0]}/{total[0]}] {escape(str(r.job.src))} -> {escape(what)}{metrics}{escape(mode)}")
 
         return restorer.restore_paths(inputs, output, on_start=lambda jobs: total.__setitem__(0, len(jobs)),
                                       on_result=on_line, **kw)
@@ -232,8 +323,10 @@ def _restore_reporting(restorer, inputs, output, quiet: bool, restored: list, **
             rate = done[0] / max(time.perf_counter() - t0, 1e-9)
             bar.update(images, advance=1, speed=f"{rate:.2f} images/s")
             if r.metrics and not r.error:
-                bar.console.print(f"{escape(str(r.job.src))}: PSNR {r.metrics['psnr']:.2f} dB, "
-                                  f"SSIM {r.metrics['ssim']:.4f}")
+                bar.console.print(f"{escape(str(r.job.src))}: PSNR {_psnr_change(r.metrics)}, "
+                                  f"SSIM {r.metrics['ssim']:.4f}" + (f" [{escape(r.mode)}]" if r.mode else ""))
+            elif r.mode and r.status == "restored":
+                bar.console.print(f"{escape(str(r.job.src))}: {escape(r.mode)}")
 
         return restorer.restore_paths(inputs, output, on_start=on_start, on_result=on_result, on_tile=on_tile, **kw)
 
@@ -275,9 +368,18 @@ def info(model: str = typer.Argument(..., help="ONNX model, TensorRT engine or c
             ("precision", meta.precision), ("size multiple", meta.size_multiple), ("channels", meta.channels),
             ("channel order", meta.channel_order), ("input range", list(meta.input_range)),
             ("diffusion", json.dumps(meta.config.summary())), ("unet", json.dumps(meta.unet)), ("source", meta.source),
-            ("backends", _runs_on(path))]
+            ("memory", _memory_row(meta)), ("backends", _runs_on(path))]
     for k, v in rows:
         out.print(f"{k:>14}: {escape(str(v))}")
+
+
+def _memory_row(meta) -> str:
+    """What one engine call at the default tile needs (restore checks it against the memory left)."""
+    from .restore.memory import call_bytes, gb
+
+    e = call_bytes(meta, DEFAULT_TILE)
+    return (f"about {gb(e.bytes)} per engine call at tile {DEFAULT_TILE}, batch 1 ({e.largest}; ONNX Runtime on CPU)"
+            if e else "no estimate (the metadata has no architecture)")
 
 
 def _runs_on(path: Path) -> str:
@@ -308,7 +410,8 @@ def bench(
     """Time whole restores (all K steps) on random input: median latency and images/s."""
     import numpy as np
 
-    from .backends import EngineSampler, load_runner
+    from .backends import EngineSampler
+    from .backends.calibrate import measured_runner
     from .backends.timings import probe_shape, time_restores
 
     if runs < 1 or warmup < 0 or batch < 1 or size < 1:
@@ -319,7 +422,7 @@ def bench(
         return _calibrate(resolve_model(model, backend), backend, size=size, runs=min(runs, 3), json_out=json_out,
                           **options)
 
-    runner, choice = load_runner(resolve_model(model, backend), backend, **options)
+    runner, choice = measured_runner(resolve_model(model, backend), backend, **options)
     with runner:
         sampler = EngineSampler(runner)
         plan = sampler.plan()
@@ -330,6 +433,9 @@ def bench(
             raise RDDMError(f"--size {size} --batch {batch}: {batch * side * side / 1e6:.0f} MP in one engine call is "
                             f"over bench's {BENCH_MAX_PIXELS / 1e6:.0f} MP limit (restore tiles large images; bench "
                             f"times one call: use --size <= {int((BENCH_MAX_PIXELS / batch) ** 0.5) // m * m})")
+        from .restore.memory import fit_tile
+
+        fit_tile(runner, side, side, batch=batch, multiple=m, flag="--size")  # one call: refused if it cannot fit
         err.print(f"backend: [bold]{escape(runner.description)}[/bold] ({escape(choice.reason)})")
         times, _ = time_restores(sampler, plan, shape, runs, warmup)
     med = float(np.median(times))
@@ -357,8 +463,14 @@ def _calibrate(model: Path, backend: str, *, json_out: bool, **kw) -> None:
     if ignored:
         raise RDDMError(f"--calibrate times every backend and precision with their defaults: "
                         f"{', '.join('--' + k.replace('_', '-') for k in ignored)} does not apply")
-    table, path = calibrate(model, log=lambda s: err.print(escape(s)), **{k: v for k, v in kw.items()
-                                                                          if k in ("size", "runs", "steps", "threads")})
+    try:
+        table, path = calibrate(model, log=lambda s: err.print(escape(s)), **{k: v for k, v in kw.items()
+                                                                              if k in ("size", "runs", "steps", "threads")})
+    except RDDMError as e:  # measured, but the table cache is not writable: stated, the results still shown
+        if getattr(e, "table", None) is None:
+            raise
+        table, path = e.table, None
+        err.print(f"timing table not saved: {escape(str(e))} (--backend auto keeps its fixed rule)")
     if json_out:
         print(table.to_json(), end="")
         return
@@ -366,8 +478,9 @@ def _calibrate(model: Path, backend: str, *, json_out: bool, **kw) -> None:
         acc = "identical" if e.psnr_db == float("inf") else f"{e.psnr_db:.1f} dB" if e.psnr_db is not None else ""
         state = e.error or f"{e.median_ms:.1f} ms, {acc}{'' if e.ok else f' (below {MIN_PSNR:g} dB: never chosen)'}"
         out.print(f"{escape(e.label()):>22}: {escape(state)}")
-    out.print(f"saved {escape(str(path))} ({escape(table.cpu)}, {table.size}², {table.steps} steps); "
-              f"--backend auto now picks from it (reduced precision only with --precision auto)")
+    if path is not None:
+        out.print(f"saved {escape(str(path))} ({escape(table.cpu)}, {table.size}², {table.steps} steps); "
+                  f"--backend auto now picks from it (reduced precision only with --precision auto)")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

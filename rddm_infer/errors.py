@@ -19,3 +19,12 @@ class BackendUnavailable(RDDMError):
 
 class OptionError(RDDMError, ValueError):
     """An option that is unknown, mistyped, or does not apply to the chosen backend or artifact."""
+
+
+class ClusterLost(RDDMError):
+    """The Ray cluster went away mid-run (its head, its GCS, or this driver's node): the CLI exits 3.
+    ``summary`` holds what finished before (outputs found written are counted as restored)."""
+
+    def __init__(self, message: str, summary=None):
+        super().__init__(message)
+        self.summary = summary

@@ -162,6 +162,7 @@ def page(title: str, facts: list[tuple[str, str]], body: str, *, script: bool = 
     rows = "".join(f"<dt>{esc(k)}</dt><dd>{v}</dd>" for k, v in facts)
     js = f"<script>{JS}</script>" if script else ""
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="generator" content="rddm-infer {esc(__version__)}">'
             f'<meta name="viewport" content="width=device-width,initial-scale=1">'
             f"<title>{esc(title)}</title><style>{CSS}</style></head>\n<body><header><h1>{esc(title)}</h1>"
             f'<dl class="facts">{rows}</dl></header>\n<main>{body}</main>{js}</body></html>\n')
@@ -190,7 +191,8 @@ def restore_record(summary, restorer, out_dir: str | os.PathLike, *, gt_dir=None
             "src": str(job.src), "src_abs": str(job.src) if isinstance(job.src, Uri) else os.path.abspath(job.src),
             "dst": None if job.dst is None else job.dst.relative_to(out_dir).as_posix() if isinstance(out_dir, Uri)
             else Path(os.path.relpath(os.path.abspath(job.dst), os.path.abspath(out_dir))).as_posix(),
-            "status": r.status, "error": r.error, "seconds": round(r.seconds, 4), "metrics": r.metrics})
+            "status": r.status, "error": r.error, "seconds": round(r.seconds, 4), "metrics": r.metrics,
+            "mode": r.mode})
     return {
         "format": RUN_FORMAT, "kind": "restore", "created": _now(),
         "command": shlex.join(command if command is not None else sys.argv),
@@ -219,8 +221,109 @@ def write_restore_report(summary, restorer, out_dir: str | os.PathLike, *, gt_di
     return run if isinstance(run, Uri) else build_restore_report(out_dir)
 
 
+# ``OUT/run.json`` as the page reads it: every key the page uses, with what it must hold. A spec is a type, a
+# tuple (any of its members; None: null), a dict of keys ("key?": may be absent; "*": every key), a one-item
+# list (a list of such items) or a frozenset (one of these values). Values only shown as text may be any scalar.
+_NUM = (int, float)
+_SCALAR = (str, int, float, None)
+_METRICS = {"psnr?": _NUM, "ssim?": _NUM, "psnr_in?": _NUM}
+RUN_SCHEMA = {
+    "format": str, "created": _SCALAR, "command": _SCALAR, "backend": _SCALAR, "backend_reason?": _SCALAR,
+    "model": {"path": _SCALAR, "graph": _SCALAR, "objective": _SCALAR, "steps": _SCALAR, "eta": _SCALAR,
+              "times": [_SCALAR], "precision": _SCALAR},
+    "machine": {"cpu": _SCALAR, "cores": _SCALAR, "platform": _SCALAR},
+    "settings": {"seed": _SCALAR, "tile": _SCALAR, "overlap": _SCALAR, "batch": _SCALAR, "pixel_shuffle?": (int, frozenset({"auto"}), None),
+                 "self_ensemble?": (int, None), "gt?": _SCALAR},
+    "versions": {"*": _SCALAR}, "seconds": _NUM, "images_per_s": _NUM,
+    "counts": {"restored": int, "failed": int, "skipped": int}, "mean?": (None, _METRICS),
+    "images": [{"src": str, "src_abs": str, "dst": (str, None), "status": frozenset({"restored", "failed", "skipped"}),
+                "error?": _SCALAR, "seconds?": (int, float, None), "metrics?": (None, _METRICS), "mode?": _SCALAR}],
+}
+_KINDS = {str: "text", int: "an integer", float: "a number", type(None): "null", bool: "true/false",
+          list: "a list", dict: "an object"}
+
+
+def _kind(value) -> str:
+    return _KINDS.get(type(value), type(value).__name__)
+
+
+def _what(spec) -> str:
+    """``spec`` in words, for the error line."""
+    if isinstance(spec, tuple):  # an integer or a number: a number
+        return " or ".join(dict.fromkeys(_what(s) for s in spec if not (s is int and float in spec)))
+    if isinstance(spec, frozenset):
+        return "one of " + ", ".join(sorted(map(repr, spec)))
+    if isinstance(spec, (dict, list)):
+        return _KINDS[type(spec)]
+    return "null" if spec is None else _KINDS[spec]
+
+
+def _problem(value, spec, where: str) -> str | None:
+    """What is wrong with ``value`` (at ``where``, e.g. ``images[3].dst``) against ``spec``; None when it fits."""
+    if isinstance(spec, tuple):
+        if any(_problem(value, s, where) is None for s in spec):
+            return None
+        inner = [s for s in spec if isinstance(s, (dict, list)) and isinstance(value, type(s))]
+        return _problem(value, inner[0], where) if inner else f"{where} is {_kind(value)}, expected {_what(spec)}"
+    if isinstance(spec, frozenset):
+        ok = isinstance(value, str) and value in spec
+        return None if ok else f"{where} is {value!r:.40}, expected {_what(spec)}"
+    if isinstance(spec, dict):
+        if not isinstance(value, dict):
+            return f"{where or 'the file'} is {_kind(value)}, expected an object"
+        keys = {k: spec["*"] for k in value} if "*" in spec else spec
+        for key, sub in keys.items():
+            name = key.rstrip("?") if key in spec else key
+            at = f"{where}.{name}" if where else name
+            if name not in value:
+                if key.endswith("?"):
+                    continue
+                return f"{at} is missing"
+            problem = _problem(value[name], sub, at)
+            if problem:
+                return problem
+        return None
+    if isinstance(spec, list):
+        if not isinstance(value, list):
+            return f"{where} is {_kind(value)}, expected a list"
+        return next(filter(None, (_problem(v, spec[0], f"{where}[{i}]") for i, v in enumerate(value))), None)
+    if spec is None:
+        return None if value is None else f"{where} is {_kind(value)}, expected null"
+    ok = isinstance(value, spec) and not (isinstance(value, bool) and spec is not bool)
+    return None if ok else f"{where} is {_kind(value)}, expected {_what(spec)}"
+
+
+def _outside(out_dir: Path, dst: str) -> bool:
+    """Whether ``OUT/dst`` is not a file inside ``OUT``: absolute, up through ``..`` or a symbolic link out of it."""
+    root = out_dir.resolve()
+    try:
+        target = (out_dir / dst).resolve()
+    except RuntimeError:  # a loop of symbolic links leads nowhere inside
+        return True
+    return Path(dst).is_absolute() or target == root or not target.is_relative_to(root)
+
+
+def check_run(record, path: Path) -> dict:
+    """``record`` (run.json's content) if the page can be built from it; else a one-line error naming ``path`` and
+    the entry. Output paths must stay inside the output folder: the page links and reads them as the outputs."""
+    if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
+        raise RDDMError(f"{path}: not an rddm-infer run record (format {RUN_FORMAT!r} expected)")
+    problem = _problem(record, RUN_SCHEMA, "")
+    if problem:
+        raise RDDMError(f"{path}: {problem}")
+    for i, im in enumerate(record["images"]):
+        for key in ("src_abs", "dst"):
+            if "\0" in (im[key] or ""):
+                raise RDDMError(f"{path}: images[{i}].{key} contains a NUL character, which no file name can")
+        if im["dst"] is not None and _outside(path.parent, im["dst"]):
+            raise RDDMError(f"{path}: images[{i}].dst {im['dst']!r} is outside the output folder (an absolute path, "
+                            f"'..' or a symbolic link out of it); the report links and reads outputs only inside it")
+    return record
+
+
 def load_run(out_dir: str | os.PathLike) -> dict:
-    """``OUT/run.json``, with per-image metrics refreshed from ``OUT/metrics.csv`` when present."""
+    """``OUT/run.json``, checked against :data:`RUN_SCHEMA`, with per-image metrics refreshed from
+    ``OUT/metrics.csv`` when present."""
     out_dir = Path(out_dir)
     path = out_dir / RUN_JSON
     if not out_dir.is_dir():
@@ -231,23 +334,60 @@ def load_run(out_dir: str | os.PathLike) -> dict:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise RDDMError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
-        raise RDDMError(f"{path}: not an rddm-infer run record (format {RUN_FORMAT!r} expected)")
+    except RecursionError:
+        raise RDDMError(f"{path}: nested too deeply to be a run record") from None
+    except OSError as e:
+        raise RDDMError(f"{path}: cannot read ({e.strerror or e})") from None
+    record = check_run(record, path)
+    _check_fresh(record, out_dir, path)
     csv_path = out_dir / "metrics.csv"
+    if csv_path.is_symlink():
+        raise RDDMError(f"{csv_path}: a symbolic link; the report reads metrics only from a file of the output folder")
     if csv_path.is_file():
-        by_src = {im["src"]: im for im in record["images"]}
+        _refresh_metrics(record, csv_path)
+    return record
+
+
+def _check_fresh(record: dict, out_dir: Path, path: Path) -> None:
+    """Refuse a record older than the images it describes: a later run rewrote them, and the page would show that
+    run's pixels beside this one's settings and PSNRs."""
+    written = path.stat().st_mtime + 2.0  # outputs are written before run.json; 2 s covers coarse file-system clocks
+    newer = [im["dst"] for im in record["images"] if im["status"] == "restored" and im["dst"] is not None
+             and (out_dir / im["dst"]).is_file() and (out_dir / im["dst"]).stat().st_mtime > written]
+    if newer:
+        raise RDDMError(f"{path}: older than {len(newer)} of its images (e.g. {newer[0]}): a later run rewrote them; "
+                        f"rerun that restore with --report to describe it")
+
+
+def _refresh_metrics(record: dict, csv_path: Path) -> None:
+    """Per-image PSNR/SSIM (and their mean) from ``metrics.csv``; a one-line error naming it if unreadable."""
+    by_src = {im["src"]: im for im in record["images"]}
+    try:
         with open(csv_path, newline="", encoding="utf-8") as f:
             for row in csv.DictReader(f):
                 im = by_src.get(row.get("file", ""))
                 try:
                     if im is not None:
                         im["metrics"] = {"psnr": float(row["psnr"]), "ssim": float(row["ssim"])}
+                        if row.get("psnr_in"):
+                            im["metrics"]["psnr_in"] = float(row["psnr_in"])
                 except (KeyError, TypeError, ValueError):
                     raise RDDMError(f"{csv_path}: malformed row for {row.get('file')!r}") from None
-        rows = [im["metrics"] for im in record["images"] if im.get("metrics")]
-        if rows:
-            record["mean"] = {k: float(np.mean([m[k] for m in rows])) for k in ("psnr", "ssim")}
-    return record
+    except UnicodeDecodeError as e:
+        raise RDDMError(f"{csv_path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    except csv.Error as e:
+        raise RDDMError(f"{csv_path}: not a readable CSV file ({e})") from None
+    except OSError as e:
+        raise RDDMError(f"{csv_path}: cannot read ({e.strerror or e})") from None
+    rows = [im["metrics"] for im in record["images"] if _pair(im.get("metrics"))]
+    if rows:
+        record["mean"] = {k: float(np.mean([m[k] for m in rows])) for k in ("psnr", "ssim", "psnr_in")
+                          if all(k in m for m in rows)}
+
+
+def _pair(metrics) -> bool:
+    """Whether a metrics entry holds both PSNR and SSIM (the page shows them together or not at all)."""
+    return bool(metrics) and "psnr" in metrics and "ssim" in metrics
 
 
 def _display8(pixels: np.ndarray) -> np.ndarray:
@@ -317,13 +457,26 @@ class _Assets:
                     p.unlink(missing_ok=True)  # a link is removed itself, never what it points to
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a name the system refuses (too long, say) rather than an error."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def _panel(i: int, im: dict, out_dir: Path, assets: _Assets, per_page: int) -> str:
     src, dst = Path(im["src_abs"]), out_dir / im["dst"]
     before, after = assets.views(src, f"{i}_before"), assets.views(dst, f"{i}_after")
     name = esc(im["src"])
     facts = []
-    if im.get("metrics"):
-        facts.append(f"PSNR {im['metrics']['psnr']:.2f} dB · SSIM {im['metrics']['ssim']:.4f}")
+    if _pair(im.get("metrics")):
+        m = im["metrics"]
+        psnr = f"{m['psnr_in']:.2f} → {m['psnr']:.2f} dB ({m['psnr'] - m['psnr_in']:+.2f})" \
+            if isinstance(m.get("psnr_in"), _NUM) else f"{m['psnr']:.2f} dB"
+        facts.append(f"PSNR {psnr} · SSIM {m['ssim']:.4f}")
+    if im.get("mode"):
+        facts.append(esc(str(im["mode"])))
     if im["status"] == "skipped":
         facts.append("skipped (output existed)")
     elif im.get("seconds"):
@@ -331,9 +484,9 @@ def _panel(i: int, im: dict, out_dir: Path, assets: _Assets, per_page: int) -> s
     if im.get("error"):
         facts.append(f'<span class="bad">{esc(im["error"])}</span>')
     links = []
-    if src.is_file():
+    if _is_file(src):
         links.append(f'<a href="{href(src, out_dir)}">input</a>')
-    if dst.is_file():
+    if _is_file(dst):
         links.append(f'<a href="{href(dst, out_dir)}">output</a>')
     head = f'<section class="item" data-page="{i // per_page + 1}" data-status="{esc(im["status"])}"' \
            f'{" hidden" if i >= per_page else ""}><h2>{name}</h2>'
@@ -371,14 +524,18 @@ def restore_html(record: dict, out_dir: str | os.PathLike, per_page: int = PER_P
         ("device", esc(f'{record["machine"]["cpu"]} ({record["machine"]["cores"]} cores), '
                        f'{record["machine"]["platform"]}')),
         ("settings", esc(f'seed {s["seed"]}, tile {s["tile"]} (overlap {s["overlap"]}), batch {s["batch"]}'
-                         + (f', pixel-shuffle {s["pixel_shuffle"]}' if (s.get("pixel_shuffle") or 1) > 1 else "")
+                         + (", pixel-shuffle and steps chosen per image" if s.get("pixel_shuffle") == "auto" else
+                            f', pixel-shuffle {s["pixel_shuffle"]}' if (s.get("pixel_shuffle") or 1) > 1 else "")
                          + (f', self-ensemble {s["self_ensemble"]}' if (s.get("self_ensemble") or 1) > 1 else "")
                          + (f', ground truth {s["gt"]}' if s.get("gt") else ""))),
         ("result", esc(f'restored {c["restored"]}, failed {c["failed"]}, skipped {c["skipped"]} in '
                        f'{record["seconds"]:.2f} s ({record["images_per_s"]:.3f} images/s)')),
     ]
-    if mean:
-        facts.append(("mean", esc(f'PSNR {mean["psnr"]:.2f} dB, SSIM {mean["ssim"]:.4f}')
+    if _pair(mean):
+        facts.append(("mean", esc(f'PSNR {mean["psnr_in"]:.2f} → {mean["psnr"]:.2f} dB '
+                                  f'({mean["psnr"] - mean["psnr_in"]:+.2f})' if isinstance(mean.get("psnr_in"), _NUM)
+                                  else f'PSNR {mean["psnr"]:.2f} dB')
+                              + esc(f', SSIM {mean["ssim"]:.4f}')
                       + (' (<a href="metrics.csv">metrics.csv</a>)' if (out_dir / "metrics.csv").is_file() else "")))
     facts += [("versions", _versions_html(record["versions"])), ("command", f'<code>{esc(record["command"])}</code>'),
               ("created", esc(record["created"]) + f' · <a href="{RUN_JSON}">{RUN_JSON}</a>')]
@@ -390,7 +547,7 @@ def restore_html(record: dict, out_dir: str | os.PathLike, per_page: int = PER_P
     failed = [im for im in record["images"] if im["status"] == "failed"]
     body = ""
     if failed:
-        rows = "".join(f"<tr><td>{esc(im['src'])}</td><td>{esc(im['error'])}</td></tr>" for im in failed)
+        rows = "".join(f"<tr><td>{esc(im['src'])}</td><td>{esc(im.get('error') or '')}</td></tr>" for im in failed)
         body += (f'<section id="failed"><h2 class="bad">failed ({len(failed)})</h2><table><tr><th>file</th>'
                  f"<th>error</th></tr>{rows}</table></section>")
     body += (f'<section id="images"><h2>{len(shown)} images — drag the slider to compare; click an image (or 1:1) '

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 from rddm_infer.io.atomic import write_bytes_atomic
 from rddm_infer.errors import RDDMError
 from rddm_infer.diffusion.schedule import OBJECTIVES, SCHEDULES, SINGLE_OUTPUT
+from rddm_infer.diffusion.metadata import MAX_TIMESTEPS
 from rddm_infer.restore.tiling import MAX_PIXEL_SHUFFLE
 
 MAX_SATURATION = 4.0  # data.saturation's upper bound: beyond it nearly every colour clips
@@ -149,25 +151,20 @@ class TrainConfig:
         return DiffusionConfig(**self.to_dict()["diffusion"], condition=True)
 
     def validate(self, source: str = "config") -> "TrainConfig":
-        d, m, r, o = self.diffusion, self.model, self.run, self.optim
+        _check_ranges(self, source)  # every number in its range first: the checks below combine them
+        d, m, o = self.diffusion, self.model, self.optim
         sat = self.data.saturation
         checks = [
             (d.objective in OBJECTIVES, f"diffusion.objective must be one of {OBJECTIVES}"),
             (d.alpha_schedule in SCHEDULES and d.beta_schedule in SCHEDULES, f"schedules must be one of {SCHEDULES}"),
-            (d.timesteps >= 1 and d.sum_scale > 0, "diffusion.timesteps >= 1 and diffusion.sum_scale > 0"),
             (m.share_encoder in (-1, 0, 1), "model.share_encoder must be -1, 0 or 1"),
             ((m.share_encoder == -1) == (d.objective in SINGLE_OUTPUT),
              f"objective {d.objective} needs {'1 output (share_encoder = -1)' if d.objective in SINGLE_OUTPUT else '2 outputs (share_encoder 0 or 1)'}"),
-            (m.dim > 0 and m.dim % m.resnet_block_groups == 0, "model.dim must be a positive multiple of resnet_block_groups"),
-            (len(m.dim_mults) >= 1, "model.dim_mults must not be empty"),
-            (r.steps >= 0 and r.batch_size >= 1 and o.grad_accum >= 1, "run.steps >= 0, run.batch_size >= 1, optim.grad_accum >= 1"),
-            (r.checkpoint_every >= 1 and r.log_every >= 1 and self.val.every >= 1, "every-N settings must be >= 1"),
-            (o.lr > 0 and 0 <= o.ema_decay < 1 and o.ema_every >= 1, "optim.lr > 0, 0 <= optim.ema_decay < 1, optim.ema_every >= 1"),
-            (o.lr_schedule in ("constant", "cosine") and 0 <= o.min_lr_ratio <= 1,
-             "optim.lr_schedule must be constant or cosine, 0 <= optim.min_lr_ratio <= 1"),
-            (0 <= o.t_grid <= d.timesteps, f"optim.t_grid must be 0 (uniform t) or 1-{d.timesteps} (sampling steps)"),
+            (m.dim % m.resnet_block_groups == 0, "model.dim must be a positive multiple of resnet_block_groups"),
+            (o.lr_schedule in ("constant", "cosine"), "optim.lr_schedule must be constant or cosine"),
+            (o.t_grid <= d.timesteps, f"optim.t_grid must be 0 (uniform t) or 1-{d.timesteps} (sampling steps)"),
+            (self.val.steps <= d.timesteps, f"val.steps must be in [1, {d.timesteps}] (diffusion.timesteps)"),
             (not o.rollout or o.t_grid > 0, "optim.rollout needs optim.t_grid = K (the sampler's step count)"),
-            (0 <= self.data.bits <= 16, "data.bits must be 0 (float inputs) or 1-16"),
             (len(sat) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sat)
              and 0 <= sat[0] <= sat[1] <= MAX_SATURATION,
              f"data.saturation must be [lo, hi] with 0 <= lo <= hi <= {MAX_SATURATION} ([1, 1]: off)"),
@@ -185,6 +182,49 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"{source}: {msg}")
         return self
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _ints_at_least_1(v) -> bool:
+    return len(v) >= 1 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v)
+
+
+_AT_LEAST_1, _AT_LEAST_0, _POSITIVE = (lambda v: v >= 1, ">= 1"), (lambda v: v >= 0, ">= 0"), (lambda v: v > 0, "> 0")
+# Every numeric key's range (types are checked when the value is read): a value outside it would fail later, deep in
+# a convolution or a sampler, or train on silently (a zero crop, a negative learning rate, a NaN decay).
+RANGES = {
+    "model.dim": _AT_LEAST_1, "model.resnet_block_groups": _AT_LEAST_1, "model.heads": _AT_LEAST_1,
+    "model.dim_head": _AT_LEAST_1, "model.channels": (lambda v: v in (1, 3), "1 or 3"),
+    "model.dim_mults": (_ints_at_least_1, "a non-empty list of integers >= 1"),
+    "diffusion.timesteps": (lambda v: 1 <= v <= MAX_TIMESTEPS, f"in [1, {MAX_TIMESTEPS}]"),
+    "diffusion.sum_scale": _POSITIVE,
+    "data.crop": _AT_LEAST_1, "data.num_workers": (lambda v: v >= -1, ">= 0, or -1 (from the CPU count)"),
+    "data.bits": (lambda v: 0 <= v <= 16, "0 (float inputs) or 1-16"),
+    "val.count": _AT_LEAST_1, "val.crop": _AT_LEAST_1, "val.every": _AT_LEAST_1, "val.steps": _AT_LEAST_1,
+    "val.seed": _AT_LEAST_0,
+    "optim.lr": _POSITIVE, "optim.grad_accum": _AT_LEAST_1, "optim.grad_clip": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "optim.betas": (lambda v: len(v) == 2 and all(_is_number(x) and 0 <= x < 1 for x in v), "two numbers in [0, 1)"),
+    "optim.ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"), "optim.ema_every": _AT_LEAST_1,
+    "optim.ema_start": _AT_LEAST_0, "optim.min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "optim.t_grid": (lambda v: v >= 0, ">= 0 (0: uniform t)"),
+    "run.steps": _AT_LEAST_0, "run.batch_size": _AT_LEAST_1, "run.seed": _AT_LEAST_0,
+    "run.threads": (lambda v: v >= 0, ">= 0 (0: torch's default)"), "run.checkpoint_every": _AT_LEAST_1,
+    "run.log_every": _AT_LEAST_1, "run.max_minutes": (lambda v: v >= 0, ">= 0 (0: no limit)"),
+}
+
+
+def _check_ranges(cfg: "TrainConfig", source: str) -> None:
+    """One line naming the first key whose value is out of its range (or not a finite number)."""
+    for key, (ok, text) in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{source}: {key} must be a finite number, got {value!r}")
+        if not ok(value):
+            raise ConfigError(f"{source}: {key} must be {text}, got {value!r}")
 
 
 SECTIONS = {"model": ModelSection, "diffusion": DiffusionSection, "data": DataSection, "val": ValSection,

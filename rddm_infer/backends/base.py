@@ -72,6 +72,15 @@ class Runner:
     def _deactivate(self) -> None:
         pass
 
+    # Full-attention matrices (batch·heads·tokens², fp32) alive at once in one call on the CPU, which restore's
+    # memory estimate reads: ONNX Runtime and torch keep the scores and their softmax (measured 2.2-2.4x).
+    attention_matrices = 2.5
+
+    @property
+    def activations_on_gpu(self) -> bool:
+        """Whether a call's activations live in GPU memory: restore's host-memory check does not apply."""
+        return bool(getattr(self, "on_gpu", False)) or str(getattr(self, "device", "")).startswith("cuda")
+
     # -- data
     @property
     def description(self) -> str:

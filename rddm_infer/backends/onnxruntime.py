@@ -16,7 +16,7 @@ import numpy as np
 from ..diffusion.metadata import META_KEY, ArtifactMeta
 from ..errors import BackendUnavailable, CheckpointError, OptionError, RDDMError
 from .base import Runner, threads_note
-from .registry import parse_device
+from .registry import optional_cache_dir, parse_device
 
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                     "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider"}
@@ -89,6 +89,14 @@ def read_meta(path: str | os.PathLike, custom: Mapping[str, str]) -> ArtifactMet
     return ArtifactMeta.from_json(raw, where=str(path))
 
 
+def _io(args) -> dict:
+    """ONNX Runtime's NodeArgs -> {name: (rank or None, dtype name)}, as the graph contract is checked."""
+    return {a.name: (None if a.shape is None else len(a.shape), ORT_DTYPES.get(a.type, a.type)) for a in args}
+
+
+ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}
+
+
 class OnnxRuntimeRunner(Runner):
     """An ONNX artifact in an ``InferenceSession``; ``threads`` sets intra-op threads (CPU)."""
 
@@ -116,6 +124,9 @@ class OnnxRuntimeRunner(Runner):
         super().__init__(read_meta(self.path, self.session.get_modelmeta().custom_metadata_map))
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_names = [i.name for i in self.session.get_inputs()]
+        problem = self.meta.contract_problem(_io(self.session.get_inputs()), _io(self.session.get_outputs()))
+        if problem:
+            raise CheckpointError(f"{self.path}: not a usable {self.meta.graph} graph: {problem}")
         self.on_gpu = self.session.get_providers()[0] in GPU_PROVIDERS
 
     @classmethod
@@ -134,10 +145,12 @@ class OnnxRuntimeRunner(Runner):
 
     def _provider_entry(self, p: str):
         if p == "TensorrtExecutionProvider":
-            TRT_CACHE.mkdir(parents=True, exist_ok=True)
+            cache = optional_cache_dir(TRT_CACHE, "TensorRT engine cache")
+            if cache is None:
+                return p, {"device_id": self.device_id}
             return p, {"device_id": self.device_id, "trt_engine_cache_enable": True,
-                       "trt_engine_cache_path": str(TRT_CACHE), "trt_timing_cache_enable": True,
-                       "trt_timing_cache_path": str(TRT_CACHE)}
+                       "trt_engine_cache_path": str(cache), "trt_timing_cache_enable": True,
+                       "trt_timing_cache_path": str(cache)}
         if p == "CUDAExecutionProvider":
             return p, {"device_id": self.device_id}
         return p

@@ -26,7 +26,7 @@ from ..diffusion.metadata import META_KEY, ArtifactMeta
 from ..errors import BackendUnavailable, CheckpointError, OptionError, RDDMError
 from .base import Runner, threads_note
 from .openvino_rewrites import rewrite
-from .registry import PRECISION, parse_device, user_cache_dir
+from .registry import PRECISION, cache_dir_problem, optional_cache_dir, parse_device, user_cache_dir
 
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 MAX_STATIC_SIZES = 8  # static models compiled per runner (each ~ the weights' size in the disk cache)
@@ -44,10 +44,33 @@ def default_cache_dir() -> Path:
     return user_cache_dir("openvino")
 
 
+def _io(ports, meta: ArtifactMeta) -> dict:
+    """OpenVINO ports -> {name: (rank or None, dtype name)}, each port under its contract name where it has one
+    (a port may carry several tensor names), as the graph contract is checked."""
+    kind = meta.kind
+    contract = {*kind.inputs, *kind.optional_inputs, *kind.outputs}
+    out = {}
+    for port in ports:
+        names = port.get_names()
+        name = next((n for n in sorted(names) if n in contract), port.get_any_name() if names else "(unnamed)")
+        rank = port.get_partial_shape().rank
+        out[name] = (rank.get_length() if rank.is_static else None, _dtype(port.get_element_type()))
+    return out
+
+
+def _dtype(element_type) -> str:
+    """An OpenVINO element type as numpy names it (f32 -> float32), or OpenVINO's own name."""
+    try:
+        return str(element_type.to_dtype())
+    except Exception:  # types numpy has no name for (dynamic, u1, ...)
+        return element_type.get_type_name()
+
+
 class OpenVINORunner(Runner):
     """An ONNX artifact compiled by OpenVINO for the CPU, with one reusable infer request."""
 
     name = "openvino"
+    attention_matrices = 1.25  # its softmax runs in place: measured 1.0-1.2x one attention matrix per call
 
     def __init__(self, path: str | os.PathLike, precision: str = "fp32", threads: int | None = None,
                  cache_dir: str | os.PathLike | None = None, device: str | None = None, static_shapes: bool = True,
@@ -76,14 +99,20 @@ class OpenVINORunner(Runner):
             raise CheckpointError(f"{self.path}: ONNX model has no '{META_KEY}' metadata; export it with rddm-export")
         super().__init__(ArtifactMeta.from_json(model.get_rt_info(["framework", META_KEY]).astype(str),
                                                 where=str(self.path)))
+        problem = self.meta.contract_problem(_io(model.inputs, self.meta), _io(model.outputs, self.meta))
+        if problem:
+            raise CheckpointError(f"{self.path}: not a usable {self.meta.graph} graph: {problem}")
         self.rewrites = rewrite(model) if rewrite_norms else {}  # {rewrite: count}, see openvino_rewrites
         self._model = model
         self._config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": OV_PRECISION[precision],
                                         "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             self._config["INFERENCE_NUM_THREADS"] = int(threads)
+        if cache_dir is not None and self.cache_dir is not None and (cause := cache_dir_problem(self.cache_dir)):
+            raise OptionError(f"--cache-dir {self.cache_dir}: cannot be used ({cause}); '' turns the cache off")
+        if self.cache_dir is not None:  # the default cache only saves time: unusable, it is stated and skipped
+            self.cache_dir = optional_cache_dir(self.cache_dir, "OpenVINO model cache")
         if self.cache_dir is not None:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
             self._config["CACHE_DIR"] = str(self.cache_dir)
         # A port can carry several tensor names (any_name may pick an internal one): index them all.
         self._inputs = {n: i for i, port in enumerate(model.inputs) for n in port.get_names()}

@@ -18,10 +18,12 @@ error naming the option (the same value is accepted).
 
 from __future__ import annotations
 
+import errno
 import importlib
 import importlib.util
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -46,6 +48,36 @@ def user_cache_dir(*parts: str) -> Path:
     """``$XDG_CACHE_HOME/rddm-infer/...`` (default ``~/.cache``): compiled models, calibration tables."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base, "rddm-infer", *parts)
+
+
+_CACHES_OFF: set[tuple[str, Path]] = set()  # (what, folder) already stated in this process
+
+
+def optional_cache_dir(path: str | os.PathLike, what: str) -> Path | None:
+    """``path`` created and writable, or None after one stated line on stderr ("<what> off: <dir>: <cause>"):
+    a cache only saves time, so a read-only, full or misplaced one (a file where the folder belongs) never
+    stops a run."""
+    path = Path(path)
+    cause = cache_dir_problem(path)
+    if not cause:
+        return path
+    if (what, path) not in _CACHES_OFF:
+        _CACHES_OFF.add((what, path))
+        print(f"{what} off: {path}: {cause}", file=sys.stderr)
+    return None
+
+
+def cache_dir_problem(path: Path) -> str:
+    """Why ``path`` cannot be a cache folder ('' when it can): created here when missing, then checked writable."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "not writable")
+    except FileExistsError:
+        return "a file of that name is in the way"
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return ""
 
 
 def artifact_kind(path: str | Path) -> str | None:
@@ -124,7 +156,8 @@ MODEL_OPTIONS = (
 SAMPLING_OPTIONS = (
     Option("steps", int, None, "sampling steps (default: the model's measured recommendation, else its export "
                                "default)"),
-    Option("eta", float, None, "DDIM η (default: the model's)"),
+    Option("eta", float, None, "DDIM η in [0, 1], generation models only (default: the model's; restoration "
+                               "models sample with η = 0, another value is an error)"),
 )
 # What ``choose_backend``/``load_runner`` add to a shared option's meaning (the flags' help says it once).
 SELECTION_NOTES = {

@@ -137,20 +137,39 @@ def load_runner(model: str | os.PathLike, backend: str = "auto", **options) -> t
     return runner, choice
 
 
+def _no_table_reason(path: Path, dev: str) -> str | None:
+    """Why calibration tables do not apply to this run (None: they do)."""
+    if dev == "cuda" or not path.is_file() or artifact_kind(path) is None:
+        return "fixed rule (calibration tables cover the CPU only)"
+    if dev == "auto" and any(b.available() and b.runner_class().gpu_visible() for b in BACKENDS if "cuda" in b.devices):
+        return "fixed rule: a GPU is here (calibration tables cover the CPU: --device cpu uses them)"
+    return None
+
+
+def wants_calibration(model, options: dict) -> bool:
+    """Whether ``--backend auto`` would have to guess: tables apply here but none exists for this model and CPU
+    (or ``--precision auto`` meets a first-use table that timed the exact paths only)."""
+    from .timings import load_table
+
+    path = Path(model)
+    if _no_table_reason(path, parse_device(options.get("device"))[0]) is not None:
+        return False
+    table, _ = load_table(path)
+    return table is None or (options.get("precision") == "auto" and table.exact_only)
+
+
 def _calibrated_choice(model, options: dict, allow_reduced: bool) -> tuple[Choice | None, str]:
     """The fastest accurate entry of this machine's calibration table that fits the given options,
     or (None, why not) -- then ``auto`` keeps the fixed rule and the reason says so."""
     from .timings import load_table
 
     path = Path(model)
-    dev = parse_device(options.get("device"))[0]
-    if dev == "cuda" or not path.is_file() or artifact_kind(path) is None:
-        return None, "fixed rule (calibration tables cover the CPU only)"
-    if dev == "auto" and any(b.available() and b.runner_class().gpu_visible() for b in BACKENDS if "cuda" in b.devices):
-        return None, "fixed rule: a GPU is here (calibration tables cover the CPU: --device cpu uses them)"
+    why_not = _no_table_reason(path, parse_device(options.get("device"))[0])
+    if why_not is not None:
+        return None, why_not
     table, where = load_table(path)
     if table is None:
-        return None, "fixed rule: no calibration table for this model on this CPU (`rddm-infer bench --calibrate`)"
+        return None, "fixed rule: no timing table for this model on this CPU (`rddm-infer bench --calibrate`)"
     common = {o.name for o in (*MODEL_OPTIONS, *SAMPLING_OPTIONS)} | {"device"}
     given = {k: v for k, v in options.items() if v is not None and k not in common}
 
@@ -163,9 +182,13 @@ def _calibrated_choice(model, options: dict, allow_reduced: bool) -> tuple[Choic
     if best is None:
         return None, f"fixed rule: no accurate entry in {where} fits the options given"
     exact = table.best(False, usable)
-    why = f"calibrated on this CPU ({where}): fastest accurate path {best.median_ms:.0f} ms at {table.size}²"
+    others = sorted((e for e in table.entries if e.ok and e is not best and (allow_reduced or not e.reduced)
+                     and usable(e)), key=lambda e: e.median_ms)
+    vs = f" vs {others[0].label()} {others[0].median_ms:.0f} ms" if others else ""
+    why = f"fastest {'accurate' if best.reduced else 'exact'} path on this CPU: {best.median_ms:.0f} ms{vs} at " \
+          f"{table.size}²"
     if best.reduced:
-        why += (f", reduced precision {best.options['precision']} ({best.psnr_db:.1f} dB vs fp32 on the probe) because "
+        why += (f"; reduced precision {best.options['precision']} ({best.psnr_db:.1f} dB vs fp32 on the probe) because "
                 f"--precision auto allows it" + (f"; exact {exact.label()}: {exact.median_ms:.0f} ms" if exact else ""))
     else:
         faster = table.best(True, usable)

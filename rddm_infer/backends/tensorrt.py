@@ -76,6 +76,7 @@ class TensorRTRunner(Runner):
     """A serialized engine (our header + TensorRT plan); ``cuda_graph`` replays step chains."""
 
     name = "tensorrt"
+    activations_on_gpu = True
 
     def __init__(self, path: str | os.PathLike, device_id: int | None = None, cuda_graph: bool = True,
                  device: str | None = None):

@@ -80,6 +80,7 @@ class Table:
     steps: int
     date: str
     entries: list[Entry] = field(default_factory=list)
+    exact_only: bool = False  # a first-use table: reduced precisions were not timed
 
     def best(self, allow_reduced: bool, usable=lambda e: True) -> Entry | None:
         ok = [e for e in self.entries if e.ok and (allow_reduced or not e.reduced) and usable(e)]
@@ -100,7 +101,8 @@ class Table:
         for e in d.pop("entries"):
             psnr = float("inf") if e.get("psnr_db") == "inf" else e.get("psnr_db")
             entries.append(Entry(e["backend"], dict(e["options"]), e.get("median_ms"), psnr, e.get("error")))
-        return cls(**{k: d[k] for k in ("model", "cpu", "threads", "size", "steps", "date")}, entries=entries)
+        return cls(**{k: d[k] for k in ("model", "cpu", "threads", "size", "steps", "date")}, entries=entries,
+                   exact_only=bool(d.get("exact_only", False)))
 
 
 def candidates(model: str | os.PathLike) -> list[tuple[str, dict]]:
@@ -136,12 +138,21 @@ def time_restores(sampler, plan, shape: tuple, runs: int, warmup: int = 1) -> tu
     return times, y
 
 
+_MEASURED: dict[Path, Table] = {}  # tables measured in this process (the one that could not be saved, too)
+
+
+def remember(path: Path, table: Table) -> None:
+    _MEASURED[path] = table
+
+
 def load_table(model: str | os.PathLike) -> tuple[Table | None, Path]:
     """This machine's table for ``model`` (None when it was never calibrated here)."""
     path = table_path(model)
+    if path in _MEASURED:
+        return _MEASURED[path], path
     if not path.is_file():
         return None, path
     try:
         return Table.from_json(path.read_text()), path
-    except (ValueError, KeyError, TypeError):
-        return None, path  # unreadable: as if absent (calibrating again rewrites it)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, path  # unreadable (no permission, corrupt): as if absent (calibrating again rewrites it)

@@ -64,7 +64,8 @@ class TorchRunner(Runner):
         self.loaded = loaded
         super().__init__(ArtifactMeta(graph="unet", unet=loaded.unet.to_dict(), diffusion=loaded.diffusion.to_dict(),
                                       size_multiple=loaded.unet.size_multiple, precision=precision,
-                                      source=loaded.source))
+                                      source=loaded.source,
+                                      recommended_steps=loaded.info.get("recommended_steps")))
         self._compile = compile
         self.precision = precision
         self._rddm = TorchRDDM(loaded.net, loaded.diffusion, self.device,

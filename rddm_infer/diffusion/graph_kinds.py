@@ -52,6 +52,28 @@ class GraphKind:
         """A ``unet`` graph has one output per network output; the others have fixed outputs."""
         return self.outputs[:num_outputs] if self.output_per_network else self.outputs
 
+    def contract_problem(self, inputs: dict, outputs: dict, stochastic: bool = False, num_outputs: int = 2,
+                         time_input: str = "index") -> str:
+        """What a loaded graph breaks of this kind's contract ('' when nothing): ``inputs`` / ``outputs`` map each
+        name to (rank or None, dtype name). Checked at load, so a renamed input is one model error, not a failed
+        call for every image."""
+        problems = []
+        for what, want, got in (("input", self.input_names(stochastic), inputs),
+                                ("output", self.output_names(num_outputs), outputs)):
+            missing, extra = [n for n in want if n not in got], [n for n in got if n not in want]
+            problems += [f"{how} {what}{'s' if len(names) > 1 else ''} {', '.join(names)}"
+                         for how, names in (("missing", missing), ("unexpected", extra)) if names]
+            for name in (n for n in want if n in got):
+                (rank, dtype), need = got[name], _rank(name, time_input)
+                if rank is not None and rank != need:
+                    problems.append(f"{what} {name} has rank {rank}, expected {need}")
+                if dtype != "float32":
+                    problems.append(f"{what} {name} is {dtype}, expected float32")
+        if not problems:
+            return ""
+        return (f"{'; '.join(problems)} (a {self.name} graph takes {', '.join(self.input_names(stochastic))} and "
+                f"gives {', '.join(self.output_names(num_outputs))})")
+
     # -- export (torch): the wrapper module
     def wrapper_class(self) -> type:
         """The torch module exported for this kind (imports torch)."""
@@ -159,6 +181,11 @@ def time_dims(time_input: str) -> tuple[int, ...]:
     """Trailing dims of a ``unet`` graph's ``t`` after the batch: none for the index t, (2,) for the
     "scaled" pair (ᾱ_t·T, β̄_t·T) (rddm_infer.diffusion.schedule.TIME_INPUTS)."""
     return (2,) if time_input == "scaled" else ()
+
+
+def _rank(name: str, time_input: str) -> int:
+    """The rank of a contract input or output: images (B, C, H, W), t (B[, 2]), coef (n,), step_noise (K, B, C, H, W)."""
+    return {"t": 1 + len(time_dims(time_input)), "coef": 1, "step_noise": 5}.get(name, 4)
 
 
 def dynamic_axes(name: str) -> dict[int, str]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, asdict, replace
 
 from ..errors import CheckpointError, OptionError
 from .graph_kinds import GRAPH_KINDS, GraphKind, graph_kind
-from .schedule import DiffusionConfig, SamplingPlan
+from .schedule import DiffusionConfig, SamplingPlan, eta_problem
 
 META_KEY = "rddm"
 FORMAT = "rddm-infer/1"
@@ -60,6 +60,25 @@ def metadata_problem(d: dict) -> str:
     for ok, msg, value in checks:
         if not ok:
             return f"{msg}, got {value!r}"
+    return attention_problem(d.get("attention"))
+
+
+ATTENTION_KINDS = ("full", "linear")  # full: a tokens² matrix per head; linear: tokens × dim_head only
+ATTENTION_FIELDS = ("downscale", "heads", "dim_head", "channels", "count")
+
+
+def attention_problem(layers) -> str:
+    """What is wrong with an ``attention`` layout ('' when nothing or absent): a list of
+    {kind, downscale, heads, dim_head, channels, count}, as ``rddm_infer.model.attention_layout`` measures it."""
+    if layers is None:
+        return ""
+    if not isinstance(layers, list):
+        return f"attention must be a list, got {type(layers).__name__}"
+    for layer in layers:
+        if not isinstance(layer, dict) or layer.get("kind") not in ATTENTION_KINDS or not all(
+                _is_int(layer.get(k)) and 1 <= layer[k] <= 1 << 20 for k in ATTENTION_FIELDS):
+            return (f"attention entries need kind (full|linear) and positive integers "
+                    f"{', '.join(ATTENTION_FIELDS)}, got {repr(layer)[:120]}")
     return ""
 
 
@@ -80,6 +99,9 @@ class ArtifactMeta:
     # unet/step: the fewest steps within 0.05 dB of the best, measured (benchmarks.eval_denoise --steps);
     # the run-time default when set. None: not measured (older artifacts), ``steps`` is the default.
     recommended_steps: int | None = None
+    # Every attention layer, measured at export (ATTENTION_FIELDS): what the memory estimate of a tile reads
+    # (rddm_infer.restore.memory). None: an older artifact; the estimate then derives it from ``unet``.
+    attention: list | None = None
 
     def __post_init__(self):
         if self.graph not in GRAPH_KINDS:
@@ -117,6 +139,13 @@ class ArtifactMeta:
         """Steps when none are asked for: the measured recommendation, except where the kind bakes them in."""
         return self.recommended_steps if self.steps_recommended else self.steps
 
+    def contract_problem(self, inputs: dict, outputs: dict) -> str:
+        """What a loaded graph with these inputs / outputs ({name: (rank or None, dtype)}) breaks of its kind's
+        contract ('' when nothing): :meth:`GraphKind.contract_problem` with this artifact's facts."""
+        kind = self.kind
+        return kind.contract_problem(inputs, outputs, bool(kind.optional_inputs) and self.plan().stochastic,
+                                     self.num_outputs, self.diffusion.get("time_input", "index"))
+
     def plan(self, steps: int | None = None, eta: float | None = None) -> SamplingPlan:
         return SamplingPlan.create(self.config, self.default_steps if steps is None else steps,
                                    self.eta if eta is None else eta)
@@ -126,6 +155,8 @@ class ArtifactMeta:
         A step count asked for replaces the measured recommendation as the default."""
         if steps is None and eta is None:
             return self
+        if eta is not None and (problem := eta_problem(self.config, eta)):
+            raise OptionError(f"--{problem}")
         if self.kind.bakes_plan and ((steps is not None and steps != self.steps) or
                                      (eta is not None and eta != self.eta)):
             raise OptionError(f"this {self.graph} model has steps={self.steps} and eta={self.eta} built in; "

@@ -19,6 +19,8 @@ runtime samples with the checkpoint's own numbers (docs/OFFICIAL_VARIANTS.md).
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field, asdict
 
 import numpy as np
@@ -203,6 +205,19 @@ NUM_COEFS = len(COEF_NAMES)
 _C_RES, _C_EPS = COEF_NAMES.index("c_res"), COEF_NAMES.index("c_eps")
 
 
+def eta_problem(config: DiffusionConfig, eta: float, fixed_ok: bool = False) -> str:
+    """Why η cannot be sampled with ('' when it can): it must be a finite number in [0, 1] (above 1 the reference's
+    σ² can pass β̄²_next and the update takes the root of a negative number), and a restoration model's sampler
+    is deterministic, η = 0 (the reference forces it), so another η would be silently ignored. ``fixed_ok``:
+    accept any valid η there (it is then replaced by 0, as the reference does)."""
+    if not (isinstance(eta, numbers.Real) and math.isfinite(eta) and 0.0 <= eta <= 1.0):
+        return f"eta must be a finite number in [0, 1], got {eta}"
+    if config.condition and eta != 0 and not fixed_ok:
+        return (f"eta {eta} does not apply: this restoration model samples deterministically (eta 0, as the "
+                "reference RDDM does for restoration); eta is a generation-model option")
+    return ""
+
+
 @dataclass(frozen=True)
 class SamplingPlan:
     """Few-step reverse plan: one float64 coefficient row per step (see COEF_NAMES)."""
@@ -215,8 +230,9 @@ class SamplingPlan:
 
     @classmethod
     def create(cls, config: DiffusionConfig, steps: int = 5, eta: float = 0.0) -> "SamplingPlan":
-        if eta < 0:
-            raise ValueError("eta must be >= 0")
+        problem = eta_problem(config, eta, fixed_ok=True)
+        if problem:
+            raise ValueError(problem)
         if config.condition:
             eta = 0.0  # the reference forces a deterministic sampler for restoration
         s = Schedule.from_config(config)

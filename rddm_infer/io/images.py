@@ -23,6 +23,7 @@ import numpy as np
 
 from .atomic import write_bytes_atomic
 from ..errors import ImageError
+from .formats import check_quality, encode_params, is_lossy  # noqa: F401 (re-exported)
 from .headers import read_header
 from .storage import Uri, location, read_bytes, write_bytes
 
@@ -85,6 +86,15 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
         raise ImageError(f"{path}: unsupported sample type {pix.dtype}")
     check_float_range(pix, str(path))
     return Image(np.ascontiguousarray(apply_orientation(pix, exif_orientation(raw))), str(path))
+
+
+def decode_image_bytes(data: bytes, name: str | os.PathLike = "image") -> np.ndarray:
+    """Pixels of bytes we just encoded (a saved output read back, e.g. to measure the JPEG as written)."""
+    with quiet_stderr():
+        pix = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if pix is None:
+        raise ImageError(f"{name}: the encoded output does not decode")
+    return pix
 
 
 def _read_local(path: Path) -> np.ndarray:
@@ -283,10 +293,12 @@ def from_model(x: np.ndarray, like: Image, ext: str | None = None) -> np.ndarray
 
 # ------------------------------------------------------------------------------------------ writing
 
-def encode_image(pixels: np.ndarray, ext: str) -> bytes:
+def encode_image(pixels: np.ndarray, ext: str, quality: int | None = None) -> bytes:
+    """Encoded file bytes by extension (any case); ``quality`` 1-100 for JPEG / WebP (None: JPEG 95, WebP lossless)."""
     ext = ext if ext.startswith(".") else "." + ext
+    params = encode_params(ext, quality, cv2)
     try:
-        ok, buf = cv2.imencode(ext.lower(), pixels)
+        ok, buf = cv2.imencode(ext.lower(), pixels, params)
     except cv2.error as e:
         raise ImageError(f"cannot encode {pixels.dtype} {pixels.shape} as {ext} ({str(e).strip().splitlines()[-1]})") \
             from None

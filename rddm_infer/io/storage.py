@@ -36,13 +36,15 @@ INSTALL = "pip install 'rddm-infer[storage]'"
 
 class Uri:
     """An object in a store: ``scheme://bucket/key``. ``str()`` is what error lines show (no query);
-    :attr:`uri` is the whole URI, query included, for rebuilding it elsewhere (a Ray worker)."""
+    :attr:`uri` is the whole URI, query included. The key is kept exactly as given or listed (a store key
+    is a name, not a path: ``a//b``, ``a/./b`` and ``a/../b`` are three other objects than ``a/b``);
+    between processes a Uri travels as its fields (:func:`to_fields`), never as a string to re-parse."""
 
     __slots__ = ("scheme", "path", "query")
 
     def __init__(self, scheme: str, path: str, query: str = ""):
         self.scheme, self.query = scheme.lower(), query
-        self.path = posixpath.normpath(path.strip("/")) if path.strip("/") else ""
+        self.path = path.strip("/")
 
     # -- naming (pure)
     @property
@@ -62,11 +64,14 @@ class Uri:
         return Uri(self.scheme, posixpath.dirname(self.path), self.query)
 
     def __truediv__(self, other: str | os.PathLike) -> "Uri":
+        """``prefix/other``, joined as text (never normalised; the bucket stays the first segment)."""
         rel = PurePosixPath(other).as_posix() if not isinstance(other, str) else other
-        return Uri(self.scheme, posixpath.join(self.path, rel.lstrip("/")), self.query)  # never leaves the bucket
+        if rel in ("", "."):
+            return self
+        return Uri(self.scheme, f"{self.path}/{rel.lstrip('/')}" if self.path else rel, self.query)
 
     def with_suffix(self, suffix: str) -> "Uri":
-        return self.parent / (self.stem + suffix)
+        return Uri(self.scheme, self.path[:len(self.path) - len(self.name)] + self.stem + suffix, self.query)
 
     def relative_to(self, base: "Uri") -> PurePosixPath:
         if not contains(base, self):
@@ -121,25 +126,55 @@ class Uri:
 
 
 def location(item: str | os.PathLike | Uri) -> Path | Uri:
-    """A path the user typed -> ``Path`` (plain paths, ``file://`` URIs) or :class:`Uri` (any other scheme)."""
+    """A path the user typed -> ``Path`` (plain paths, ``file://`` URIs) or :class:`Uri` (any other scheme).
+    In a typed URI ``?`` starts the store options (``?endpoint_override=...``); ``#`` is part of the key."""
     if isinstance(item, (Path, Uri)):
         return item
     s = os.fspath(item)
     m = _SCHEME.match(s)
     if not m:
         return Path(s)
-    parts = urlsplit(s)
+    parts = urlsplit(s, allow_fragments=False)
     if m[1].lower() == "file":
         return Path(url2pathname(unquote(parts.path)))
     if "@" in parts.netloc:  # error lines, --json and run.json print locations: keep secrets out of them
         shown = f"{m[1]}://…@{parts.netloc.rsplit('@', 1)[1]}{parts.path}"
         raise RDDMError(f"{shown}: credentials in a URI would be printed with every file name; give them in the "
                         f"environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
-    return Uri(m[1], parts.netloc + parts.path, parts.query)
+    uri = Uri(m[1], parts.netloc + parts.path, parts.query)
+    bad = odd_key(uri)
+    if bad:
+        raise RDDMError(bad)
+    return uri
+
+
+def odd_key(uri: Uri) -> str:
+    """Why pyarrow cannot address this key exactly ("" when it can). Its S3 client refuses an empty segment
+    (``a//b``) and rewrites ``.`` and ``..`` segments in every request (measured: reading ``in/sub/../x.png``
+    reads ``in/x.png``, writing ``out/./x.png`` writes ``out/x.png``), so such a key would read or overwrite
+    another object: it is refused, never normalised."""
+    segments = uri.path.split("/")[1:]  # the bucket is the first
+    odd = next((s for s in segments if s in ("", ".", "..")), None)
+    if odd is None:
+        return ""
+    what = "an empty" if odd == "" else f"a {odd!r}"
+    return (f"{uri}: the key has {what} path segment, which the store client (pyarrow) would turn into another "
+            f"key; rename the object")
+
+
+def to_fields(loc: Path | Uri) -> tuple[str, str, str]:
+    """``(scheme, path, query)``; a local path is ``("", path, "")``. With :func:`from_fields`, how a location
+    crosses a process boundary (a Ray row) without being printed and parsed again."""
+    return (loc.scheme, loc.path, loc.query) if isinstance(loc, Uri) else ("", os.fspath(loc), "")
+
+
+def from_fields(scheme: str, path: str, query: str = "") -> Path | Uri:
+    return Uri(scheme, path, query) if scheme else Path(path)
 
 
 def to_str(loc: str | os.PathLike | Uri) -> str:
-    """The inverse of :func:`location` (a Uri keeps its query), for passing a location between processes."""
+    """What :func:`location` parses back (a Uri keeps its query): for a command line or a record. A listed key
+    may hold ``?`` or ``#``, which a parse would split off: between processes use :func:`to_fields`."""
     return loc.uri if isinstance(loc, Uri) else str(loc)
 
 
@@ -228,6 +263,17 @@ def write_bytes(uri: Uri, data: bytes | memoryview) -> Uri:
     except OSError as e:
         raise ImageError(f"{uri}: cannot write ({_cause(e)})") from None
     return uri
+
+
+def modified(loc: Path | Uri) -> float | None:
+    """When a file or object was last written (seconds since the epoch), or None where there is none."""
+    try:
+        if isinstance(loc, Path):
+            return loc.stat().st_mtime
+        t = filesystem(loc).get_file_info(loc.path).mtime
+    except (OSError, RDDMError):
+        return None
+    return t.timestamp() if t is not None else None
 
 
 def delete(uri: Uri) -> None:

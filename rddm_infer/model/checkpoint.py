@@ -292,6 +292,10 @@ def load_checkpoint(path: str | os.PathLike, *, objective: str | None = None, su
                                   f"{dmeta.get('condition')})")
         diffusion = _config(path, **{k: v for k, v in dmeta.items() if k in DiffusionConfig.__dataclass_fields__})
         info = {k: meta[k] for k in ("weights", "step") if k in meta}
+        rec = meta.get("recommended_steps")
+        if rec is not None and not (isinstance(rec, int) and not isinstance(rec, bool) and rec >= 1):
+            raise CheckpointError(f"{path}: recommended_steps must be a positive integer, got {rec!r}")
+        info["recommended_steps"] = rec  # measured on this network; export and the torch backend keep it
     else:
         obj = _torch_load(path)
         sd, info = _unwrap_reference(obj, use_ema)
@@ -300,6 +304,7 @@ def load_checkpoint(path: str | os.PathLike, *, objective: str | None = None, su
         sd = {k: v for k, v in sd.items() if k not in _BUFFERS}
         # the file cannot say; stated wherever the model is described
         info["time_input"] = time_input_note(diffusion.time_input)
+    _check_float(sd, path)
     sd, unet, unused = _second_unet(sd, unet, path) if second_unet else _fit_outputs(sd, unet, diffusion, path)
     _check_time_input(unet, diffusion, path)
     info.update(unused)
@@ -310,6 +315,15 @@ def load_checkpoint(path: str | os.PathLike, *, objective: str | None = None, su
         first = str(e).strip().splitlines()
         raise CheckpointError(f"{path}: weights do not fit the inferred architecture ({first[0][:200]})") from None
     return LoadedModel(net.eval().to(device), unet, diffusion, str(path), {k: v for k, v in info.items() if v is not None})
+
+
+def _check_float(sd: dict, path) -> None:
+    """Refuse integer / bool / complex weights: casting them to float32 would load a truncated (often all-zero,
+    identity-restoring) network that every later check agrees with."""
+    for name, v in sd.items():
+        if not v.is_floating_point():
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {str(v.dtype).removeprefix('torch.')}; "
+                                  "RDDM weights must be floating point (float32 / float16 / bfloat16 / float64)")
 
 
 def _torch_load(path: Path):
@@ -353,11 +367,23 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
 def save_checkpoint(path: str | os.PathLike, net: torch.nn.Module, unet: UNetConfig, diffusion: DiffusionConfig,
                     **info) -> Path:
     """Write weights + settings as one self-describing safetensors file (atomically), and a JSON beside it."""
-    from safetensors.torch import save
-
-    path = Path(path)
     meta = {"format": FORMAT, "unet": unet.to_dict(), "diffusion": diffusion.to_dict(), **info}
     sd = {k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}
+    return _write_safetensors(Path(path), sd, meta)
+
+
+def stamp_checkpoint(path: str | os.PathLike, **info) -> Path:
+    """Add measured facts (``recommended_steps``) to one of our checkpoints; the weights are kept bit for bit."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: only rddm-train's .safetensors checkpoints can be stamped")
+    sd, meta = _read_safetensors(path)
+    return _write_safetensors(path, sd, {**meta, **info})
+
+
+def _write_safetensors(path: Path, sd: dict, meta: dict) -> Path:
+    from safetensors.torch import save
+
     # Serialised in memory and written by our own atomic writer: safetensors >= 0.7 writes through a private
     # `.tmpXXXXXX` file of its own, which a run killed mid-checkpoint would leave behind.
     write_bytes_atomic(path, save(sd, metadata={META_KEY: json.dumps(meta)}))

@@ -232,6 +232,32 @@ def use_sdpa(model: nn.Module, enabled: bool = True) -> nn.Module:
     return model
 
 
+def attention_layout(net: nn.Module, size_multiple: int) -> list[dict]:
+    """Every attention of ``net`` as the runtime's memory estimate needs it (the artifact's ``attention``
+    metadata): kind (full: a tokens² matrix per head; linear), the input's downscale, heads, dim_head,
+    channels and how many such layers. Measured by one small forward pass, so it states what the network
+    does, not a convention about where UnetRes puts which attention."""
+    side = 2 * max(int(size_multiple), 1)
+    seen: list[tuple] = []
+
+    def record(m, inputs, _out):
+        x = inputs[0]
+        kind = "full" if isinstance(m, Attention) else "linear"
+        seen.append((kind, side // x.shape[-1], m.heads, m.to_qkv.out_channels // (3 * m.heads), x.shape[1]))
+
+    p = next(net.parameters())
+    hooks = [m.register_forward_hook(record) for m in net.modules() if isinstance(m, _QKVAttention)]
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, net.config.in_channels, side, side, device=p.device, dtype=p.dtype),
+                torch.zeros(1, device=p.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    keys = ("kind", "downscale", "heads", "dim_head", "channels")
+    return [dict(zip(keys, k), count=seen.count(k)) for k in sorted(set(seen))]
+
+
 def _attn(dim, cfg):
     return Residual(PreNorm(dim, LinearAttention(dim, cfg.heads, cfg.dim_head)))
 

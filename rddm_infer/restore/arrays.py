@@ -20,16 +20,21 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from ..backends.base import Runner
-from ..backends.select import Choice, load_runner, resolve_model
+from ..backends.calibrate import measured_runner
+from ..backends.select import Choice, resolve_model
 from ..diffusion.engine_sampler import EngineSampler, Noise
 from ..errors import ImageError, OptionError, RDDMError
 from ..io.images import Image, check_float_range, from_model, to_model
+from .memory import fit_tile
+from .mode import AUTO, Mode, choose_mode
+from .noise_estimate import estimate_noise
 from .tiling import (DEFAULT_OVERLAP, DEFAULT_TILE, ENSEMBLE_SIZES, ENSEMBLE_VIEWS, MAX_PIXEL_SHUFFLE, Tile,
                      from_view, pad_to_multiple, run_tiled, shuffle_index, shuffle_merge, shuffle_split, to_view)
 
@@ -37,12 +42,19 @@ class ImageRestorer:
     """One model on one backend, with the sampling and tiling settings used for every image."""
 
     def __init__(self, model: str | os.PathLike | Runner | None = None, backend: str = "auto", *,
-                 steps: int | None = None, eta: float | None = None, seed: int | None = 0, tile: int = DEFAULT_TILE,
-                 overlap: int = DEFAULT_OVERLAP, batch: int = 1, pixel_shuffle: int = 1, self_ensemble: int = 1,
-                 **backend_options):
-        if isinstance(pixel_shuffle, bool) or not isinstance(pixel_shuffle, (int, np.integer)) or \
-                not 1 <= pixel_shuffle <= MAX_PIXEL_SHUFFLE:
-            raise RDDMError(f"--pixel-shuffle {pixel_shuffle}: must be an integer from 1 (off) to {MAX_PIXEL_SHUFFLE}")
+                 steps: int | None = None, eta: float | None = None, seed: int | None = 0, tile: int | None = None,
+                 overlap: int = DEFAULT_OVERLAP, batch: int = 1, pixel_shuffle: int | str = "auto", self_ensemble: int = 1,
+                 model_copies: int = 1, **backend_options):
+        """``tile`` None: DEFAULT_TILE, or the largest tile that fits in memory (``memory_note`` says so); a
+        ``tile`` given that does not fit is refused (:mod:`rddm_infer.restore.memory`). ``model_copies``: how many
+        copies of this model share this machine's memory (Ray workers on one node). ``pixel_shuffle="auto"``:
+        chosen per image from its own noise (:mod:`rddm_infer.restore.mode`), with the steps that mode restores
+        best in unless ``steps`` is given."""
+        if pixel_shuffle != AUTO and (isinstance(pixel_shuffle, bool) or
+                                      not isinstance(pixel_shuffle, (int, np.integer)) or
+                                      not 1 <= pixel_shuffle <= MAX_PIXEL_SHUFFLE):
+            raise RDDMError(f"--pixel-shuffle {pixel_shuffle}: must be auto or an integer from 1 (off) to "
+                            f"{MAX_PIXEL_SHUFFLE}")
         if isinstance(self_ensemble, bool) or self_ensemble not in ENSEMBLE_SIZES:
             raise RDDMError(f"--self-ensemble {self_ensemble}: must be 1 (off), 2, 4 or 8")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
@@ -53,17 +65,23 @@ class ImageRestorer:
                 raise OptionError(f"option {given[0]!r} does not apply to an already loaded runner")
             self.runner, self.choice = model, Choice(model.name, Path(getattr(model, "path", "")), reason="given")
         else:
-            self.runner, self.choice = load_runner(resolve_model(model, backend), backend, **backend_options)
+            self.runner, self.choice = measured_runner(resolve_model(model, backend), backend, **backend_options)
         self.sampler = EngineSampler(self.runner)
         self.plan = self.sampler.plan(steps, eta)
+        self.steps_given = steps is not None
+        self._plans: dict[int, object] = {}  # a mode's own step count -> its plan
         self.seed = seed
         self.multiple = max(int(self.meta.size_multiple), 1)
-        if tile < self.multiple:
+        if tile is not None and tile < self.multiple:
             raise RDDMError(f"--tile {tile} is smaller than the model's size multiple {self.multiple}")
-        if overlap < 0 or batch < 1:
-            raise RDDMError("--tile-overlap must be >= 0 and --batch >= 1")
+        if overlap < 0 or batch < 1 or model_copies < 1:
+            raise RDDMError("--tile-overlap must be >= 0, --batch >= 1 and model_copies >= 1")
+        # Before any image is read: a tile whose engine call would not fit in memory ends in the OOM killer.
+        tile, self.memory_note = fit_tile(self.runner, tile, DEFAULT_TILE, batch=batch, copies=model_copies,
+                                          multiple=self.multiple)
         self.tile, self.overlap, self.batch = tile, overlap, batch
-        self.pixel_shuffle, self.self_ensemble = int(pixel_shuffle), int(self_ensemble)
+        self.pixel_shuffle = AUTO if pixel_shuffle == AUTO else int(pixel_shuffle)
+        self.self_ensemble = int(self_ensemble)
 
     @property
     def meta(self):
@@ -90,40 +108,59 @@ class ImageRestorer:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- model space
-    def _prepare(self, img: Image) -> tuple[np.ndarray, Noise]:
-        x = pad_to_multiple(to_model(img, self.meta.channels), self.multiple * self.pixel_shuffle)
-        return x, Noise.draw(self.plan, x.shape, self.seed)
+    # -- the mode of one image
+    def mode_for(self, img: Image) -> Mode:
+        """How this image is restored: the settings given, or (``pixel_shuffle="auto"``) the mode its own blind
+        noise estimate calls for; ``steps`` given always wins, and so does a step count baked into the graph."""
+        if self.pixel_shuffle != AUTO:
+            return Mode("given", self.pixel_shuffle, None)
+        mode = choose_mode(estimate_noise(img.pixels))
+        if self.steps_given or self.meta.kind.bakes_plan:
+            mode = replace(mode, steps=None)
+        return mode
 
-    def padded_size(self, img: Image) -> tuple[int, int]:
-        m = self.multiple * self.pixel_shuffle
+    def plan_for(self, mode: Mode):
+        """The sampling plan of a mode: its own step count, else the run's plan."""
+        if mode.steps is None or mode.steps == self.plan.k:
+            return self.plan
+        if mode.steps not in self._plans:
+            self._plans[mode.steps] = self.sampler.plan(mode.steps, self.plan.eta)
+        return self._plans[mode.steps]
+
+    # -- model space
+    def _prepare(self, img: Image, mode: Mode) -> tuple[np.ndarray, Noise]:
+        x = pad_to_multiple(to_model(img, self.meta.channels), self.multiple * mode.pixel_shuffle)
+        return x, Noise.draw(self.plan_for(mode), x.shape, self.seed)
+
+    def padded_size(self, img: Image, mode: Mode | None = None) -> tuple[int, int]:
+        m = self.multiple * (mode or self.mode_for(img)).pixel_shuffle
         return tuple(-(-s // m) * m for s in img.size)
 
-    def _parts(self, x: np.ndarray, noise: Noise) -> list[tuple[np.ndarray, Noise]]:
+    def _parts(self, x: np.ndarray, noise: Noise, s: int) -> list[tuple[np.ndarray, Noise]]:
         """What the network runs on for one padded image (and its noise): per self-ensemble view, the s² sub-images
         of every s-th pixel; just the image when both are off."""
-        s, out = self.pixel_shuffle, []
+        out = []
         for view in ENSEMBLE_VIEWS[:self.self_ensemble]:
             xv, nv = to_view(x, view), noise.map(lambda a, v=view: to_view(a, v))
             out += [(xv, nv)] if s == 1 else list(zip(shuffle_split(xv, s), (nv.crop(i) for i in shuffle_index(s))))
         return out
 
-    def _merge(self, ys: list[np.ndarray]) -> np.ndarray:
+    def _merge(self, ys: list[np.ndarray], s: int) -> np.ndarray:
         """The inverse of ``_parts``: sub-images interleaved back, views turned back and averaged."""
-        n = self.pixel_shuffle ** 2
-        views = [from_view(y[0] if n == 1 else shuffle_merge(y, self.pixel_shuffle), v)
+        n = s ** 2
+        views = [from_view(y[0] if n == 1 else shuffle_merge(y, s), v)
                  for v, y in zip(ENSEMBLE_VIEWS, (ys[k:k + n] for k in range(0, len(ys), n)))]
         return views[0] if len(views) == 1 else np.mean(views, axis=0, dtype=np.float32)
 
     def _fits(self, x: np.ndarray) -> bool:
         return max(x.shape[-2:]) <= self.tile
 
-    def _run(self, xb: np.ndarray, noises: list[Noise]) -> np.ndarray:
-        return self.sampler.run(xb, self.plan, Noise.stack(noises))
+    def _run(self, xb: np.ndarray, noises: list[Noise], plan) -> np.ndarray:
+        return self.sampler.run(xb, plan, Noise.stack(noises))
 
-    def _restore_tiled(self, x: np.ndarray, noise: Noise, on_tile=None) -> np.ndarray:
+    def _restore_tiled(self, x: np.ndarray, noise: Noise, plan, on_tile=None) -> np.ndarray:
         def fn(xb: np.ndarray, tiles: list[Tile]) -> np.ndarray:
-            return self._run(xb, [noise.crop((slice(None), *t.slices)) for t in tiles])
+            return self._run(xb, [noise.crop((slice(None), *t.slices)) for t in tiles], plan)
 
         return run_tiled(fn, x, tile=self.tile, overlap=self.overlap, multiple=self.multiple, batch=self.batch,
                          on_tile=on_tile)
@@ -138,30 +175,36 @@ class ImageRestorer:
                               f"nothing was written (a broken model or an fp16 overflow)")
         return from_model(y, img, ext)
 
-    def _run_parts(self, parts: list[list[tuple[np.ndarray, Noise]]], on_tile=None) -> list[list[np.ndarray]]:
-        """Run every image's parts (``_parts``): same-shape small ones batched together, large ones tiled."""
+    def _run_parts(self, parts: list[list[tuple[np.ndarray, Noise]]], plans: list, on_tile=None) \
+            -> list[list[np.ndarray]]:
+        """Run every image's parts (``_parts``) with its plan: same-shape small ones of one plan batched together,
+        large ones tiled."""
         ys: list[list] = [[None] * len(p) for p in parts]
         groups: dict[tuple, list[tuple[int, int]]] = {}
         for i, image_parts in enumerate(parts):
             for j, (x, noise) in enumerate(image_parts):
                 if self._fits(x):
-                    groups.setdefault(x.shape, []).append((i, j))
+                    groups.setdefault((x.shape, id(plans[i])), []).append((i, j))
                 else:
-                    ys[i][j] = self._restore_tiled(x, noise, on_tile)
+                    ys[i][j] = self._restore_tiled(x, noise, plans[i], on_tile)
         for idx in groups.values():
             for k in range(0, len(idx), self.batch):
                 chunk = idx[k:k + self.batch]
-                out = self._run(np.stack([parts[i][j][0] for i, j in chunk]), [parts[i][j][1] for i, j in chunk])
+                out = self._run(np.stack([parts[i][j][0] for i, j in chunk]), [parts[i][j][1] for i, j in chunk],
+                                plans[chunk[0][0]])
                 for (i, j), y in zip(chunk, out):
                     ys[i][j] = y
         return ys
 
     def restore_each(self, images: Sequence[Image], ext: str | None = None,
-                      on_tile: Callable[[int, int], None] | None = None) -> list[np.ndarray | ImageError]:
-        """Restore several decoded images; same-size small ones run as one batch, large ones tiled.
-        Each entry is the restored pixels or the error of that image alone."""
-        ys = self._run_parts([self._parts(*self._prepare(img)) for img in images], on_tile)
-        return [self._finish(self._merge(y), img, ext) for y, img in zip(ys, images)]
+                     on_tile: Callable[[int, int], None] | None = None,
+                     modes: Sequence[Mode] | None = None) -> list[np.ndarray | ImageError]:
+        """Restore several decoded images (in ``modes``, default: :meth:`mode_for` each); same-size small ones
+        run as one batch, large ones tiled. Each entry is the restored pixels or the error of that image alone."""
+        modes = list(modes) if modes is not None else [self.mode_for(img) for img in images]
+        parts = [self._parts(*self._prepare(img, m), m.pixel_shuffle) for img, m in zip(images, modes)]
+        ys = self._run_parts(parts, [self.plan_for(m) for m in modes], on_tile)
+        return [self._finish(self._merge(y, m.pixel_shuffle), img, ext) for y, img, m in zip(ys, images, modes)]
 
     def restore_images(self, images: Sequence[Image], ext: str | None = None,
                        on_tile: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
@@ -180,7 +223,7 @@ class ImageRestorer:
 
         ``noise``: explicit noise instead of the seed (``Noise.given(restorer.plan, eps)``), shaped
         like the padded model-space image (C, H', W') with H', W' rounded up to ``size_multiple`` (times
-        ``pixel_shuffle``);
+        ``pixel_shuffle``; with ``pixel_shuffle="auto"`` the image is restored whole with the run's plan);
         only for images that are not tiled."""
         if pixels is None:
             raise ImageError("expected an image array, got None (did cv2.imread fail to read the file?)")
@@ -194,14 +237,16 @@ class ImageRestorer:
         check_float_range(pixels, "restore_array")
         img = Image(pixels[..., 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels)
         ext = ".png" if pixels.dtype != np.float32 else ".tif"
-        if noise is not None:
-            x, _ = self._prepare(img)
-            noise.check(self.plan, x.shape)
-            parts = self._parts(x, noise)
+        if noise is not None:  # another run's noise: its plan, and no per-image mode to second-guess it
+            mode = self.mode_for(img) if self.pixel_shuffle != AUTO else Mode("given", 1, None)
+            x, _ = self._prepare(img, mode)
+            plan = self.plan_for(mode)
+            noise.check(plan, x.shape)
+            parts = self._parts(x, noise, mode.pixel_shuffle)
             if not self._fits(parts[0][0]):
                 raise RDDMError(f"explicit noise needs an untiled image: {parts[0][0].shape[1:]} exceeds tile "
                                 f"{self.tile}")
-            out = self._finish(self._merge(self._run_parts([parts])[0]), img, ext)
+            out = self._finish(self._merge(self._run_parts([parts], [plan])[0], mode.pixel_shuffle), img, ext)
             if isinstance(out, ImageError):
                 raise out
         else:

@@ -23,7 +23,7 @@ from ..io.atomic import remove_stale_temps
 from ..errors import ImageError, RDDMError
 from ..io.images import IMAGE_EXTS, Image, is_complete_image, read_image, to_model, write_atomic
 from ..metrics import psnr, ssim
-from ..io.storage import Uri, contains, delete, glob_uri, list_files, location
+from ..io.storage import Uri, contains, delete, glob_uri, list_files, location, odd_key
 
 
 @dataclass
@@ -40,7 +40,8 @@ class Result:
     status: str  # restored | failed | skipped
     error: str = ""
     seconds: float = 0.0
-    metrics: dict | None = None
+    metrics: dict | None = None  # psnr, ssim of the file as saved; psnr_in of the input (with --gt)
+    mode: str = ""  # how this image was restored, when chosen per image (e.g. "pixel-shuffle 2, 1 step: ...")
 
 
 @dataclass
@@ -65,7 +66,8 @@ class Summary:
 
     def mean_metrics(self) -> dict[str, float]:
         rows = [r.metrics for r in self.results if r.metrics]
-        return {k: float(np.mean([m[k] for m in rows])) for k in ("psnr", "ssim")} if rows else {}
+        keys = [k for k in ("psnr", "ssim", "psnr_in") if all(k in m for m in rows)]
+        return {k: float(np.mean([m[k] for m in rows])) for k in keys} if rows else {}
 
     def line(self) -> str:
         return (f"restored {self.count('restored')}, failed {self.count('failed')}, "
@@ -129,7 +131,8 @@ def collect_inputs(inputs: Sequence[str | os.PathLike], recursive: bool = False,
     seen: set[Path] = set()
     skip = location(exclude).resolve() if exclude is not None else None
 
-    def add(p: Path, rel: Path | None = None, error: str = ""):
+    def add(p: Path | Uri, rel: Path | None = None, error: str = ""):
+        error = error or (odd_key(p) if isinstance(p, Uri) else "")  # a listed key pyarrow cannot address exactly
         key = p.resolve() if not error else p
         if key not in seen:
             seen.add(key)
@@ -145,7 +148,7 @@ def collect_inputs(inputs: Sequence[str | os.PathLike], recursive: bool = False,
                 add(p, error=f"{p}: no images found in this folder (extensions {', '.join(IMAGE_EXTS)}"
                              f"{'' if recursive else '; -r descends into subfolders'})")
             for f in found:
-                add(f, f.relative_to(p))
+                add(f, f.relative_to(p))  # a key kept (no empty, . or .. segment) has the same text as a path
         elif kind == "glob":
             if not found:
                 add(p, error=f"{p if isinstance(p, Uri) else item}: no images found (no files match this pattern)")
@@ -182,24 +185,29 @@ def plan_outputs(jobs: list[Job], out_dir: str | os.PathLike, suffix: str = "", 
     """Destination of each job: ``out_dir/[subfolders/]stem+suffix.ext``; never an input, never shared."""
     check_suffix(suffix)
     out_dir = location(out_dir)
-    inputs = {j.src.resolve() for j in jobs if not j.error}
-    taken: dict[Path, Path] = {}
+    # Compared without case: on a case-insensitive file system (macOS, Windows) x.JPG and x.jpg are one file.
+    inputs = {_fold(j.src.resolve()) for j in jobs if not j.error}
+    taken: dict[str, Path] = {}
     for j in jobs:
         if j.error:
             continue
-        e = (ext if ext.startswith(".") else "." + ext).lower() if ext else j.src.suffix.lower()
-        if e not in IMAGE_EXTS:
+        e = (ext if ext.startswith(".") else "." + ext) if ext else j.src.suffix  # the input's case is kept
+        if e.lower() not in IMAGE_EXTS:
             j.error = f"{j.src}: unsupported output format {e!r} (choose one of {', '.join(IMAGE_EXTS)})"
             continue
         parent = out_dir / j.rel.parent if j.rel is not None else out_dir
         j.dst = parent / f"{j.src.stem}{suffix}{e}"
-        key = j.dst.resolve()
+        key = _fold(j.dst.resolve())
         if key in inputs:
             j.error = f"{j.src}: output {j.dst} would overwrite an input; choose another -o or a --suffix"
         elif key in taken:
             j.error = f"{j.src}: output {j.dst} is also the output of {taken[key]}; use --suffix or --ext"
         else:
             taken[key] = j.src
+
+
+def _fold(p) -> str:
+    return str(p).casefold()
 
 
 def check_suffix(suffix: str) -> None:
@@ -252,22 +260,35 @@ def find_gt(gt_dir: Path | Uri, job: Job) -> Path | Uri | None:
     return None
 
 
-def image_metrics(restored: np.ndarray, gt_path: Path | Uri) -> dict[str, float]:
+def image_metrics(restored: np.ndarray, gt_path: Path | Uri, noisy: np.ndarray | None = None) -> dict[str, float]:
+    """PSNR / SSIM of ``restored`` against the ground truth, and the input's PSNR (``psnr_in``) when given."""
     a = (to_model(Image(restored)) + 1) * 0.5
     b = (to_model(read_image(gt_path)) + 1) * 0.5
     if a.shape != b.shape:
         raise ImageError(f"{gt_path}: ground truth is {b.shape[2]}×{b.shape[1]}, the output {a.shape[2]}×{a.shape[1]}")
-    return {"psnr": psnr(a, b), "ssim": ssim(a, b)}
+    out = {"psnr": psnr(a, b), "ssim": ssim(a, b)}
+    if noisy is not None:
+        out["psnr_in"] = psnr((to_model(Image(noisy)) + 1) * 0.5, b)
+    return out
+
+
+def _num(v: float | None, digits: int) -> str:
+    return "" if v is None else f"{v:.{digits}f}"
 
 
 def write_metrics_csv(path: Path | Uri, summary: Summary) -> Path | Uri:
-    """file, psnr, ssim per image, then the means (written atomically)."""
+    """Per image: file, psnr, ssim (of the file as saved), psnr_in (the input's), gain_db, mode (when chosen per
+    image); then the means. Written atomically."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["file", "psnr", "ssim"])
+    w.writerow(["file", "psnr", "ssim", "psnr_in", "gain_db", "mode"])
     for r in summary.results:
         if r.metrics:
-            w.writerow([str(r.job.src), f"{r.metrics['psnr']:.4f}", f"{r.metrics['ssim']:.6f}"])
+            m = r.metrics
+            gain = m["psnr"] - m["psnr_in"] if "psnr_in" in m else None
+            w.writerow([str(r.job.src), _num(m["psnr"], 4), _num(m["ssim"], 6), _num(m.get("psnr_in"), 4),
+                        _num(gain, 4), r.mode])
     mean = summary.mean_metrics()
-    w.writerow(["mean", f"{mean['psnr']:.4f}", f"{mean['ssim']:.6f}"])
+    gain = mean["psnr"] - mean["psnr_in"] if "psnr_in" in mean else None
+    w.writerow(["mean", _num(mean["psnr"], 4), _num(mean["ssim"], 6), _num(mean.get("psnr_in"), 4), _num(gain, 4), ""])
     return write_atomic(path, buf.getvalue().encode())

@@ -21,7 +21,9 @@ import numpy as np
 
 from .arrays import ImageRestorer
 from ..errors import ImageError, RDDMError
-from ..io.images import DEFAULT_MAX_PIXELS, Image, encode_image, read_image, write_atomic
+from ..io.images import (DEFAULT_MAX_PIXELS, Image, check_quality, decode_image_bytes, encode_image, is_lossy,
+                         read_image, write_atomic)
+from .mode import Mode
 from .jobs import (Job, Result, Summary, find_gt, image_metrics,
                    is_done, prepare_jobs, write_metrics_csv)
 from ..io.storage import location
@@ -39,17 +41,18 @@ class Restorer:
     restore, write atomically under planned names, metrics; one bad file never stops a run."""
 
     def __init__(self, model=None, backend: str = "auto", *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 **options):
+                 quality: int | None = None, **options):
         if max_pixels is not None and max_pixels < 1:
             raise RDDMError(f"--max-pixels {max_pixels}: must be >= 1")
+        self.quality = check_quality(quality)  # JPEG / WebP outputs (None: JPEG 95, WebP lossless)
         self.arrays = ImageRestorer(model, backend, **options)
         self.max_pixels = max_pixels
 
     # The array core's settings, read through (the report and the CLI describe a run with them).
     runner, choice, sampler, plan, meta, engine, seed = map(
         _read_through, ("runner", "choice", "sampler", "plan", "meta", "engine", "seed"))
-    tile, overlap, batch, pixel_shuffle, self_ensemble = map(
-        _read_through, ("tile", "overlap", "batch", "pixel_shuffle", "self_ensemble"))
+    tile, overlap, batch, pixel_shuffle, self_ensemble, memory_note = map(
+        _read_through, ("tile", "overlap", "batch", "pixel_shuffle", "self_ensemble", "memory_note"))
 
     @property
     def backend(self) -> str:
@@ -81,7 +84,7 @@ class Restorer:
             raise ImageError(f"{dst}: the output would overwrite the input {src}; choose another name")
         img = read_image(src, self.max_pixels)
         y = self.restore_images([img], ext=dst.suffix)[0]
-        return write_atomic(dst, encode_image(y, dst.suffix))
+        return write_atomic(dst, encode_image(y, dst.suffix, self.quality))
 
     # -- folders
     def restore_paths(self, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, suffix: str = "",
@@ -111,7 +114,7 @@ class Restorer:
         return self._run_jobs(jobs, skip_existing, location(gt_dir) if gt_dir else None, on_tile)
 
     def _run_jobs(self, jobs: list[Job], skip_existing: bool, gt_dir: Path | None, on_tile) -> Iterator[Result]:
-        pending: list[tuple[Job, Image, float]] = []  # consecutive same-size small images, batched
+        pending: list[tuple[Job, Image, Mode, float]] = []  # consecutive same-size, same-mode small images, batched
         pending_key: list = [None]
 
         def flush() -> Iterator[Result]:
@@ -121,17 +124,18 @@ class Restorer:
             pending.clear()
             t = time.perf_counter()
             try:
-                ys = self.arrays.restore_each([img for _, img, _ in batch], ext=batch[0][0].dst.suffix, on_tile=on_tile)
+                ys = self.arrays.restore_each([img for _, img, _, _ in batch], ext=batch[0][0].dst.suffix,
+                                              on_tile=on_tile, modes=[m for _, _, m, _ in batch])
             except RDDMError as e:
-                for job, _, _ in batch:
+                for job, _, _, _ in batch:
                     yield Result(job, "failed", str(e))
                 return
             share = (time.perf_counter() - t) / len(batch)
-            for (job, _, t_read), y in zip(batch, ys):
+            for (job, img, mode, t_read), y in zip(batch, ys):
                 if isinstance(y, ImageError):
                     yield Result(job, "failed", str(y))
                 else:
-                    yield self._save(job, y, gt_dir, t_read + share)
+                    yield self._save(job, img, y, mode, gt_dir, t_read + share)
 
         for job in jobs:
             if job.error:
@@ -148,20 +152,22 @@ class Restorer:
                 yield from flush()
                 yield Result(job, "failed", str(e))
                 continue
-            key = (self.arrays.padded_size(img), job.dst.suffix)
+            mode = self.arrays.mode_for(img)
+            key = (self.arrays.padded_size(img, mode), job.dst.suffix, mode.pixel_shuffle, mode.steps)
             small = max(key[0]) <= self.tile
             if pending and (not small or key != pending_key[0]):
                 yield from flush()
-            pending.append((job, img, time.perf_counter() - t))
+            pending.append((job, img, mode, time.perf_counter() - t))
             pending_key[0] = key
             if not small or len(pending) >= self.batch:
                 yield from flush()
         yield from flush()
 
-    def _save(self, job: Job, y: np.ndarray, gt_dir: Path | None, seconds: float) -> Result:
+    def _save(self, job: Job, img: Image, y: np.ndarray, mode: Mode, gt_dir: Path | None, seconds: float) -> Result:
         t = time.perf_counter()
         try:
-            write_atomic(job.dst, encode_image(y, job.dst.suffix))
+            data = encode_image(y, job.dst.suffix, self.quality)
+            write_atomic(job.dst, data)
         except ImageError as e:
             return Result(job, "failed", f"{job.dst}: {e}" if str(job.dst) not in str(e) else str(e))
         metrics, err = None, ""
@@ -170,7 +176,10 @@ class Restorer:
             try:
                 if gt is None:
                     raise ImageError(f"{job.src}: no ground truth named {job.src.stem}.* in {gt_dir}")
-                metrics = image_metrics(y, gt)
+                # the file as saved: a lossy format measures what a reader of the output gets
+                saved = decode_image_bytes(data, job.dst) if is_lossy(job.dst.suffix, self.quality) else y
+                metrics = image_metrics(saved, gt, noisy=img.pixels)
             except (RDDMError, ValueError) as e:
                 err = str(e)
-        return Result(job, "restored", err, seconds + time.perf_counter() - t, metrics)
+        return Result(job, "restored", err, seconds + time.perf_counter() - t, metrics,
+                      mode.describe(self.arrays.plan_for(mode).k) if mode.label != "given" else "")

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def test_folder_with_good_and_broken_files(folder, model, tmp_path):
     assert len(errors) == 4
     for name, reason in BROKEN.items():
         assert any(name in e and reason in e for e in errors), (name, errors)
-    assert "backend: onnxruntime (CPUExecutionProvider)" in r.stderr
+    assert re.search(r"backend: (onnxruntime \(CPUExecutionProvider|openvino \(CPU)", r.stderr), r.stderr  # timed
     for name, (pix, shape, dtype) in GOOD.items():
         got = cv2.imdecode(np.fromfile(str(out / name), np.uint8), cv2.IMREAD_UNCHANGED)
         assert got.shape == shape and got.dtype == dtype, name
@@ -113,15 +114,44 @@ def test_json_summary_metrics_and_output_naming(tmp_path, model):
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
     assert (s["restored"], s["failed"], s["skipped"]) == (3, 0, 0)
-    assert s["images_per_s"] > 0 and s["backend"].startswith("onnxruntime")
+    assert s["images_per_s"] > 0 and s["backend"].startswith(("onnxruntime", "openvino"))  # auto: timed on first use
     assert sorted(Path(p).name for p in s["outputs"]) == ["im0_r.jpg", "im1_r.jpg", "im2_r.jpg"]
     means = s["metrics"]["mean"]
     rows = list(csv.reader((out / "metrics.csv").open()))
-    assert rows[0] == ["file", "psnr", "ssim"] and len(rows) == 5 and rows[-1][0] == "mean"
-    assert float(rows[-1][1]) == pytest.approx(means["psnr"], abs=1e-3)
+    assert rows[0] == ["file", "psnr", "ssim", "psnr_in", "gain_db", "mode"] and len(rows) == 5
+    assert rows[-1][0] == "mean" and float(rows[-1][1]) == pytest.approx(means["psnr"], abs=1e-3)
     per = [float(row[1]) for row in rows[1:4]]
     assert np.mean(per) == pytest.approx(means["psnr"], abs=1e-3) and 0 < means["ssim"] <= 1
     assert cv2.imread(str(out / "im0_r.jpg")).shape == (24, 24, 3)
+    for row in rows[1:4]:  # the PSNR of the JPEG as saved, and of the input, both against the ground truth
+        name = Path(row[0]).stem
+        want = [cv2.PSNR(cv2.imread(str(d / f)), cv2.imread(str(gt / f"{name}.png")))
+                for d, f in ((out, f"{name}_r.jpg"), (inp, f"{name}.png"))]
+        assert [float(row[1]), float(row[3])] == pytest.approx(want, abs=1e-3)
+        assert float(row[4]) == pytest.approx(float(row[1]) - float(row[3]), abs=2e-4)
+    assert "→" in r.stderr or s["metrics"]["mean"]["psnr_in"] > 0
+
+
+def test_quality_sets_the_jpeg_and_the_printed_psnr_is_the_saved_files(tmp_path, model):
+    inp, gt = tmp_path / "in", tmp_path / "gt"
+    inp.mkdir(), gt.mkdir()
+    clean = cv2.GaussianBlur(_px((32, 40, 3)), (5, 5), 1.5)
+    cv2.imwrite(str(gt / "a.png"), clean)
+    cv2.imwrite(str(inp / "a.JPG"), np.clip(clean.astype(int) + RNG.integers(-20, 21, clean.shape), 0, 255)
+                .astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 100])
+    got = {}
+    for q in (30, 95):
+        r = cli("restore", inp, "-o", tmp_path / f"q{q}", "--model", model, "--gt", gt, "--quality", q,
+                "--pixel-shuffle", 1)
+        assert r.returncode == 0, r.stderr
+        saved = tmp_path / f"q{q}" / "a.JPG"  # the input's extension, in its case
+        want = cv2.PSNR(cv2.imread(str(saved)), clean)
+        assert f"→ {want:.2f} dB" in r.stdout and "measured on the saved .jpg files (quality" in r.stdout, r.stdout
+        got[q] = saved.stat().st_size, want
+    assert got[30][0] < got[95][0] and got[30][1] != got[95][1]  # the tiny test model is random: no order of PSNRs
+    r = cli("restore", inp, "-o", tmp_path / "bad", "--model", model, "--quality", 0)
+    assert r.returncode == 2 and "--quality 0: must be an integer from 1 to 100" in r.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def test_never_overwrites_inputs(tmp_path, model):

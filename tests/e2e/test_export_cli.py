@@ -31,7 +31,7 @@ def test_reference_checkpoint_exports_validated_graphs(tmp_path):
     assert all(c["value"] <= c["limit"] for c in report["checks"])
     assert report["command"] == f"rddm-infer restore INPUT -o restored --model {path} --backend onnxruntime"
     meta = read_metadata(path)
-    assert meta.source == str(ckpt) and meta.extra["weights"] == "ema" and meta.diffusion["sum_scale"] == 0.01
+    assert meta.source == ckpt.name and meta.extra["weights"] == "ema" and meta.diffusion["sum_scale"] == 0.01
     assert [p.name for p in path.parent.iterdir()] == ["fused2_fp32.onnx"]  # no temp files left
 
     # the file the report points at really restores like the torch sampler

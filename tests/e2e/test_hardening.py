@@ -273,6 +273,7 @@ def test_non_interactive_runs_print_one_line_per_image(model, tmp_path):
 # ------------------------------------------------------------------------------- one-line errors
 
 def test_negative_seed_is_one_line(model, tmp_path):
+    _one_image(tmp_path)
     r = run("rddm-infer", "restore", tmp_path, "-m", model, "--seed", -1)
     assert r.returncode == 2 and "--seed -1: must be an integer >= 0" in one_line(r.stderr)
 
@@ -305,7 +306,9 @@ def _with_meta(src: Path, dst: Path, **changes) -> Path:
 ])
 def test_wrong_or_absurd_metadata_is_one_line_in_info_and_restore(model, tmp_path, changes, message):
     bad = _with_meta(model, tmp_path / "bad.onnx", **changes)
-    commands = [["info", bad]] + ([["restore", tmp_path, "-m", bad]] if "steps" in changes else [])  # restore: 3 cases
+    (tmp_path / "in").mkdir()
+    src = _one_image(tmp_path / "in")
+    commands = [["info", bad]] + ([["restore", src, "-m", bad]] if "steps" in changes else [])  # restore: 3 cases
     for args in commands:
         r = run("rddm-infer", *args)
         line = one_line(r.stderr)
@@ -354,12 +357,23 @@ def test_outputs_inside_the_input_folder_are_not_inputs_next_time(model, tmp_pat
     assert r.returncode == 0 and json.loads(r.stdout)["restored"] == 1, r.stderr
 
 
+def _one_image(folder: Path) -> Path:
+    """A real image in ``folder``: a test of an option or model error needs a run that would otherwise go ahead."""
+    import cv2
+    import numpy as np
+
+    cv2.imwrite(str(folder / "one.png"), np.full((8, 8, 3), 128, np.uint8))
+    return folder
+
+
 def test_an_empty_folder_or_imageless_glob_is_a_failure_that_says_so(model, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
-    for item in (tmp_path / "empty", f"{tmp_path}/empty/*.png"):
-        r = run("rddm-infer", "restore", item, "-o", tmp_path / "out", "-m", model)
-        assert r.returncode == 1 and "no images found" in r.stderr, r.stderr
+    for item in (tmp_path / "empty", f"{tmp_path}/empty/*.png", tmp_path / "no-such-folder"):
+        # before the model loads: a model that does not exist is not even opened
+        r = run("rddm-infer", "restore", item, "-o", tmp_path / "out", "-m", tmp_path / "missing.onnx")
+        assert r.returncode == 1 and ("no images found" in r.stderr or "no such" in r.stderr), r.stderr
+        assert "restored 0, failed 1, skipped 0" in r.stdout and "missing.onnx" not in r.stderr
 
 
 _KILL_AT_RENAME = """
@@ -539,6 +553,6 @@ def test_external_data_outside_the_model_folder_is_refused_before_onnx_runtime_r
     entry.value = "../secret.bin"
     (tmp_path / "models" / "evil.onnx").write_bytes(m.SerializeToString())
     for args in (["info", tmp_path / "models" / "evil.onnx"],
-                 ["restore", tmp_path, "-m", tmp_path / "models" / "evil.onnx"]):
+                 ["restore", _one_image(tmp_path), "-m", tmp_path / "models" / "evil.onnx"]):
         r = run("rddm-infer", *args)
         assert r.returncode == 2 and "'../secret.bin' lies outside the model's folder" in one_line(r.stderr)

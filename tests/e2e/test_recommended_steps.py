@@ -163,3 +163,40 @@ def test_steps_equal_to_t_say_that_the_reference_would_sample_otherwise():
     assert _steps_note(10, meta, 10) == "--steps 10; K = T runs the DDIM update, not the reference's p_sample_loop"
     assert _steps_note(None, meta, 1) == "1 step (the model's recommended)"
     assert "p_sample_loop" not in _steps_note(9, meta, 9)
+
+
+def test_export_keeps_the_recommended_steps_and_every_exact_backend_agrees_on_a_seed(sets, tmp_path):
+    """A stamped checkpoint exports graphs that default to its recommended steps, and the same seed gives the
+    same uint8 result (within 1/255) on onnxruntime, openvino f32 and torch at the defaults."""
+    from helpers.export import tiny_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path)
+    eval_denoise.write_recommended(ckpt, 2)
+    r = cli("info", ckpt)
+    assert r.returncode == 0 and "recommended: 2 (measured; the default)" in r.stdout, r.stdout + r.stderr
+    from helpers.cli import run
+
+    r = run("rddm-export", ckpt, "-o", tmp_path / "onnx", "-g", "step", "-g", "fused")
+    assert r.returncode == 0, r.stderr
+    assert "2 steps, the checkpoint's recommended" in r.stderr
+    assert (tmp_path / "onnx" / "fused2_fp32.onnx").is_file()  # K baked in = the recommendation
+    step = tmp_path / "onnx" / "step_fp32.onnx"
+    props = _props(step)
+    assert props["recommended_steps"] == 2 and props["source"] == ckpt.name  # no build-machine path
+    assert str(tmp_path) not in json.dumps(props)
+    r = _cli("info", step)
+    assert "recommended: 2 (measured; the default)" in r.stdout
+    runs = {"onnxruntime": ("--model", step), "torch": ("--model", ckpt, "--backend", "torch"),
+            "openvino": ("--model", step, "--backend", "openvino", "--precision", "fp32")}  # openvino: a dev extra
+    outs = {}
+    for name, args in runs.items():
+        r = cli("restore", sets / "pairs/noisy", "-o", tmp_path / name, "--seed", 7, *args)
+        assert r.returncode == 0, r.stderr
+        assert "2 steps (the model's recommended)" in r.stderr, (name, r.stderr)
+        outs[name] = np.stack([cv2.imread(str(tmp_path / name / f"p{i}.png")).astype(int) for i in range(2)])
+    for name, o in outs.items():
+        assert np.abs(o - outs["onnxruntime"]).max() <= 1, name
+    r = run("rddm-export", ckpt, "-o", tmp_path / "k5", "-g", "step", "--steps", 5, "--no-validate")
+    assert r.returncode == 0, r.stderr
+    assert "recommended_steps" not in _props(tmp_path / "k5" / "step_fp32.onnx") or \
+        _props(tmp_path / "k5" / "step_fp32.onnx")["recommended_steps"] is None  # an explicit K replaces it

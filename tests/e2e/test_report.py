@@ -143,7 +143,7 @@ def test_header_states_model_backend_seed_versions_and_speed(run):
     m = record["model"]
     assert (m["graph"], m["objective"], m["steps"], m["precision"]) == (meta.graph, meta.diffusion["objective"],
                                                                        meta.steps, meta.precision)
-    assert record["settings"]["seed"] == 3 and record["backend"].startswith("onnxruntime")
+    assert record["settings"]["seed"] == 3 and record["backend"].startswith(("onnxruntime", "openvino"))
     assert record["command"].startswith("rddm-infer restore ") and "--report" in record["command"]
     assert record["versions"]["onnxruntime"] and "torch" not in record["versions"]  # the CLI never imported it
     n = record["counts"]["restored"]
@@ -154,7 +154,8 @@ def test_header_states_model_backend_seed_versions_and_speed(run):
     raw = (out / "report.html").read_text()
     with open(out / "metrics.csv") as f:
         mean = [r for r in csv.DictReader(f) if r["file"] == "mean"][0]
-    assert f"PSNR {float(mean['psnr']):.2f} dB" in raw and f"{record['images_per_s']:.3f} images/s" in raw
+    assert f"PSNR {float(mean['psnr_in']):.2f} → {float(mean['psnr']):.2f} dB" in raw  # the gain, as printed
+    assert f"{record['images_per_s']:.3f} images/s" in raw
     assert f"{m['steps']} steps" in raw and m["objective"] in raw and "seed 3" in raw
 
 
@@ -195,7 +196,7 @@ def test_report_command_rebuilds_from_the_folder_and_its_metrics(run, tmp_path):
     assert [it["data-page"] for it in items] == ["1", "1", "2", "2", "3"]
     assert ["hidden" in it for it in items] == [False, False, True, True, True]
     assert len(page.all("button", **{"data-p": "3"})) == 2  # page navigation above and below
-    assert "PSNR 12.35 dB" in (copy / "report.html").read_text()
+    assert "→ 12.35 dB" in (copy / "report.html").read_text()  # input PSNR → the edited output PSNR
     assert not (copy / ".report" / "stale.jpg").exists()
     # a report that cannot be written is one line, and the old page stays whole
     before = (copy / "report.html").read_bytes()
