@@ -204,7 +204,8 @@ def main(argv=None):
                     help="restore's --self-ensemble (flipped / transposed views averaged; default 1: off)")
     ap.add_argument("--limit", type=int, default=None, help="first N images of each folder")
     ap.add_argument("--threads", type=int, default=None, help="backend intra-op threads (default: all cores)")
-    ap.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile size (the runtime's default unless given)")
+    ap.add_argument("--tile", type=int, default=None,
+                    help=f"tile size (default: the runtime's: {DEFAULT_TILE}, or the largest that fits in memory)")
     ap.add_argument("--anchor", nargs="+", choices=sorted(ANCHORS), default=[],
                     help="also score these classical denoisers on the same noisy files")
     ap.add_argument("--only-anchors", action="store_true", help="score the --anchor denoisers, not the model")
@@ -227,7 +228,8 @@ def main(argv=None):
         if not a.only_anchors:
             with Restorer(a.model, a.backend, steps=(a.steps or [None])[0], tile=a.tile, self_ensemble=a.self_ensemble,
                           **opts) as r:
-                print(f"model {a.model or 'built-in'} on {r.engine}, tile {a.tile}")
+                print(f"model {a.model or 'built-in'} on {r.engine}, tile {r.tile}"
+                      + (f" ({r.memory_note})" if r.memory_note else ""))
                 for k in a.steps or [None]:
                     r.plan = r.sampler.plan(k)  # same session, another step count
                     for ps in a.pixel_shuffle:

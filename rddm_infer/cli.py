@@ -470,7 +470,7 @@ def _calibrate(model: Path, backend: str, *, json_out: bool, **kw) -> None:
         if getattr(e, "table", None) is None:
             raise
         table, path = e.table, None
-        err.print(f"timing table not saved: {escape(str(e))} (--backend auto keeps its fixed rule)")
+        err.print(f"timing table not saved: {escape(str(e))} (--backend auto times the exact paths again on its next run)")
     if json_out:
         print(table.to_json(), end="")
         return

@@ -182,4 +182,4 @@ class Restorer:
             except (RDDMError, ValueError) as e:
                 err = str(e)
         return Result(job, "restored", err, seconds + time.perf_counter() - t, metrics,
-                      mode.describe(self.arrays.plan_for(mode).k) if mode.label != "given" else "")
+                      mode.describe(self.arrays.plan_for(mode).k) if mode.why else "")  # chosen: say why

@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,51 +16,17 @@ import numpy as np
 import pytest
 
 from helpers.cli import cli
+from helpers.ray_head import RAY_ENV, ray_head
 from rddm_infer.restore.ray_executor import size_pool
 from rddm_infer.errors import RDDMError
 
 pytestmark = pytest.mark.timeout(240)  # every test here talks to daemons: never let one hang CI
 
-# Loopback only (Ray otherwise listens on every interface), token auth with a token of our own (never
-# ~/.ray/auth_token, which other users' clusters share), no usage reporting.
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A 2-CPU Ray head on 127.0.0.1; `ray start` daemons ignore SIGTERM, so the whole process group
-    this fixture created is killed at the end, whatever happened."""
-    pytest.importorskip("ray", reason="Ray is not installed (pip install 'rddm-infer[cluster]')")
-    port = _free_port()
-    temp = Path(tempfile.mkdtemp(prefix="rddm-ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 chars
-    log = temp / "ray_start.log"
-    ray_bin = Path(sys.executable).with_name("ray")
-    cmd = [str(ray_bin), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-           "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}", "--block"]
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **RAY_ENV},
-                                start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while "Ray runtime started" not in log.read_text():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"ray start did not come up:\n{log.read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield f"127.0.0.1:{port}"
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the group is ours: start_new_session above
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=30)
-        shutil.rmtree(temp, ignore_errors=True)
+    """A 2-CPU Ray head on 127.0.0.1 (helpers.ray_head), shared by this module's tests."""
+    with ray_head() as (address, _):
+        yield address
 
 
 def _cli(*args, timeout=180, cwd=None) -> subprocess.CompletedProcess:

@@ -8,13 +8,10 @@ import contextlib
 import json
 import os
 import re
-import secrets
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,6 +21,7 @@ import numpy as np
 import pytest
 
 from helpers.cli import cli, command
+from helpers.ray_head import RAY_ENV, free_port as _free_port, ray_head as _ray_head
 from helpers.s3 import download, s3_server, s3fs
 from rddm_infer.errors import RDDMError
 from rddm_infer.io.images import is_complete_image
@@ -31,22 +29,11 @@ from rddm_infer.restore.ray_executor import is_cluster_lost, local_cpus, size_po
 
 pytestmark = pytest.mark.timeout(240)
 
-# Loopback, token auth with a token of our own, no usage reporting (as tests/e2e/test_cluster.py).
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0"}
-
-
 def _images(folder: Path, n: int, size=(40, 40), seed=0) -> None:
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         cv2.imwrite(str(folder / f"img{i:02d}.png"), rng.integers(0, 256, (*size, 3), dtype=np.uint8))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _error_lines(stderr: str) -> list[str]:
@@ -121,36 +108,6 @@ def test_an_unreachable_ray_address_is_one_line_exit_2_within_the_timeout(tmp_pa
 
 
 # --------------------------------------------------------------------------- case 4: lost mid-run
-
-@contextlib.contextmanager
-def _ray_head():
-    """A 2-CPU `ray start --head --block` on loopback; its process group is killed at the end. With --block,
-    the death of any of its daemons stops the others: killing the raylet takes the GCS down too."""
-    pytest.importorskip("ray", reason="Ray is not installed (pip install 'rddm-infer[cluster]')")
-    port = _free_port()
-    temp = Path(tempfile.mkdtemp(prefix="rddm-ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 chars
-    log = temp / "ray_start.log"
-    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", f"--port={port}",
-           "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false",
-           "--disable-usage-stats", f"--temp-dir={temp}", "--block"]
-    with open(log, "w") as f:
-        head = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **RAY_ENV},
-                                start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while "Ray runtime started" not in log.read_text():
-            if head.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"ray start did not come up:\n{log.read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield f"127.0.0.1:{port}", head.pid
-    finally:
-        try:
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        head.wait(timeout=30)
-        shutil.rmtree(temp, ignore_errors=True)
-
 
 def _raylet(group: int) -> int:
     for d in Path("/proc").iterdir():
