@@ -34,7 +34,7 @@ def export(
     tensorrt: bool = typer.Option(False, "--tensorrt", help="Also build TensorRT engines (needs a GPU)."),
     steps: Optional[int] = typer.Option(None, "--steps", "-k", show_default=False,
                                         help="Sampling steps K (baked into fused; default for step) "
-                                             "[default: the checkpoint's recommended steps, else 5]."),
+                                             "(default: the checkpoint's recommended steps, else 5)."),
     eta: float = typer.Option(0.0, help="DDIM η in [0, 1], generation models only (restoration models sample with 0; another value is an error)."),
     exporter: str = typer.Option("legacy", help="legacy (TorchScript) | dynamo (torch.export, opset ≥ 18)."),
     online: bool = typer.Option(False, "--online", help="Use the online weights instead of the EMA."),

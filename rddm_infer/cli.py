@@ -24,6 +24,7 @@ from .cli_options import registry_flags
 from .backends.registry import backend_help
 from .errors import RDDMError
 from .io.formats import QUALITY_HELP, check_quality, is_lossy
+from .restore.memory import MAX_IN_FLIGHT_IMAGES, MEMORY_SHARE
 from .restore.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -48,7 +49,7 @@ BACKEND_HELP = backend_help()
 PIXEL_SHUFFLE_HELP = ("auto: chosen per image from its own noise: 2 (and 1 step) where the noise is spatially "
                       "correlated, as in camera photos, which the model would keep as texture; else 1 (the whole "
                       "image). s: restore the s² sub-images of every s-th pixel separately for every image; 1: off.")
-RAY_PANEL, FILES_PANEL = "Ray cluster", "Output files"
+RAY_PANEL, FILES_PANEL, FLOW_PANEL = "Ray cluster", "Output files", "Throughput"
 SELF_ENSEMBLE_HELP = ("Restore each image in 2, 4 or 8 flipped / transposed views and average them: a little "
                       "more quality for 2-8x the time (real camera pairs with --pixel-shuffle 2: +0.06 / +0.13 dB "
                       "at 2 / 4). 1: off.")
@@ -95,6 +96,20 @@ def restore(
     max_pixels: int = typer.Option(100_000_000, "--max-pixels",
                                    help="Refuse images whose header claims more pixels (checked before decoding)."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Descend into subfolders."),
+    io_workers: str = typer.Option(
+        "auto", "--io-workers", rich_help_panel=FLOW_PANEL,
+        help="Threads that decode (2/3) and encode (1/3) while the engine runs; auto: one per CPU this process may "
+             "use (os.sched_getaffinity); 0: one image at a time, no threads. Same pixels either way. "
+             "Ray actors: 0 unless given."),
+    in_flight: Optional[int] = typer.Option(
+        None, "--in-flight", show_default=False, rich_help_panel=FLOW_PANEL,
+        help=f"At most this many images decoded ahead and not yet written (default: --batch + "
+             f"{MAX_IN_FLIGHT_IMAGES})."),
+    in_flight_mb: Optional[float] = typer.Option(
+        None, "--in-flight-mb", show_default=False, rich_help_panel=FLOW_PANEL,
+        help=f"...and at most this many MB of their pixels, network inputs, noise and outputs; a reader waits "
+             f"before decoding until its image fits (one image alone always runs; default: "
+             f"{MEMORY_SHARE:.0%} of the memory available when the run starts)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors."),
     json_out: bool = typer.Option(False, "--json", help="Print a machine-readable summary on stdout."),
     report: bool = typer.Option(False, "--report", help="Write OUTPUT/report.html (before/after) and run.json."),
@@ -111,7 +126,7 @@ def restore(
     ray_connect_timeout: Optional[float] = typer.Option(
         None, "--ray-connect-timeout", metavar="SECONDS", show_default=False, rich_help_panel=RAY_PANEL,
         help="Ray: seconds to reach --ray-address (an address that does not answer is an error, exit 2) and to wait "
-             "for a cluster that stops answering mid-run (then exit 3: rerun with --skip-existing) [default: 30]."),
+             "for a cluster that stops answering mid-run (then exit 3: rerun with --skip-existing; default: 30)."),
     options: dict = None,
 ):
     """Restore images; one bad file is reported and skipped, the run goes on.
@@ -146,9 +161,10 @@ def restore(
     check_quality(quality)
     _check_inputs(inputs, recursive, output, json_out)  # before the model loads: a typo costs no load
     _quiet_onnxruntime()
-    options = dict(options, seed=seed, tile=tile, overlap=tile_overlap, batch=batch,
-                   pixel_shuffle=_pixel_shuffle(pixel_shuffle), self_ensemble=self_ensemble, max_pixels=max_pixels,
-                   quality=quality)
+    options = dict(options, seed=seed, tile=tile, overlap=tile_overlap, batch=batch, self_ensemble=self_ensemble,
+                   pixel_shuffle=_auto_or_int(pixel_shuffle, "--pixel-shuffle", "1: off, 2: camera photos"),
+                   max_pixels=max_pixels, quality=quality, in_flight=in_flight, in_flight_mb=in_flight_mb,
+                   io_workers=_auto_or_int(io_workers, "--io-workers", "0: one image at a time"))
     ray_options = dict(address=ray_address, workers=workers, cpus_per_worker=cpus_per_worker,
                        gpus_per_worker=gpus_per_worker, connect_timeout=ray_connect_timeout)
     kind = "ray" if ray or ray_address is not None else "local"
@@ -160,6 +176,7 @@ def restore(
                       f"{_pixel_shuffle_note(restorer.pixel_shuffle)}{_ensemble_note(restorer.self_ensemble)}")
             if restorer.memory_note:
                 err.print(escape(restorer.memory_note))
+            err.print(f"files: {escape(restorer.flow.describe())}")
         summary = _run_with_progress(restorer, inputs, output, quiet=quiet or json_out, json_out=json_out,
                                      suffix=suffix, ext=ext,
                                      skip_existing=skip_existing, recursive=recursive, gt_dir=gt)
@@ -190,14 +207,14 @@ def restore(
     raise typer.Exit(1 if summary.count("failed") else 0)
 
 
-def _pixel_shuffle(value: str):
-    """``--pixel-shuffle``: auto or an integer (range checked where it is used)."""
+def _auto_or_int(value: str, flag: str, hint: str):
+    """``--pixel-shuffle``, ``--io-workers``: auto or an integer (range checked where it is used)."""
     if value.strip().lower() == "auto":
         return "auto"
     try:
         return int(value)
     except ValueError:
-        raise RDDMError(f"--pixel-shuffle {value!r}: must be auto or an integer (1: off, 2: camera photos)") from None
+        raise RDDMError(f"{flag} {value!r}: must be auto or an integer ({hint})") from None
 
 
 def _check_inputs(inputs, recursive: bool, output, json_out: bool) -> None:

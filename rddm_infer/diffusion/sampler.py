@@ -102,8 +102,10 @@ def initial_state(plan: SamplingPlan, x_input: np.ndarray, rng: np.random.Genera
     """x_T = I_in + √sum_scale·ε (restoration) or ε (generation), float32."""
     if noise is None:
         noise = (rng or np.random.default_rng()).standard_normal(x_input.shape, dtype=np.float32)
-    base = x_input if plan.config.condition else 0.0
-    return (base + plan.init_scale() * noise).astype(np.float32)
+    x_t = np.multiply(noise, np.float32(plan.init_scale()), dtype=np.float32)  # one buffer, the same roundings
+    if plan.config.condition:
+        x_t += x_input
+    return x_t
 
 
 def sample(model: ModelFn, plan: SamplingPlan, x_input, x_t, step_noise: Callable[[int], object] | None = None,

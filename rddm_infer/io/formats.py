@@ -7,7 +7,7 @@ import numbers
 from ..errors import ImageError
 
 DEFAULT_JPEG_QUALITY = 95  # OpenCV's own JPEG default; WebP stays lossless unless a quality is asked for
-QUALITY_HELP = (f"JPEG / WebP output quality, 1-100 [default: JPEG {DEFAULT_JPEG_QUALITY}, WebP lossless]; "
+QUALITY_HELP = (f"JPEG / WebP output quality, 1-100 (default: JPEG {DEFAULT_JPEG_QUALITY}, WebP lossless); "
                 "PSNR/SSIM are measured on the files as saved.")
 JPEG_EXTS, WEBP_EXTS = (".jpg", ".jpeg", ".jpe"), (".webp",)
 

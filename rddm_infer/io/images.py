@@ -17,6 +17,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -60,20 +61,25 @@ class Image:
 
 # ---------------------------------------------------------------------------------------------- reading
 
-def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image:
+def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               before_decode: Callable[[int | None], None] | None = None) -> Image:
     """Read any supported file; raises ImageError naming the file and the cause.
 
     Refused before decoding: special files (a FIFO would block forever), images whose header
     claims more than ``max_pixels`` pixels, and animated or multi-page files (only the first
     frame would be decoded: refusing says so instead of silently dropping the rest).
+    ``before_decode(pixels)`` is called with the header's pixel count (None when the header
+    is not read) just before decoding: the overlapped executor waits there for memory.
     """
     path = location(path)
     data = np.frombuffer(read_bytes(path), dtype=np.uint8) if isinstance(path, Uri) else _read_local(path)
     if data.size == 0:
         raise ImageError(f"{path}: empty file (0 bytes)")
     raw = data.tobytes()
-    _check_header(path, raw, max_pixels)
+    head = _check_header(path, raw, max_pixels)
     _check_complete(path, raw)
+    if before_decode is not None:
+        before_decode(head.pixels if head is not None else None)
     with quiet_stderr():
         pix = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if pix is None or pix.size == 0:
@@ -130,10 +136,10 @@ def check_float_range(pix: np.ndarray, where: str) -> None:
                          f"clip them (that would lose data): scale the image to [0, 1] first")
 
 
-def _check_header(path: Path, raw: bytes, max_pixels: int | None) -> None:
+def _check_header(path: Path, raw: bytes, max_pixels: int | None):
     head = read_header(raw)
     if head is None:
-        return
+        return None
     if max_pixels is not None and head.pixels > max_pixels:
         raise ImageError(f"{path}: {head.kind} header claims {head.width}×{head.height} = {head.pixels / 1e6:.0f} MP, "
                          f"over the {max_pixels / 1e6:g} MP limit (raise it with --max-pixels)")
@@ -144,31 +150,53 @@ def _check_header(path: Path, raw: bytes, max_pixels: int | None) -> None:
                          f"(split it into one file per {unit[:-1]} first)")
     if head.kind == "TIFF" and head.channels == 2:
         raise ImageError(f"{path}: 2-channel (gray + alpha) TIFF is not supported; save it as gray or RGBA")
+    return head
 
 
 _stderr_lock = threading.Lock()
+_quiet_users = 0  # threads decoding now: fd 2 stays silenced until the last one is done
+_saved_fd2: int | None = None
+
+
+def _python_stderr_off_fd2() -> None:
+    """Python's own stderr (our one-line errors, warnings, the progress bar) gets a duplicate of fd 2, so that
+    silencing the C libraries while other threads decode never hides it. Done once; a captured or replaced
+    ``sys.stderr`` (not fd 2) is left alone."""
+    try:
+        if sys.stderr is None or sys.stderr.fileno() != 2:
+            return
+        sys.stderr.flush()
+        sys.stderr = open(os.dup(2), "w", buffering=1, encoding=sys.stderr.encoding or "utf-8",
+                          errors="backslashreplace")
+    except (AttributeError, OSError, ValueError):  # no real stderr
+        pass
 
 
 @contextlib.contextmanager
 def quiet_stderr():
     """Silence the C libraries (libpng, libjpeg, libtiff) that print straight to file descriptor 2:
-    we report a bad file ourselves, in one line."""
-    fd = 2  # the C libraries write to the process's stderr, whatever Python's sys.stderr is now
+    we report a bad file ourselves, in one line. Threads may decode at once: the first one in silences fd 2,
+    the last one out restores it (a lock held over the decode would make parallel readers take turns)."""
+    global _quiet_users, _saved_fd2
     with _stderr_lock:
-        try:
-            saved = os.dup(fd)
-        except OSError:  # no stderr at all
-            yield
-            return
-        try:
-            with contextlib.suppress(AttributeError, OSError, ValueError):
-                sys.stderr.flush()  # what Python already wrote must not vanish with the libraries' noise
-            with open(os.devnull, "wb") as null:
-                os.dup2(null.fileno(), fd)
-            yield
-        finally:
-            os.dup2(saved, fd)
-            os.close(saved)
+        if _quiet_users == 0:
+            _python_stderr_off_fd2()
+            try:
+                _saved_fd2 = os.dup(2)
+                with open(os.devnull, "wb") as null:
+                    os.dup2(null.fileno(), 2)
+            except OSError:  # no stderr at all
+                _saved_fd2 = None
+        _quiet_users += 1
+    try:
+        yield
+    finally:
+        with _stderr_lock:
+            _quiet_users -= 1
+            if _quiet_users == 0 and _saved_fd2 is not None:
+                os.dup2(_saved_fd2, 2)
+                os.close(_saved_fd2)
+                _saved_fd2 = None
 
 
 def is_complete_image(path: str | os.PathLike) -> bool:

@@ -19,6 +19,7 @@ turned back and averaged (the "self-ensemble" of EDSR, Lim et al. 2017): n times
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -30,13 +31,15 @@ from ..backends.base import Runner
 from ..backends.calibrate import measured_runner
 from ..backends.select import Choice, resolve_model
 from ..diffusion.engine_sampler import EngineSampler, Noise
+from ..diffusion.schedule import COEF_NAMES
 from ..errors import ImageError, OptionError, RDDMError
 from ..io.images import Image, check_float_range, from_model, to_model
 from .memory import fit_tile
 from .mode import AUTO, Mode, choose_mode
 from .noise_estimate import estimate_noise
-from .tiling import (DEFAULT_OVERLAP, DEFAULT_TILE, ENSEMBLE_SIZES, ENSEMBLE_VIEWS, MAX_PIXEL_SHUFFLE, Tile,
-                     from_view, pad_to_multiple, run_tiled, shuffle_index, shuffle_merge, shuffle_split, to_view)
+from .tiling import (DEFAULT_OVERLAP, DEFAULT_TILE, ENSEMBLE_SIZES, ENSEMBLE_VIEWS, MAX_PIXEL_SHUFFLE, from_view,
+                     pad_to_multiple, shuffle_index, shuffle_merge, shuffle_split, to_view)
+from .units import BatchQueue, Unit, Work
 
 class ImageRestorer:
     """One model on one backend, with the sampling and tiling settings used for every image."""
@@ -70,6 +73,7 @@ class ImageRestorer:
         self.plan = self.sampler.plan(steps, eta)
         self.steps_given = steps is not None
         self._plans: dict[int, object] = {}  # a mode's own step count -> its plan
+        self._plans_lock = threading.Lock()
         self.seed = seed
         self.multiple = max(int(self.meta.size_multiple), 1)
         if tile is not None and tile < self.multiple:
@@ -123,14 +127,15 @@ class ImageRestorer:
         """The sampling plan of a mode: its own step count, else the run's plan."""
         if mode.steps is None or mode.steps == self.plan.k:
             return self.plan
-        if mode.steps not in self._plans:
-            self._plans[mode.steps] = self.sampler.plan(mode.steps, self.plan.eta)
-        return self._plans[mode.steps]
+        with self._plans_lock:  # readers of the overlapped executor ask from several threads
+            if mode.steps not in self._plans:
+                self._plans[mode.steps] = self.sampler.plan(mode.steps, self.plan.eta)
+            return self._plans[mode.steps]
 
     # -- model space
-    def _prepare(self, img: Image, mode: Mode) -> tuple[np.ndarray, Noise]:
+    def _prepare(self, img: Image, mode: Mode, draw: bool = True) -> tuple[np.ndarray, Noise | None]:
         x = pad_to_multiple(to_model(img, self.meta.channels), self.multiple * mode.pixel_shuffle)
-        return x, Noise.draw(self.plan_for(mode), x.shape, self.seed)
+        return x, Noise.draw(self.plan_for(mode), x.shape, self.seed) if draw else None
 
     def padded_size(self, img: Image, mode: Mode | None = None) -> tuple[int, int]:
         m = self.multiple * (mode or self.mode_for(img)).pixel_shuffle
@@ -152,19 +157,6 @@ class ImageRestorer:
                  for v, y in zip(ENSEMBLE_VIEWS, (ys[k:k + n] for k in range(0, len(ys), n)))]
         return views[0] if len(views) == 1 else np.mean(views, axis=0, dtype=np.float32)
 
-    def _fits(self, x: np.ndarray) -> bool:
-        return max(x.shape[-2:]) <= self.tile
-
-    def _run(self, xb: np.ndarray, noises: list[Noise], plan) -> np.ndarray:
-        return self.sampler.run(xb, plan, Noise.stack(noises))
-
-    def _restore_tiled(self, x: np.ndarray, noise: Noise, plan, on_tile=None) -> np.ndarray:
-        def fn(xb: np.ndarray, tiles: list[Tile]) -> np.ndarray:
-            return self._run(xb, [noise.crop((slice(None), *t.slices)) for t in tiles], plan)
-
-        return run_tiled(fn, x, tile=self.tile, overlap=self.overlap, multiple=self.multiple, batch=self.batch,
-                         on_tile=on_tile)
-
     def _finish(self, y: np.ndarray, img: Image, ext: str | None) -> np.ndarray | ImageError:
         """Model output -> pixels; a non-finite output is an error for this image, never a black file."""
         h, w = img.size
@@ -175,36 +167,46 @@ class ImageRestorer:
                               f"nothing was written (a broken model or an fp16 overflow)")
         return from_model(y, img, ext)
 
-    def _run_parts(self, parts: list[list[tuple[np.ndarray, Noise]]], plans: list, on_tile=None) \
-            -> list[list[np.ndarray]]:
-        """Run every image's parts (``_parts``) with its plan: same-shape small ones of one plan batched together,
-        large ones tiled."""
-        ys: list[list] = [[None] * len(p) for p in parts]
-        groups: dict[tuple, list[tuple[int, int]]] = {}
-        for i, image_parts in enumerate(parts):
-            for j, (x, noise) in enumerate(image_parts):
-                if self._fits(x):
-                    groups.setdefault((x.shape, id(plans[i])), []).append((i, j))
-                else:
-                    ys[i][j] = self._restore_tiled(x, noise, plans[i], on_tile)
-        for idx in groups.values():
-            for k in range(0, len(idx), self.batch):
-                chunk = idx[k:k + self.batch]
-                out = self._run(np.stack([parts[i][j][0] for i, j in chunk]), [parts[i][j][1] for i, j in chunk],
-                                plans[chunk[0][0]])
-                for (i, j), y in zip(chunk, out):
-                    ys[i][j] = y
-        return ys
+    def bytes_per_pixel(self) -> int:
+        """Host memory one image pixel holds while in flight: decoded samples (at most 4 × 16 bit), and per
+        self-ensemble view its float32 network input, noise (ε, and z per stochastic step) and output."""
+        z = int(np.count_nonzero(self.plan.coefs[:, COEF_NAMES.index("sigma")] > 0))
+        return 8 + 4 * self.meta.channels * ((3 + z) * self.self_ensemble + 1)
+
+    def start(self, img: Image, mode: Mode | None = None, *, noise: Noise | None = None) -> Work:
+        """An image on its way through the engine: its network inputs, ready to be queued (:class:`BatchQueue`).
+        Thread-safe (the overlapped executor's readers call it)."""
+        mode = mode or self.mode_for(img)
+        x, drawn = self._prepare(img, mode, noise is None)
+        if noise is not None:
+            noise.check(self.plan_for(mode), x.shape)
+        return Work(img, mode, self.plan_for(mode), self._parts(x, noise or drawn, mode.pixel_shuffle),
+                    tile=self.tile, overlap=self.overlap, multiple=self.multiple)
+
+    def finish(self, work: Work, ext: str | None = None) -> np.ndarray | ImageError:
+        """A work whose every unit ran -> the restored pixels, or that image's error."""
+        if work.error is not None:
+            return work.error
+        return self._finish(self._merge(work.outputs(), work.mode.pixel_shuffle), work.img, ext)
+
+    def run_units(self, units: list[Unit]) -> np.ndarray:
+        """One engine call for same-shape units of one plan (of one image or several)."""
+        return self.sampler.run(np.stack([u.x for u in units]), units[0].work.plan, Noise.stack([u.noise for u in units]))
 
     def restore_each(self, images: Sequence[Image], ext: str | None = None,
                      on_tile: Callable[[int, int], None] | None = None,
                      modes: Sequence[Mode] | None = None) -> list[np.ndarray | ImageError]:
-        """Restore several decoded images (in ``modes``, default: :meth:`mode_for` each); same-size small ones
-        run as one batch, large ones tiled. Each entry is the restored pixels or the error of that image alone."""
+        """Restore several decoded images (in ``modes``, default: :meth:`mode_for` each); same-shape network inputs
+        (small images, tiles, sub-images) run as batches of up to ``batch`` across images. Each entry is the restored
+        pixels or the error of that image alone."""
         modes = list(modes) if modes is not None else [self.mode_for(img) for img in images]
-        parts = [self._parts(*self._prepare(img, m), m.pixel_shuffle) for img, m in zip(images, modes)]
-        ys = self._run_parts(parts, [self.plan_for(m) for m in modes], on_tile)
-        return [self._finish(self._merge(y, m.pixel_shuffle), img, ext) for y, img, m in zip(ys, images, modes)]
+        works = [self.start(img, m) for img, m in zip(images, modes)]
+        queue = BatchQueue(self, on_tile)
+        for w in works:
+            queue.add(w)
+        while queue:
+            queue.run()
+        return [self.finish(w, ext) for w in works]
 
     def restore_images(self, images: Sequence[Image], ext: str | None = None,
                        on_tile: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
@@ -238,15 +240,16 @@ class ImageRestorer:
         img = Image(pixels[..., 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels)
         ext = ".png" if pixels.dtype != np.float32 else ".tif"
         if noise is not None:  # another run's noise: its plan, and no per-image mode to second-guess it
-            mode = self.mode_for(img) if self.pixel_shuffle != AUTO else Mode("given", 1, None)
-            x, _ = self._prepare(img, mode)
-            plan = self.plan_for(mode)
-            noise.check(plan, x.shape)
-            parts = self._parts(x, noise, mode.pixel_shuffle)
-            if not self._fits(parts[0][0]):
-                raise RDDMError(f"explicit noise needs an untiled image: {parts[0][0].shape[1:]} exceeds tile "
+            work = self.start(img, self.mode_for(img) if self.pixel_shuffle != AUTO else Mode("given", 1, None),
+                              noise=noise)
+            if work.tiled:
+                raise RDDMError(f"explicit noise needs an untiled image: {work.parts[0].x.shape[1:]} exceeds tile "
                                 f"{self.tile}")
-            out = self._finish(self._merge(self._run_parts([parts], [plan])[0], mode.pixel_shuffle), img, ext)
+            queue = BatchQueue(self)
+            queue.add(work)
+            while queue:
+                queue.run()
+            out = self.finish(work, ext)
             if isinstance(out, ImageError):
                 raise out
         else:

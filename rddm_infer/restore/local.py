@@ -6,7 +6,8 @@
 
 :class:`Restorer` has an array core (:class:`rddm_infer.restore.arrays.ImageRestorer`: plan, noise, tiles,
 batches; owns the runner) and adds reading with a pixel limit, naming, atomic writing and metrics
-(:mod:`rddm_infer.restore.jobs`). The Ray executor (:mod:`rddm_infer.restore.ray_executor`) runs the same
+(:mod:`rddm_infer.restore.jobs`). Files flow through reader threads, the engine and writer threads at once
+(:mod:`rddm_infer.restore.overlapped`). The Ray executor (:mod:`rddm_infer.restore.ray_executor`) runs the same
 ``run_jobs`` loop in each actor.
 """
 
@@ -24,8 +25,9 @@ from ..errors import ImageError, RDDMError
 from ..io.images import (DEFAULT_MAX_PIXELS, Image, check_quality, decode_image_bytes, encode_image, is_lossy,
                          read_image, write_atomic)
 from .mode import Mode
+from .overlapped import Flow, run_overlapped
 from .jobs import (Job, Result, Summary, find_gt, image_metrics,
-                   is_done, prepare_jobs, write_metrics_csv)
+                   prepare_jobs, write_metrics_csv)
 from ..io.storage import location
 
 __all__ = ["Restorer"]
@@ -41,10 +43,14 @@ class Restorer:
     restore, write atomically under planned names, metrics; one bad file never stops a run."""
 
     def __init__(self, model=None, backend: str = "auto", *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 quality: int | None = None, **options):
+                 quality: int | None = None, io_workers: int | str | None = "auto", in_flight: int | None = None,
+                 in_flight_mb: float | None = None, **options):
+        """``io_workers``, ``in_flight``, ``in_flight_mb``: how files flow through decode, engine and encode
+        (:class:`rddm_infer.restore.overlapped.Flow`; ``io_workers=0`` is one image at a time)."""
         if max_pixels is not None and max_pixels < 1:
             raise RDDMError(f"--max-pixels {max_pixels}: must be >= 1")
         self.quality = check_quality(quality)  # JPEG / WebP outputs (None: JPEG 95, WebP lossless)
+        self.flow = Flow.resolve(io_workers, options.get("batch", 1), in_flight, in_flight_mb)  # before the model loads
         self.arrays = ImageRestorer(model, backend, **options)
         self.max_pixels = max_pixels
 
@@ -99,10 +105,23 @@ class Restorer:
             on_start(jobs)
         summary = Summary(engine=self.engine)
         t0 = time.perf_counter()
-        for result in self._run_jobs(jobs, skip_existing, location(gt_dir) if gt_dir else None, on_tile):
+        def record(result: Result) -> None:
             summary.results.append(result)
             if on_result:
                 on_result(result)
+
+        results = self._run_jobs(jobs, skip_existing, location(gt_dir) if gt_dir else None, on_tile)
+        try:
+            for result in results:
+                record(result)
+        except KeyboardInterrupt:  # Ctrl-C here rather than in the executor: it still reports the writes it finished
+            try:
+                record(results.throw(KeyboardInterrupt()))
+                for result in results:
+                    record(result)
+            except (KeyboardInterrupt, StopIteration):
+                pass
+            raise KeyboardInterrupt from None
         summary.seconds = time.perf_counter() - t0
         if gt_dir is not None and any(r.metrics for r in summary.results):
             write_metrics_csv(location(out_dir) / "metrics.csv", summary)
@@ -114,56 +133,9 @@ class Restorer:
         return self._run_jobs(jobs, skip_existing, location(gt_dir) if gt_dir else None, on_tile)
 
     def _run_jobs(self, jobs: list[Job], skip_existing: bool, gt_dir: Path | None, on_tile) -> Iterator[Result]:
-        pending: list[tuple[Job, Image, Mode, float]] = []  # consecutive same-size, same-mode small images, batched
-        pending_key: list = [None]
+        return run_overlapped(self, jobs, self.flow, skip_existing=skip_existing, gt_dir=gt_dir, on_tile=on_tile)
 
-        def flush() -> Iterator[Result]:
-            if not pending:
-                return
-            batch = list(pending)
-            pending.clear()
-            t = time.perf_counter()
-            try:
-                ys = self.arrays.restore_each([img for _, img, _, _ in batch], ext=batch[0][0].dst.suffix,
-                                              on_tile=on_tile, modes=[m for _, _, m, _ in batch])
-            except RDDMError as e:
-                for job, _, _, _ in batch:
-                    yield Result(job, "failed", str(e))
-                return
-            share = (time.perf_counter() - t) / len(batch)
-            for (job, img, mode, t_read), y in zip(batch, ys):
-                if isinstance(y, ImageError):
-                    yield Result(job, "failed", str(y))
-                else:
-                    yield self._save(job, img, y, mode, gt_dir, t_read + share)
-
-        for job in jobs:
-            if job.error:
-                yield from flush()
-                yield Result(job, "failed", job.error)
-                continue
-            if skip_existing and is_done(job):
-                yield Result(job, "skipped")
-                continue
-            t = time.perf_counter()
-            try:
-                img = read_image(job.src, self.max_pixels)
-            except RDDMError as e:
-                yield from flush()
-                yield Result(job, "failed", str(e))
-                continue
-            mode = self.arrays.mode_for(img)
-            key = (self.arrays.padded_size(img, mode), job.dst.suffix, mode.pixel_shuffle, mode.steps)
-            small = max(key[0]) <= self.tile
-            if pending and (not small or key != pending_key[0]):
-                yield from flush()
-            pending.append((job, img, mode, time.perf_counter() - t))
-            pending_key[0] = key
-            if not small or len(pending) >= self.batch:
-                yield from flush()
-        yield from flush()
-
-    def _save(self, job: Job, img: Image, y: np.ndarray, mode: Mode, gt_dir: Path | None, seconds: float) -> Result:
+    def save(self, job: Job, img: Image, y: np.ndarray, mode: Mode, gt_dir: Path | None, seconds: float) -> Result:
         t = time.perf_counter()
         try:
             data = encode_image(y, job.dst.suffix, self.quality)

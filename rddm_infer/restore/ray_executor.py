@@ -578,6 +578,8 @@ def restore_paths(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     :class:`~rddm_infer.errors.ClusterLost`, whose ``summary`` counts what was done."""
     sizes = dict(workers=workers, cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
     check_sizes(**sizes, connect_timeout=connect_timeout)
+    if options.get("io_workers", "auto") in (None, "auto"):  # actors restore one image at a time unless told
+        options["io_workers"] = 0
     timeout = CONNECT_TIMEOUT if connect_timeout is None else float(connect_timeout)
     if not _own_session():
         if address is not None:

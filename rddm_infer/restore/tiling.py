@@ -120,6 +120,34 @@ def batched(items: list, size: int) -> Iterator[list]:
         yield items[i:i + max(size, 1)]
 
 
+class TiledBlend:
+    """The tiles of one padded (C, H, W) image and the blend of their outputs: ``add`` each tile's output, in tile
+    order (the float sums then do not depend on how tiles were batched), then ``result``."""
+
+    def __init__(self, x: np.ndarray, *, tile: int, overlap: int, multiple: int):
+        self.x = x
+        _, self.h, self.w = x.shape
+        self.tiles = tile_grid(self.h, self.w, tile, overlap, multiple)
+        self.overlap = min(overlap, max(multiple, tile - tile % multiple) // 2)
+        self.acc = self.wsum = None
+        self.done = 0
+
+    def crop(self, t: Tile) -> np.ndarray:
+        return self.x[(slice(None), *t.slices)]
+
+    def add(self, t: Tile, y: np.ndarray) -> None:
+        if self.acc is None:
+            self.acc = np.zeros((y.shape[0], self.h, self.w), dtype=np.float32)
+            self.wsum = np.zeros((self.h, self.w), dtype=np.float32)
+        wt = blend_weight(t, self.h, self.w, self.overlap)
+        self.acc[(slice(None), *t.slices)] += y * wt
+        self.wsum[t.slices] += wt
+        self.done += 1
+
+    def result(self) -> np.ndarray:
+        return self.acc / np.maximum(self.wsum, 1e-8)
+
+
 def run_tiled(fn: Callable[[np.ndarray, list[Tile]], np.ndarray], x: np.ndarray, *, tile: int, overlap: int,
               multiple: int, batch: int = 1, on_tile: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Apply ``fn(x_batch, tiles) -> y_batch`` (NCHW) to overlapping tiles of (C, H, W) ``x``, blended.
@@ -128,22 +156,10 @@ def run_tiled(fn: Callable[[np.ndarray, list[Tile]], np.ndarray], x: np.ndarray,
     noise) and tiled and untiled runs see the same noise at every pixel. ``x`` must already
     be padded to ``multiple``.
     """
-    c, h, w = x.shape
-    tiles = tile_grid(h, w, tile, overlap, multiple)
-    overlap = min(overlap, max(multiple, tile - tile % multiple) // 2)
-    acc = wsum = None
-    done = 0
-    for group in batched(tiles, batch):
-        xb = np.stack([x[(slice(None), *t.slices)] for t in group])
-        yb = fn(xb, group)
-        if acc is None:
-            acc = np.zeros((yb.shape[1], h, w), dtype=np.float32)
-            wsum = np.zeros((h, w), dtype=np.float32)
-        for t, y in zip(group, yb):
-            wt = blend_weight(t, h, w, overlap)
-            acc[(slice(None), *t.slices)] += y * wt
-            wsum[t.slices] += wt
-        done += len(group)
+    blend = TiledBlend(x, tile=tile, overlap=overlap, multiple=multiple)
+    for group in batched(blend.tiles, batch):
+        for t, y in zip(group, fn(np.stack([blend.crop(t) for t in group]), group)):
+            blend.add(t, y)
         if on_tile:
-            on_tile(done, len(tiles))
-    return acc / np.maximum(wsum, 1e-8)
+            on_tile(blend.done, len(blend.tiles))
+    return blend.result()
