@@ -5,6 +5,7 @@ Examples::
     rddm-train --config default_denoiser --data /data/train --val /data/val/kodak24 --out runs/dn
     rddm-train --out runs/dn --resume                        # continues from runs/dn/state.pt
     rddm-train --config my.toml --set optim.lr=1e-4 --set data.crop=96 --device cuda --bf16
+    rddm-train --config real_pairs_denoiser --real-pairs ../shared/data/val/polyu_real --data /data/train --out runs/rp
 """
 
 from __future__ import annotations
@@ -30,6 +31,14 @@ FLAGS = [  # (flag, config key, type, help)
     ("--val", "val.clean", str, "Clean validation images (degraded with fixed seeds)."),
     ("--val-input", "val.input", str, "Paired validation inputs."),
     ("--val-gt", "val.gt", str, "Paired validation ground truths."),
+    ("--real-pairs", "real.pairs", str,
+     "Real pairs: a folder with noisy/ and clean/ (same names; scene = name less its trailing _N), e.g. "
+     "../shared/data/val/polyu_real. The config's real.held_out scenes (>= 3, >= 10 pairs) validate and are never "
+     "trained on; the rest train, real.ratio of the samples."),
+    ("--real-ratio", "real.ratio", float,
+     "Share of training samples cut from the real pairs, the rest synthetic (1 needs --set real.real_only=true)."),
+    ("--patience", "val.patience", int,
+     "Early stopping: end the run when the best validation PSNR is this many validations old (0: off)."),
     ("--out", "run.out", str, "Run folder (checkpoints, logs, config)."),
     ("--steps", "run.steps", int, "Total optimizer steps."),
     ("--batch-size", "run.batch_size", int, "Images per micro-batch."),
@@ -72,6 +81,11 @@ def train(**kw) -> None:
       rddm-train --out runs/dn --resume
 
       rddm-train --config my.toml --set optim.lr=1e-4 --set data.crop=96 --device cuda --bf16
+
+      rddm-train --config real_pairs_denoiser --real-pairs ../shared/data/val/polyu_real --data /data/train --out runs/rp
+
+      (real pairs mixed into training, split by scene as the config names it; validation and early stopping on the
+      held-out scenes)
     """
     flags = {key: kw[_key(flag)] for flag, key, _, _ in FLAGS}
     flags.update({key: value if kw[_key(flag)] else None for flag, key, value, _ in SWITCHES})

@@ -84,6 +84,24 @@ class ValSection:
     steps: int = 5
     seed: int = 1234
     pixel_shuffle: int = 1  # restore as `rddm-infer restore --pixel-shuffle` will (2 for real camera photos)
+    # early stopping: the run ends once the best validation PSNR is `patience` validations old (patience × every
+    # iterations); best_ema.safetensors holds the best weights. 0: off
+    patience: int = 0
+
+
+@dataclass
+class RealSection:
+    """Real noisy/clean pairs mixed into training, split by scene; the held-out scenes are the validation set.
+
+    A pair's scene is its file name without the trailing ``_N`` (``Canon5D2_5_160_6400_desk_10.JPG`` is scene
+    ``Canon5D2_5_160_6400_desk``), see :mod:`rddm_train.real_pairs`."""
+
+    pairs: str = ""  # folder holding noisy/ and clean/ (the same file names); "" = no real pairs
+    # scenes never trained on: the validation set, every pair of them (>= 3 scenes, >= 10 pairs; val.count not applied)
+    held_out: list = field(default_factory=list)
+    ratio: float = 0.25  # share of training samples cut from the real training pairs; the rest are synthetic
+    real_only: bool = False  # ratio = 1 (no synthetic share) is refused unless this is true: the pairs are few
+    gap_count: int = 10  # training pairs (centre crops) also scored at each validation: the train/held-out gap
 
 
 @dataclass
@@ -136,6 +154,8 @@ class TrainConfig:
     val: ValSection = field(default_factory=ValSection)
     optim: OptimSection = field(default_factory=OptimSection)
     run: RunSection = field(default_factory=RunSection)
+    real: RealSection = field(default_factory=RealSection)
+    source = "config"  # the file it was read from, for error messages (a plain attribute: not written, not compared)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -150,7 +170,8 @@ class TrainConfig:
 
         return DiffusionConfig(**self.to_dict()["diffusion"], condition=True)
 
-    def validate(self, source: str = "config") -> "TrainConfig":
+    def validate(self, source: str | None = None) -> "TrainConfig":
+        source = source or self.source
         _check_ranges(self, source)  # every number in its range first: the checks below combine them
         d, m, o = self.diffusion, self.model, self.optim
         sat = self.data.saturation
@@ -178,10 +199,37 @@ class TrainConfig:
                    (1 <= ps <= MAX_PIXEL_SHUFFLE, f"val.pixel_shuffle must be 1 (off) to {MAX_PIXEL_SHUFFLE}"),
                    (not 1 <= ps <= MAX_PIXEL_SHUFFLE or self.val.crop % (mult * ps) == 0,
                     f"val.crop must be a multiple of {mult * ps} (the size multiple × val.pixel_shuffle)")]
+        checks += _real_checks(self)
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(f"{source}: {msg}")
         return self
+
+
+MIN_HELD_OUT_SCENES = 3  # with MIN_HELD_OUT_PAIRS (checked on the files, rddm_train.real_pairs): the issue's floor
+
+
+def _real_checks(cfg: "TrainConfig") -> list[tuple[bool, str]]:
+    """The [real] section's rules that need no files (those that do are :class:`rddm_train.real_pairs.RealPairs`')."""
+    r, v, d = cfg.real, cfg.val, cfg.data
+    names = [s for s in r.held_out if isinstance(s, str) and s]
+    checks = [(r.ratio < 1 or r.real_only,
+               "real.ratio = 1 leaves no synthetic share, and the real pairs are few enough to memorise: keep it "
+               "below 1, or set real.real_only = true to train on them alone"),
+              (v.patience == 0 or bool(v.clean or v.input or r.pairs),
+               "val.patience stops on the validation PSNR: give a validation set (real.pairs, --val or --val-input)")]
+    if not r.pairs:
+        return checks
+    return checks + [
+        (len(set(names)) == len(r.held_out), f"real.held_out must list distinct scene names, got {r.held_out!r}"),
+        (len(set(names)) >= MIN_HELD_OUT_SCENES,
+         f"real.held_out names {len(set(names))} scene(s); at least {MIN_HELD_OUT_SCENES} are held out of training "
+         f"to validate on"),
+        (not (v.clean or v.input or v.gt),
+         "real.pairs validates on its held-out scenes (real.held_out): drop val.clean / val.input / val.gt"),
+        (not (d.input or d.gt), "real.pairs mixes real pairs into synthetic degradations of data.clean: drop "
+                                "data.input / data.gt"),
+    ]
 
 
 def _is_number(v) -> bool:
@@ -204,7 +252,8 @@ RANGES = {
     "data.crop": _AT_LEAST_1, "data.num_workers": (lambda v: v >= -1, ">= 0, or -1 (from the CPU count)"),
     "data.bits": (lambda v: 0 <= v <= 16, "0 (float inputs) or 1-16"),
     "val.count": _AT_LEAST_1, "val.crop": _AT_LEAST_1, "val.every": _AT_LEAST_1, "val.steps": _AT_LEAST_1,
-    "val.seed": _AT_LEAST_0,
+    "val.seed": _AT_LEAST_0, "val.patience": (lambda v: v >= 0, ">= 0 (0: no early stopping)"),
+    "real.ratio": (lambda v: 0 <= v <= 1, "in [0, 1] (the share of real samples)"), "real.gap_count": _AT_LEAST_0,
     "optim.lr": _POSITIVE, "optim.grad_accum": _AT_LEAST_1, "optim.grad_clip": (lambda v: v >= 0, ">= 0 (0: off)"),
     "optim.betas": (lambda v: len(v) == 2 and all(_is_number(x) and 0 <= x < 1 for x in v), "two numbers in [0, 1)"),
     "optim.ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"), "optim.ema_every": _AT_LEAST_1,
@@ -228,7 +277,7 @@ def _check_ranges(cfg: "TrainConfig", source: str) -> None:
 
 
 SECTIONS = {"model": ModelSection, "diffusion": DiffusionSection, "data": DataSection, "val": ValSection,
-            "optim": OptimSection, "run": RunSection}
+            "optim": OptimSection, "run": RunSection, "real": RealSection}
 
 
 def _coerce(value, default, where: str):
@@ -256,6 +305,7 @@ def from_dict(raw: dict, source: str = "config") -> TrainConfig:
             if key not in fields:
                 raise ConfigError(f"{source}: unknown key {section}.{key} (known: {', '.join(fields)})")
             setattr(target, key, _coerce(value, getattr(target, key), f"{source}: {section}.{key}"))
+    cfg.source = source
     return cfg
 
 

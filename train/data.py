@@ -154,30 +154,41 @@ def to_chw(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
 
 
+def check_pair_sizes(inputs, gts, input_names: list[str], gt_names: list[str]) -> None:
+    """A one-line error naming the first pair whose input and ground truth (images or banks) differ in size."""
+    for k in range(len(gts)):
+        (hi, wi), (hg, wg) = inputs[k].shape[:2], gts[k].shape[:2]
+        if (hi, wi) != (hg, wg):
+            raise DataError(f"{input_names[k]}: size {wi}x{hi} differs from its ground truth {gt_names[k]} ({wg}x{hg})")
+
+
 class TrainSet(Dataset):
     """Sample i -> (degraded input, ground truth), CHW float32 in [0, 1], determined by (seed, i).
 
     With ``inputs`` (paired mode) the same crop/flip is cut from both banks and no
-    degradation is applied; otherwise ``chain`` degrades the clean crop.
+    degradation is applied; otherwise ``chain`` degrades the clean crop. ``rotate`` adds a
+    quarter turn (0-3, drawn after the flip) to the flip: all 8 flips and 90° rotations, no resampling.
     """
 
     def __init__(self, gt: ImageBank, crop: int, seed: int, chain: Chain | None = None,
-                 inputs: ImageBank | None = None, flip: bool = True, saturation: tuple[float, float] = (1.0, 1.0)):
+                 inputs: ImageBank | None = None, flip: bool = True, saturation: tuple[float, float] = (1.0, 1.0),
+                 rotate: bool = False):
         if inputs is None and chain is None:
             raise DataError("training data needs either paired inputs or a degradation chain")
         if inputs is not None:
-            for k in range(len(gt)):
-                (hi, wi), (hg, wg) = inputs.shapes[k][:2].tolist(), gt.shapes[k][:2].tolist()
-                if (hi, wi) != (hg, wg):
-                    raise DataError(f"{inputs.names[k]}: size {wi}x{hi} differs from its ground truth "
-                                    f"{gt.names[k]} ({wg}x{hg})")
+            check_pair_sizes(inputs, gt, inputs.names, gt.names)
         self.gt, self.inputs, self.chain = gt, inputs, chain
         if inputs is not None and tuple(saturation) != (1.0, 1.0):
             raise DataError("saturation augments clean photos before they are degraded; paired data is used as is")
         self.crop, self.seed, self.flip, self.saturation = crop, seed, flip, tuple(map(float, saturation))
+        self.rotate = rotate
 
     def __len__(self) -> int:  # nominal; indices run as far as training goes
         return 2 ** 62
+
+    def image_of(self, i: int) -> int:
+        """The bank index sample ``i`` is cut from (the first draw of its generator, as in :meth:`sample`)."""
+        return int(np.random.default_rng([self.seed, i]).integers(len(self.gt)))
 
     def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, i])
@@ -186,7 +197,11 @@ class TrainSet(Dataset):
         h, w = gt.shape[:2]
         y, x = int(rng.integers(h - self.crop + 1)), int(rng.integers(w - self.crop + 1))
         flip = self.flip and rng.random() < 0.5
-        cut = lambda im: (im[y:y + self.crop, x:x + self.crop])[:, ::-1 if flip else 1]  # noqa: E731
+        turns = int(rng.integers(4)) if self.rotate else 0  # drawn only when on: other streams are unchanged
+
+        def cut(im: np.ndarray) -> np.ndarray:
+            return np.rot90((im[y:y + self.crop, x:x + self.crop])[:, ::-1 if flip else 1], turns)
+
         gt_crop = cut(gt).astype(np.float32) / 255.0
         if self.inputs is not None:
             inp = cut(_fit(self.inputs[k], self.crop)).astype(np.float32) / 255.0
@@ -249,6 +264,11 @@ def center_crop(img: np.ndarray, size: int) -> np.ndarray:
     return img[y:y + size, x:x + size]
 
 
+def stack_crops(images: list[np.ndarray], crop: int) -> np.ndarray:
+    """Centre crops of uint8 HWC images as one NCHW float32 batch in [0, 1]."""
+    return np.stack([(center_crop(im, crop).astype(np.float32) / 255).transpose(2, 0, 1) for im in images])
+
+
 def validation_set(crop: int, count: int, seed: int, clean: str = "", inputs: str = "", gt: str = "",
                    chain: Chain | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Fixed (input, gt) NCHW float32 [0, 1] batches: centre crops, degraded with seeds (seed, i)."""
@@ -256,15 +276,14 @@ def validation_set(crop: int, count: int, seed: int, clean: str = "", inputs: st
         if not (inputs and gt):
             raise DataError("a paired validation set needs both val.input and val.gt")
         pairs = pair_files(inputs, gt)[:count]
-        ins = [center_crop(read_rgb(a), crop).astype(np.float32) / 255 for a, _ in pairs]
-        gts = [center_crop(read_rgb(b), crop).astype(np.float32) / 255 for _, b in pairs]
         names = [b.name for _, b in pairs]
-    else:
-        files = list_images(clean)[:count]
-        crops = [center_crop(read_rgb(f), crop).astype(np.float32) / 255 for f in files]
-        degraded = [chain.apply(g, np.random.default_rng([seed, i])) for i, g in enumerate(crops)]
-        ins, gts = [d[0] for d in degraded], [d[1] for d in degraded]  # a gray stage grays the target too
-        names = [f.name for f in files]
+        return (stack_crops([read_rgb(a) for a, _ in pairs], crop), stack_crops([read_rgb(b) for _, b in pairs], crop),
+                names)
+    files = list_images(clean)[:count]
+    crops = [center_crop(read_rgb(f), crop).astype(np.float32) / 255 for f in files]
+    degraded = [chain.apply(g, np.random.default_rng([seed, i])) for i, g in enumerate(crops)]
+    ins, gts = [d[0] for d in degraded], [d[1] for d in degraded]  # a gray stage grays the target too
+    names = [f.name for f in files]
     stack = lambda xs: np.stack([x.transpose(2, 0, 1) for x in xs]).astype(np.float32)  # noqa: E731
     return stack(ins), stack(gts), names
 

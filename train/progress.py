@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 
 def append_line(path: Path, line: str) -> None:
@@ -19,18 +20,22 @@ def append_line(path: Path, line: str) -> None:
 class TrainLog:
     """``train_log.jsonl``: one row per logged iteration, with the throughput since the previous row."""
 
-    def __init__(self, path: Path, iteration: int, images_per_iteration: int):
-        self.path, self.images = path, images_per_iteration
+    def __init__(self, path: Path, iteration: int, images_per_iteration: int,
+                 sources: Callable[[int, int], dict] | None = None):
+        self.path, self.images, self.sources = path, images_per_iteration, sources
         self.t_last, self.iteration_last = time.perf_counter(), iteration
 
     def write(self, iteration: int, loss: float | None, lr: float) -> float:
-        """Appends the row; returns iterations per second since the last row."""
+        """Appends the row (with ``sources``: where the row's samples came from); returns iterations per second
+        since the last row."""
         now = time.perf_counter()
         its = (iteration - self.iteration_last) / max(now - self.t_last, 1e-9)
+        row = {"step": iteration, "loss": loss, "it_s": round(its, 3), "img_s": round(its * self.images, 1),
+               "lr": lr, "time": round(time.time(), 3)}
+        if self.sources is not None:  # the samples of iterations iteration_last + 1 .. iteration
+            row["sources"] = self.sources(self.iteration_last * self.images, iteration * self.images)
         self.t_last, self.iteration_last = now, iteration
-        append_line(self.path, json.dumps(
-            {"step": iteration, "loss": loss, "it_s": round(its, 3), "img_s": round(its * self.images, 1),
-             "lr": lr, "time": round(time.time(), 3)}))
+        append_line(self.path, json.dumps(row))
         return its
 
 

@@ -64,6 +64,12 @@ class Checkpoint:
     def path(self) -> Path:
         return self.out / "state.pt"
 
+    def stream(self) -> dict:
+        """What decides which samples a resumed run draws (a change is allowed, and said when resuming)."""
+        c = self.cfg
+        stream = {"batch_size": c.run.batch_size, "grad_accum": c.optim.grad_accum, "seed": c.run.seed}
+        return {**stream, "real_ratio": c.real.ratio} if c.real.pairs else stream  # absent without real pairs
+
     def remove_partial_writes(self) -> None:
         """Delete the temporary files of a run killed mid-checkpoint."""
         for name in ATOMIC_FILES:
@@ -78,8 +84,7 @@ class Checkpoint:
         save_checkpoint(self.out / "model.safetensors", net, self.unet_cfg, self.diffusion, weights="online", **info)
         cfgmod.save(self.cfg, self.out / "config.toml")
         state = {"format": STATE_FORMAT, "step": iteration, "unet": self.unet_cfg.to_dict(),
-                 "diffusion": self.diffusion.to_dict(), "batch_size": self.cfg.run.batch_size,
-                 "grad_accum": self.cfg.optim.grad_accum, "seed": self.cfg.run.seed,
+                 "diffusion": self.diffusion.to_dict(), **self.stream(),
                  "model": net.state_dict(), "ema": ema_model.state_dict(),
                  "optimizer": opt.state_dict(), "rng": _rng_state(gen)}
         with atomic_path(self.path) as tmp:
@@ -98,9 +103,7 @@ class Checkpoint:
         if not isinstance(s, dict) or s.get("format") != STATE_FORMAT:
             raise CheckpointError(f"{path}: not an rddm-train state (format {s.get('format') if isinstance(s, dict) else None!r})")
         self._check_architecture(path, s)
-        stream = {"batch_size": self.cfg.run.batch_size, "grad_accum": self.cfg.optim.grad_accum,
-                  "seed": self.cfg.run.seed}
-        notes = [f"{k} {s.get(k)} -> {v}" for k, v in stream.items() if s.get(k) != v]
+        notes = [f"{k} {s.get(k)} -> {v}" for k, v in self.stream().items() if s.get(k) != v]
         try:
             net.load_state_dict(s["model"])
             ema_model.load_state_dict(s["ema"])

@@ -11,6 +11,7 @@ the :class:`Trainer` builds them from a :class:`TrainConfig` and runs the iterat
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -30,6 +31,7 @@ from .data import TrainSet, make_loader, training_set, validation_data
 from .ema import EMA
 from .loss import Loss
 from .progress import ProgressBar, StopOnSigterm, TrainLog
+from .real_pairs import MixedSet, RealPairs
 from .state import Checkpoint
 from .validation import Validator
 
@@ -167,15 +169,28 @@ class Trainer:
         return self.iteration
 
     # ---- data and validation --------------------------------------------------------------------------------
-    def dataset(self) -> TrainSet:
-        return training_set(self.cfg)
+    @functools.cached_property
+    def real_pairs(self) -> RealPairs | None:
+        """The config's real pairs split by scene (``real.pairs``), decoded once; None without them."""
+        return RealPairs(self.cfg) if self.cfg.real.pairs else None
+
+    def dataset(self) -> TrainSet | MixedSet:
+        """The synthetic (or paired) set, with real pairs mixed in at ``real.ratio`` when the config names them."""
+        r, d = self.cfg.real, self.cfg.data
+        if self.real_pairs is None:
+            return training_set(self.cfg)
+        synthetic = training_set(self.cfg) if r.ratio < 1 else None
+        return MixedSet(self.real_pairs.train_set(d.crop, self.cfg.run.seed, d.flip), synthetic, r.ratio)
 
     def validation_data(self):
-        return validation_data(self.cfg)
+        """The held-out real pairs when the config names real pairs, else its val.clean / val.input set."""
+        return self.real_pairs.held_out_set if self.real_pairs is not None else validation_data(self.cfg)
 
     def validate(self, val) -> dict:
-        """Restore the fixed set with the EMA weights and the few-step sampler; log scores and a grid."""
-        return self.validator(self.ema.model, val, self.iteration)
+        """Restore the fixed set with the EMA weights and the few-step sampler; log scores and a grid (and, with real
+        pairs, the train/held-out gap)."""
+        gap = self.real_pairs.gap_set if self.real_pairs is not None else None
+        return self.validator(self.ema.model, val, self.iteration, gap)
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def _check_finite(self, losses: list[torch.Tensor]) -> float | None:
@@ -213,6 +228,8 @@ class Trainer:
         deadline = time.monotonic() + r.max_minutes * 60 if r.max_minutes > 0 else None
         self._open_run(resume, log)
         val = self.validation_data()
+        if self.real_pairs is not None:
+            log(f"{self.real_pairs.describe()}; {cfg.real.ratio:g} of the training samples real")
         summary = {"start_step": self.iteration, "steps": r.steps}  # keys read by rddm-train and users' scripts
         if self.iteration >= r.steps:
             log(f"{self.out}: already at step {self.iteration} of {r.steps}; nothing to do")
@@ -223,7 +240,8 @@ class Trainer:
                              pin_memory=self.device.type == "cuda")
         batches = iter(loader)
         stopped, last_val = "done", None
-        train_log = TrainLog(self.out / "train_log.jsonl", self.iteration, r.batch_size * accum)
+        train_log = TrainLog(self.out / "train_log.jsonl", self.iteration, r.batch_size * accum,
+                             getattr(ds, "sources", None))
         progress = ProgressBar(r.progress, r.steps, self.iteration, log)
         terminated = StopOnSigterm()
         try:
@@ -236,21 +254,34 @@ class Trainer:
                     mean = self._check_finite(self._pending_losses)
                     self._pending_losses.clear()
                     progress.update(i, mean, train_log.write(i, mean, self.lr_at(i - 1)))
+                early = False
                 if val is not None and (i % cfg.val.every == 0 or i == r.steps or out_of_time):
                     last_val = self.validate(val)
-                    progress.note(f"step {i}: val PSNR {last_val['psnr']:.2f} dB "
-                                  f"(input {last_val['psnr_input']:.2f}), SSIM {last_val['ssim']:.4f}"
-                                  + (" (best so far: best_ema.safetensors)" if last_val["best"] else ""))
-                if at_ckpt or out_of_time:
+                    progress.note(_val_note(i, last_val))
+                    early = self.validator.patience_spent(i)
+                if at_ckpt or out_of_time or early:
                     self.save()
-                if out_of_time:
-                    stopped = "SIGTERM" if terminated.requested else "time budget"
+                if out_of_time or early:
+                    stopped = "early stop" if early else "SIGTERM" if terminated.requested else "time budget"
                     break
         finally:
             terminated.restore()
             progress.close()
             del batches, loader  # stop persistent workers
-        if stopped != "done":
+        if stopped == "early stop":
+            b = self.validator.best
+            log(f"early stop at step {self.iteration}: the validation PSNR has not beaten step {b['iteration']}'s "
+                f"{b['psnr']:.2f} dB for {cfg.val.patience} validations (val.patience); its EMA weights are "
+                f"best_ema.safetensors, the checkpoint is in {self.out}")
+        elif stopped != "done":
             why = "SIGTERM received" if stopped == "SIGTERM" else f"wall-clock budget of {r.max_minutes} min reached"
             log(f"{why} at step {self.iteration}; checkpoint saved in {self.out}")
         return {**summary, "end_step": self.iteration, "stopped": stopped, "val": last_val}
+
+
+def _val_note(iteration: int, row: dict) -> str:
+    """One validation's line: PSNR over the input, and with real pairs the train/held-out gap."""
+    gap = (f"; training pairs {row['train_psnr']:.2f} (input {row['train_psnr_input']:.2f}), "
+           f"gap {row['gap']:+.2f} dB" if "gap" in row else "")
+    return (f"step {iteration}: val PSNR {row['psnr']:.2f} dB (input {row['psnr_input']:.2f}), SSIM {row['ssim']:.4f}"
+            + gap + (" (best so far: best_ema.safetensors)" if row["best"] else ""))

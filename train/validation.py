@@ -79,13 +79,20 @@ class Validator:
         restored = np.concatenate([sampler.restore(x[i:i + bs], v.steps, seed=v.seed) for i in range(0, len(x), bs)])
         return shuffle_merge(np.split(restored, ps * ps), ps)
 
-    def __call__(self, ema_model, val, iteration: int) -> dict:
-        """Restore, score, log a row (val_log.csv / .jsonl) and a grid; returns the row with ``best``."""
+    def __call__(self, ema_model, val, iteration: int, train_pairs=None) -> dict:
+        """Restore, score, log a row (val_log.csv / .jsonl) and a grid; returns the row with ``best``.
+
+        ``train_pairs`` (a fixed set cut from the training pairs, as ``val``) adds ``train_psnr``,
+        ``train_psnr_input`` and ``gap``: the gain over the input on them minus the gain on ``val``."""
         inp, gt, _ = val
         restored = self.restore(ema_model, inp)
         p, s = scores(restored, gt)
         p_in, _ = scores(inp, gt)
         row = {"step": iteration, "psnr": round(p, 4), "ssim": round(s, 5), "psnr_input": round(p_in, 4)}
+        if train_pairs is not None:
+            t_inp, t_gt, _ = train_pairs
+            t, t_in = scores(self.restore(ema_model, t_inp), t_gt)[0], scores(t_inp, t_gt)[0]
+            row.update(train_psnr=round(t, 4), train_psnr_input=round(t_in, 4), gap=round((t - t_in) - (p - p_in), 4))
         csv = self.out / "val_log.csv"
         if not csv.exists():
             append_line(csv, ",".join(row))
@@ -100,3 +107,8 @@ class Validator:
                             val_psnr_input=row["psnr_input"])
             self.best = {"iteration": iteration, "psnr": row["psnr"]}
         return row
+
+    def patience_spent(self, iteration: int) -> bool:
+        """Early stopping: the best validation is ``val.patience`` validations (× ``val.every`` iterations) old."""
+        v = self.cfg.val
+        return v.patience > 0 and self.best is not None and iteration - self.best["iteration"] >= v.patience * v.every

@@ -13,7 +13,7 @@ import cv2
 import pytest
 import torch
 
-from helpers.train import TINY_TRAIN, write_photos
+from helpers.train import TINY_TRAIN, write_photos, write_real_pairs
 from helpers.cli import command, run
 from rddm_infer.model import load_checkpoint
 from rddm_train import config
@@ -103,6 +103,7 @@ def test_sigterm_stops_after_the_current_step_with_a_checkpoint(tmp_path, photos
     (["--steps", 5], "no training data: give --data DIR"),
     (["--input", "/tmp"], "paired training data needs both --input and --gt"),
     (["--config", "missing.toml"], "missing.toml: no such config file"),
+    (["--real-pairs", "/tmp", "--set", "real.held_out=['a', 'b']"], "config: real.held_out names 2 scene(s); at least 3"),
 ])
 def test_user_errors_are_one_line_without_traceback(tmp_path, args, message):
     r = rddm_train(*TINY_ARGS, "--out", tmp_path / "run", *args)
@@ -134,3 +135,24 @@ def test_real_denoiser_config_fine_tunes_the_built_in_model(tmp_path, photos):
     assert saved.val.pixel_shuffle == 2  # validated as real photos are restored
     assert json.loads((out / "best_ema.json").read_text())["step"] == 2  # the best (only) validation's weights
     assert load_checkpoint(out / "ema.safetensors").info == {"weights": "ema", "step": 2}
+
+
+def test_real_pairs_config_fine_tunes_on_real_pairs_split_by_scene(tmp_path, photos):
+    """The packaged real-pairs config as its fine-tune command runs it: --real-pairs, --init the built-in weights;
+    tiny pairs named as the config's held-out scenes (16 pairs) plus two training scenes."""
+    pairs, out = tmp_path / "real", tmp_path / "run"
+    held = config.load("real_pairs_denoiser", ["real.pairs='x'"]).real.held_out
+    write_real_pairs(pairs, {**dict(zip(held, [3, 5, 4, 3, 1])), "Cam_1_1_100_chair": 2, "Cam_1_1_100_stair": 2})
+    weights = Path(__file__).parents[2] / "rddm_infer" / "weights" / "default.safetensors"
+    small = ["data.crop=32", "val.crop=32", "run.batch_size=4", "data.num_workers=0", "run.threads=1"]
+    r = rddm_train("--config", "real_pairs_denoiser", "--real-pairs", pairs, "--init", weights, "--data", photos,
+                   *[a for s in small for a in ("--set", s)], "--out", out, "--steps", 2, "--val-every", 2,
+                   "--device", "cpu", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert f"real pairs from {pairs}: training on 4 pairs of 2 scenes; validating on 16 pairs" in r.stdout
+    assert "0.25 of the training samples real" in r.stdout and "gap " in r.stdout
+    rows = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [(x["sources"]["samples"], x["sources"]["synthetic"]) for x in rows] == [([0, 8], 6)]  # 2 steps × 4
+    assert sum(map(len, rows[0]["sources"]["real"].values())) == 2  # a quarter real
+    assert all(n.startswith("Cam_1_1_100_") for x in rows for n in x["sources"]["real"])
+    assert json.loads((out / "val_log.jsonl").read_text())["gap"] is not None

@@ -34,3 +34,32 @@ def tiny_config(out: Path, data: Path, *extra: str, **flags):
     from rddm_train import config
 
     return config.load(None, [*TINY_TRAIN, f"run.out='{out}'", f"data.clean='{data}'", *extra], **flags)
+
+
+def pair_pattern(h: int, w: int) -> np.ndarray:
+    """The known 'noise' of :func:`write_real_pairs`: noisy = clean + this (int, -3..3, varies with x, y, channel)."""
+    y, x, c = np.mgrid[0:h, 0:w, 0:3]
+    return (3 * x + 5 * y + c) % 7 - 3
+
+
+def write_real_pairs(folder: Path, scenes: dict[str, int], size: tuple[int, int] = (40, 48),
+                     strength: dict[str, int] | None = None) -> list[str]:
+    """``folder/noisy`` and ``folder/clean`` PNG pairs named ``SCENE_N.png``, N = 1.. per scene. The clean image
+    encodes where each pixel is (R = 10 + 4x, G = 10 + 5y) and which pair it is (B = 20 + 3·pair); the noisy one adds
+    :func:`pair_pattern` (× the scene's ``strength``, 1 by default), so any crop tells where it came from and whether
+    noisy and clean stayed aligned."""
+    h, w = size
+    assert w <= 48 and h <= 48 and sum(scenes.values()) <= 70 and max((strength or {0: 1}).values()) <= 2, \
+        "the encoding must stay within 8 bits"
+    y, x = np.mgrid[0:h, 0:w]
+    names, pair = [], 0
+    for scene, n in scenes.items():
+        for j in range(1, n + 1):
+            clean = np.stack([10 + 4 * x, 10 + 5 * y, np.full_like(x, 20 + 3 * pair)], -1)
+            noisy = clean + (strength or {}).get(scene, 1) * pair_pattern(h, w)
+            for sub, img in (("clean", clean), ("noisy", noisy)):
+                (folder / sub).mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(folder / sub / f"{scene}_{j}.png"), img[..., ::-1].astype(np.uint8))
+            names.append(f"{scene}_{j}.png")
+            pair += 1
+    return names
