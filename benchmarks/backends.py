@@ -5,9 +5,11 @@
 
 One checkpoint is exported once per graph kind (``step`` / ``fused``, fp32, and optionally
 mixed fp16 and int8); then the same images and the same noise go through every variant:
-the torch eager fp32 sampler with the reference's unfolded weight standardisation (the
-baseline), torch bf16 autocast + channels_last, torch.compile (``--compile``), ONNX Runtime
-``step`` / ``fused`` graphs, and on a GPU the CUDA / TensorRT providers. Sizes above ``--tile``
+the torch eager fp32 sampler with every lever off (the reference's unfolded weight standardisation: the
+baseline), the torch runner with its levers (channels_last, folded WS, SDPA, and on a GPU CUDA graphs and
+pinned copies) at fp32 and bf16 (and fp16 on a GPU), each lever alone too (``--each-lever``, always on a GPU),
+torch.compile (``--compile``), ONNX Runtime ``step`` / ``fused`` graphs, and on a GPU the CUDA / TensorRT
+providers. Sizes above ``--tile``
 are restored in overlapping tiles. Variants run round-robin (one restore each per round)
 so load drift on a shared machine hits all of them alike; each variant's speedup is over
 the baseline of the same run, and its accuracy is the PSNR of its restored image against
@@ -18,7 +20,6 @@ the baseline's (inf = identical). Writes ``results.json``, ``results.md``, ``res
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -34,13 +35,14 @@ import numpy as np
 
 from rddm_infer.io.atomic import atomic_path
 from rddm_infer.backends import EngineSampler, Noise
+from rddm_infer.backends.torch import BASELINE as TORCH_BASELINE
 from rddm_infer.metrics import psnr
 from rddm_infer.report import write_bench_report
 from rddm_infer.diffusion.graph_kinds import GRAPH_KINDS
 from rddm_infer.diffusion.schedule import SamplingPlan
 from rddm_infer.restore.tiling import run_tiled
 
-BASELINE = "torch eager fp32 (reference)"
+BASELINE = "torch " + TORCH_BASELINE  # every torch lever off: the reference's math
 
 
 class PeakRSS:
@@ -97,25 +99,20 @@ def _engine(runner, plan) -> Callable:
     return lambda x, noise: sampler.run(x, plan, noise)
 
 
-def torch_variants(loaded, plan, device: str, compile: bool) -> list[Variant]:
-    """The reference-style eager fp32 sampler, bf16 autocast + channels_last (folded WS), compiled."""
-    import torch
+def torch_variants(loaded, plan, device: str, compile: bool, each: bool = False) -> list[Variant]:
+    """The torch runner's levers against eager fp32 with every lever off (the reference's math, the baseline):
+    every lever together at each precision, each lever alone with ``each`` (always on CUDA), compiled with
+    ``compile`` (:func:`rddm_infer.backends.torch.lever_variants`, the list ``bench`` and gpu_torch time too)."""
+    from rddm_infer.backends.torch import TorchRunner, lever_variants
 
-    from rddm_infer.backends.torch import TorchRunner
-    from rddm_infer.model import fold_weight_standardization
-
-    out = [Variant(BASELINE, _engine(TorchRunner(loaded, device=device), plan), device=device)]
-    fast = copy.copy(loaded)
-    fast.net = fold_weight_standardization(copy.deepcopy(loaded.net)).to(memory_format=torch.channels_last)
-    if device == "cpu" or torch.cuda.is_bf16_supported():
-        runner = TorchRunner(fast, device=device, precision="bf16")
-        out.append(Variant("torch eager bf16 autocast + channels_last", _engine(runner, plan), precision="bf16",
-                           device=device))
-    else:
-        print("torch eager bf16 autocast: not run (this GPU has no bf16; the torch backend offers fp32 | bf16)")
-    if compile:
-        out.append(Variant("torch.compile fp32", _engine(TorchRunner(loaded, device=device, compile=True), plan),
-                           device=device))
+    out = []
+    for label, opts in lever_variants(device, compile, each or device == "cuda"):
+        try:
+            runner = TorchRunner(loaded, device=device, **opts)
+        except Exception as e:  # e.g. a precision this machine lacks: reported, not fatal
+            print(f"torch {label}: not run ({e})", flush=True)
+            continue
+        out.append(Variant(f"torch {label}", _engine(runner, plan), precision=opts["precision"], device=device))
     return out
 
 
@@ -385,23 +382,24 @@ def _write(path: Path, writer) -> Path:
     return path
 
 
-def reference_size_model(seed: int = 0):
+def reference_size_model(seed: int = 0, dim: int = 64):
     """The official experiment-2 size (UnetRes dim 64, mults 1-2-4-8, two UNets, pred_res_noise; 72.5 M
     parameters) with seeded random weights, norms perturbed so every parameter matters: speed does not depend on
-    the weights, and every variant is compared with the eager fp32 output of the same network."""
+    the weights, and every variant is compared with the eager fp32 output of the same network. ``dim``: a smaller
+    network of the same shape (smoke runs)."""
     import torch
 
     from rddm_infer.model import LoadedModel, UNetConfig, UnetRes
     from rddm_infer.diffusion.schedule import DiffusionConfig
 
     torch.manual_seed(seed)
-    cfg = UNetConfig(dim=64, dim_mults=(1, 2, 4, 8), share_encoder=0)
+    cfg = UNetConfig(dim=dim, dim_mults=(1, 2, 4, 8), share_encoder=0)
     net = UnetRes(cfg).eval()
     with torch.no_grad():
         for p in net.parameters():
             if p.dim() == 1:
                 p.add_(0.05 * torch.randn_like(p))
-    return LoadedModel(net, cfg, DiffusionConfig(objective="pred_res_noise"), "reference-size (dim 64, random)")
+    return LoadedModel(net, cfg, DiffusionConfig(objective="pred_res_noise"), f"reference-size (dim {dim}, random)")
 
 
 def run(args) -> dict:
@@ -433,8 +431,8 @@ def run(args) -> dict:
             from rddm_export.int8 import calibration_images
             calib = calibration_images(args.calib, sigma=args.sigma)
         paths = export_graphs(loaded, Path(tmp), args.graphs, args.steps, args.fp16, args.int8, calib)
-        variants = torch_variants(loaded, plan, device, args.compile) + onnx_variants(paths, plan, args.threads,
-                                                                                         providers)
+        variants = torch_variants(loaded, plan, device, args.compile, args.each_lever) + \
+            onnx_variants(paths, plan, args.threads, providers)
         variants += registry_variants(paths, plan, args.threads)
         base = variants[0]
         sizes = []
@@ -484,6 +482,9 @@ def parse(argv=None):
     ap.add_argument("--int8", action="store_true", help="also int8 (QDQ Conv) ONNX graphs")
     ap.add_argument("--calib", type=Path, default=None, help="clean images to calibrate int8 on (default: synthetic)")
     ap.add_argument("--compile", action="store_true", help="also torch.compile (minutes of compilation on CPU)")
+    ap.add_argument("--each-lever", action="store_true",
+                    help="also each torch lever alone against eager fp32 (always on CUDA; on the CPU: channels_last, "
+                         "folded WS, SDPA)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's peak, for %% of peak")
     ap.add_argument("--out", type=Path, default=Path("bench_out"))
     a = ap.parse_args(argv)

@@ -422,6 +422,9 @@ def bench(
                                    help="Time every installed backend and precision on this CPU (at most 3 runs "
                                         "each, after a warm-up), check each is >= 40 dB vs fp32, and save the table "
                                         "that --backend auto reads."),
+    levers: bool = typer.Option(False, "--levers",
+                                help="torch: eager fp32 (every lever off) vs each lever alone and every lever at each "
+                                     "precision, timed one after the other (e.g. --device cuda)."),
     options: dict = None,
 ):
     """Time whole restores (all K steps) on random input: median latency and images/s."""
@@ -439,6 +442,8 @@ def bench(
         return _calibrate(resolve_model(model, backend), backend, size=size, runs=min(runs, 3), json_out=json_out,
                           **options)
 
+    if levers:
+        return _bench_levers(model, backend, size, batch, runs, warmup, json_out, options)
     runner, choice = measured_runner(resolve_model(model, backend), backend, **options)
     with runner:
         sampler = EngineSampler(runner)
@@ -465,6 +470,20 @@ def bench(
         out.print(f"{escape(result['backend'])}: {runner.meta.graph} graph, {plan.steps} steps, batch {batch} × "
                   f"{side}²: median {result['median_ms']:.2f} ms (min {result['min_ms']:.2f}), "
                   f"{result['images_per_s']:.2f} images/s")
+
+
+def _bench_levers(model, backend: str, size: int, batch: int, runs: int, warmup: int, json_out: bool,
+                  options: dict) -> None:
+    from .backends.select import resolve_model
+    from .backends.timings import json_safe
+    from .backends.torch import bench_levers
+
+    if backend not in ("auto", "torch"):
+        raise RDDMError("--levers times the torch backend's levers: --backend torch")
+    rows = bench_levers(resolve_model(model, "torch"), size, batch, runs, warmup,
+                        log=lambda s: (err if json_out else out).print(escape(s)), **options)
+    if json_out:
+        print(json.dumps(json_safe(rows), indent=2, default=str))
 
 
 BENCH_MAX_PIXELS = 4096 * 4096  # one untiled call on a 4096² image already takes several GB of activations

@@ -97,6 +97,12 @@ class Runner:
         """Run the graph once: named inputs (numpy or handles) -> named outputs (handles)."""
         raise NotImplementedError
 
+    def run_plan(self, x_input: np.ndarray, plan, noise) -> np.ndarray | None:
+        """A whole sampling run (all ``plan.steps`` calls) done by the runner itself, or None: then the graph
+        kind's driver calls :meth:`infer` step by step. A ``unet`` runner that captures the K-step loop as one
+        CUDA graph answers here, with the driver's math (:func:`rddm_infer.diffusion.sampler.sample`) and noise."""
+        return None
+
     def run_chain(self, static: Mapping[str, Any], per_step: Sequence[Mapping[str, Any]], carry: tuple[str, str],
                   state: np.ndarray) -> np.ndarray:
         """``len(per_step)`` calls where output ``carry[1]`` feeds input ``carry[0]`` of the next call.

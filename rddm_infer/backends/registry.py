@@ -107,6 +107,7 @@ class Option:
     help: str
     choices: tuple = ()
     cli: bool = True
+    gpu_choices: tuple = ()  # choices that run on a GPU only (the CPU timing table skips them)
 
     @property
     def flag(self) -> str:
@@ -133,6 +134,22 @@ class Option:
 DEVICE = Option("device", str, "auto", "auto | cpu | cuda | cuda:N")
 THREADS = Option("threads", int, None, "CPU threads for inference")
 PRECISION = ("fp32", "bf16")
+TORCH_PRECISION = (*PRECISION, "fp16")
+ON_CUDA = "default: on with --device cuda, off on the CPU"
+# The torch runner's speed levers (rddm_infer.backends.torch.LEVERS states each in the backend line). None: the
+# device's default; a lever the device cannot run (CUDA graphs, pinned memory on the CPU) asked for is an error.
+TORCH_LEVERS = (
+    Option("channels_last", bool, None, f"channels_last (NHWC) weights and inputs ({ON_CUDA})"),
+    Option("fold_ws", bool, None, f"fold the weight standardisation into the conv weights once at load instead of "
+                                  f"every call (same math to float rounding; {ON_CUDA})"),
+    Option("sdpa", bool, None, f"fused scaled-dot-product attention kernels for the full attention (no N×N "
+                               f"matrix; {ON_CUDA})"),
+    Option("cuda_graph", bool, None, "capture all K steps of a restore as one CUDA graph per (batch, tile "
+                                     "shape) at its second batch, replayed for every later one (CUDA only; default: "
+                                     "on with --device cuda)"),
+    Option("pinned_memory", bool, None, "page-locked host buffers and non-blocking copies to and from the GPU "
+                                        "(CUDA only; default: on with --device cuda)"),
+)
 
 # The same for every backend (see the module docstring).
 MODEL_OPTIONS = (
@@ -228,11 +245,14 @@ BACKENDS: list[BackendSpec] = [
          Option("device_id", int, None, "CUDA device index (same as --device cuda:N)", cli=False)),
         devices=("cpu", "cuda")),
     BackendSpec(
-        "torch", "PyTorch eager (or torch.compile) from a checkpoint", "torch", ("torch",),
+        "torch", "PyTorch from a checkpoint (on CUDA: channels_last, folded weight standardisation, SDPA, CUDA "
+        "graphs, pinned copies, each can be switched off; optional torch.compile)", "torch", ("torch",),
         ("checkpoint",), ".torch:TorchRunner",
         (DEVICE, Option("threads", int, None, "torch.set_num_threads (process-wide)"),
          Option("compile", bool, False, "torch.compile the network"),
-         Option("precision", str, "fp32", "fp32, or bf16 autocast", PRECISION)),
+         Option("precision", str, "fp32", "fp32, or bf16 / fp16 autocast (fp16: CUDA only)", TORCH_PRECISION,
+                gpu_choices=("fp16",)),
+         *TORCH_LEVERS),
         devices=("cpu", "cuda"), model_options=("objective", "sum_scale", "timesteps", "time_input", "translation",
                                                    "test_res_or_noise", "two_pass")),
     BackendSpec(

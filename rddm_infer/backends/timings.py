@@ -15,12 +15,13 @@ import json
 import os
 import platform
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..diffusion.engine_sampler import Noise
+from ..diffusion.engine_sampler import EngineSampler, Noise
 from .registry import BACKENDS, artifact_kind, user_cache_dir
 
 MIN_PSNR = 40.0  # dB vs the exact fp32 result on the probe
@@ -113,7 +114,8 @@ def candidates(model: str | os.PathLike) -> list[tuple[str, dict]]:
     for spec in BACKENDS:
         if kind in spec.artifacts and "cpu" in spec.devices and spec.available():
             prec = spec.option("precision")
-            out += [(spec.name, {"precision": p} if p else {}) for p in (prec.choices if prec else (None,))]
+            precs = [p for p in prec.choices if p not in prec.gpu_choices] if prec else [None]
+            out += [(spec.name, {"precision": p} if p else {}) for p in precs]
     return sorted(out, key=lambda c: c[1].get("precision") not in EXACT)
 
 
@@ -136,6 +138,68 @@ def time_restores(sampler, plan, shape: tuple, runs: int, warmup: int = 1) -> tu
         if i >= warmup:
             times.append(time.perf_counter() - t)
     return times, y
+
+
+def time_variants(make_runner, variants, size: int, batch: int, runs: int, warmup: int = 1, steps: int | None = None,
+                  log=lambda s: None, around=None, baseline: dict | None = None) -> list[dict]:
+    """Each ``(label, options)`` of ``variants`` built by ``make_runner(options)`` and timed in turn (one runner
+    alive at a time: GPU memory) by :func:`time_restores` on the same seeded ``batch`` × ``size``² input and noise;
+    speedup and PSNR are against the first variant that ran (the baseline), or against ``baseline`` when that dict
+    already holds one from an earlier call (an empty dict is filled in, for the next call). ``around()``, when given,
+    is a context manager around each variant's runs that yields a dict for extra fields (e.g. peak GPU memory). A
+    variant that cannot be built or run here is a row with its ``error``; ``log`` gets one line per variant
+    (:func:`variant_line`)."""
+    from ..metrics import psnr
+
+    rows = []
+    base = baseline if baseline is not None else {}
+    for label, options in variants:
+        row: dict = {"variant": label, "options": dict(options), "error": None}
+        try:
+            with make_runner(options) as runner:
+                sampler = EngineSampler(runner)
+                plan = sampler.plan(steps)
+                shape = probe_shape(runner.meta, size, batch)
+                row.update(backend=runner.description, steps=plan.steps, shape=list(shape))
+                with (around() if around is not None else nullcontext({})) as extra:
+                    t0 = time.perf_counter()
+                    times, y = time_restores(sampler, plan, shape, runs, warmup)
+                    total = time.perf_counter() - t0
+                row.update(extra)
+        except Exception as e:  # one lever that cannot run here (no bf16, a failed capture) is a row, not the end
+            row["error"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+            rows.append(row)
+            log(variant_line(row))
+            continue
+        med = float(np.median(times))
+        if not base:
+            base.update(median_s=med, out=y)
+        row.update(median_ms=med * 1e3, min_ms=min(times) * 1e3, images_per_s=batch / med,
+                   first_runs_s=total - sum(times), speedup=base["median_s"] / med,
+                   psnr_db=psnr((y + 1) / 2, (base["out"] + 1) / 2))
+        rows.append(row)
+        log(variant_line(row))
+    return rows
+
+
+def json_safe(obj):
+    """``obj`` with every infinite or NaN float written as "inf" / "-inf" / "nan" (strict JSON has none)."""
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return "nan" if np.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def variant_line(row: dict) -> str:
+    """One row of :func:`time_variants` as a line: median, images/s, speedup, PSNR vs the baseline."""
+    if row.get("error"):
+        return f"{row['variant']}: not run: {row['error']}"
+    db = "identical" if row["psnr_db"] == float("inf") else f"{row['psnr_db']:.1f} dB"
+    return (f"{row['variant']}: median {row['median_ms']:.1f} ms, {row['images_per_s']:.2f} images/s, "
+            f"×{row['speedup']:.2f} vs the first, {db} (first runs {row['first_runs_s']:.1f} s)")
 
 
 _MEASURED: dict[Path, Table] = {}  # tables measured in this process (the one that could not be saved, too)

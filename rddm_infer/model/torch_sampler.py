@@ -19,7 +19,7 @@ class TorchRDDM:
     """restore(x_input in [0, 1]) / generate(shape) with the few-step residual/noise sampler."""
 
     def __init__(self, net: UnetRes, diffusion: DiffusionConfig, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, channels_last: bool = False):
         cfg = getattr(net, "config", None)
         if cfg is not None and cfg.input_condition:
             raise RDDMError("this model takes an extra input-condition image (reference input_condition=True), "
@@ -32,19 +32,30 @@ class TorchRDDM:
         self.num_outputs = cfg.num_outputs if cfg is not None else 2
         self.device = torch.device(device)
         self.dtype = dtype
+        self.channels_last = channels_last  # the network's input in NHWC memory (its weights are the caller's)
+        self.autocast_cache = True  # False inside a CUDA graph capture (the cast weights live in the graph)
 
     def model_fn(self, x_t: torch.Tensor, x_input: torch.Tensor, t: int | tuple[float, float]):
         """(x_t, x_input, t) -> network outputs, the interface every backend implements.
 
         ``t``: the step index, or the pair (ᾱ_t·T, β̄_t·T) of a "scaled" time input
         (:meth:`~rddm_infer.diffusion.schedule.SamplingPlan.net_time`)."""
-        x = torch.cat((x_t, x_input), dim=1) if self.concat else x_t
+        return self.call(x_t, x_input, self.time_input(t, x_t.shape[0], x_t.device))
+
+    def time_input(self, t: int | tuple[float, float], batch: int, device) -> torch.Tensor:
+        """The network's time tensor for one step's ``t`` (as :meth:`model_fn` takes it)."""
         if isinstance(t, tuple):
-            time = torch.tensor(t, device=x.device, dtype=torch.float32).expand(x.shape[0], 2)
-            time = select_time(time, self.num_outputs, self.diffusion.objective)
-        else:
-            time = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            time = torch.tensor(t, device=device, dtype=torch.float32).expand(batch, 2)
+            return select_time(time, self.num_outputs, self.diffusion.objective)
+        return torch.full((batch,), t, device=device, dtype=torch.long)
+
+    def call(self, x_t: torch.Tensor, x_input: torch.Tensor, time: torch.Tensor):
+        """One network call with a ready time tensor (:meth:`time_input`): outputs as float32."""
+        x = torch.cat((x_t, x_input), dim=1) if self.concat else x_t
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32,
+                            cache_enabled=self.autocast_cache):
             outs = self.net(x, time)
         return tuple(o.float() for o in outs)
 

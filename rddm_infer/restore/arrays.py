@@ -184,10 +184,14 @@ class ImageRestorer:
                     tile=self.tile, overlap=self.overlap, multiple=self.multiple)
 
     def finish(self, work: Work, ext: str | None = None) -> np.ndarray | ImageError:
-        """A work whose every unit ran -> the restored pixels, or that image's error."""
-        if work.error is not None:
+        """A work whose every unit ran -> the restored pixels, or that image's error. The work's network inputs,
+        noise and outputs are let go here (not when the garbage collector next finds the work-unit cycle: images in
+        flight would then outgrow --in-flight-mb)."""
+        outputs = None if work.error is not None else work.outputs()
+        work.release()
+        if outputs is None:
             return work.error
-        return self._finish(self._merge(work.outputs(), work.mode.pixel_shuffle), work.img, ext)
+        return self._finish(self._merge(outputs, work.mode.pixel_shuffle), work.img, ext)
 
     def run_units(self, units: list[Unit]) -> np.ndarray:
         """One engine call for same-shape units of one plan (of one image or several)."""

@@ -99,6 +99,10 @@ class Work:
     def outputs(self) -> list[np.ndarray]:
         return [p.output() for p in self.parts]
 
+    def release(self) -> None:
+        """Drop the parts and units (which point back here): what is left is the decoded image and the result."""
+        self.parts, self.units = [], []
+
     def working_bytes(self) -> int:
         """Memory this image holds while in flight: its pixels, its network inputs and their noise, outputs."""
         per_part = sum(p.x.nbytes + p.noise.eps.nbytes + sum(z.nbytes for z in p.noise.steps if z is not None)

@@ -37,8 +37,8 @@ def test_bench_writes_consistent_json_markdown_png(bench_run):
     (size,) = result["sizes"]
     rows = {r["variant"]: r for r in size["rows"]}
     assert list(rows)[0] == result["baseline"] == "torch eager fp32 (reference)"
-    assert {"onnxruntime CPU step fp32", "onnxruntime CPU step int8", "torch eager bf16 autocast + channels_last"} \
-        <= set(rows)
+    assert {"onnxruntime CPU step fp32", "onnxruntime CPU step int8", "torch fp32, every lever",
+            "torch bf16 autocast, every lever"} <= set(rows)
     base = rows[result["baseline"]]
     assert base["speedup_vs_baseline"] == pytest.approx(1.0)
     assert base["psnr_vs_baseline_db"] == math.inf  # the baseline against itself
@@ -53,7 +53,8 @@ def test_bench_writes_consistent_json_markdown_png(bench_run):
     # the exported fp32 graph computes what torch computes; lower precisions stay recognisably the same image
     assert rows["onnxruntime CPU step fp32"]["psnr_vs_baseline_db"] > 60
     assert 20 < rows["onnxruntime CPU step int8"]["psnr_vs_baseline_db"] < math.inf
-    assert 25 < rows["torch eager bf16 autocast + channels_last"]["psnr_vs_baseline_db"] < math.inf
+    assert 25 < rows["torch bf16 autocast, every lever"]["psnr_vs_baseline_db"] < math.inf
+    assert rows["torch fp32, every lever"]["psnr_vs_baseline_db"] > 90  # channels_last, folded WS, SDPA: same math
     assert size["gflop_per_image"] > 0 and result["environment"]["onnxruntime"]
     if result["environment"]["openvino"]:  # registry rows: every installed ONNX backend at each precision
         assert rows["openvino step fp32"]["psnr_vs_baseline_db"] > 60
@@ -152,3 +153,18 @@ def test_reference_size_model_is_the_official_experiment_2_size():
     assert m.diffusion.objective == "pred_res_noise"
     assert sum(p.numel() for p in m.net.parameters()) / 1e6 == pytest.approx(72.5, abs=0.5)
     assert parse(["--sizes", "256"]).checkpoint is None  # no checkpoint: the reference-size model
+
+
+def test_bench_levers_times_eager_fp32_against_each_lever(tmp_path):
+    """`rddm-infer bench --levers` on the CPU: eager fp32 first, then the levers the CPU takes, each with its accuracy
+    against eager fp32 (the CUDA-only ones are not offered here: they are refused on the CPU)."""
+    from helpers.cli import run
+    from helpers.models import checkpoint
+
+    r = run("rddm-infer", "bench", checkpoint(), "--levers", "--size", "32", "--runs", "1", "--warmup", "0",
+            "--json", timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert len(rows) >= 2 and "eager" in json.dumps(rows[0]).lower()
+    bad = run("rddm-infer", "bench", "--levers", "--backend", "onnxruntime")
+    assert bad.returncode == 2 and "--levers times the torch backend's levers" in bad.stderr
