@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 
 from rddm_infer.backends.timings import cpu_model
+from rddm_infer.restore.overlapped import local_cpus
 
 
 def make_jpegs(folder: Path, n: int, min_mp: float, max_mp: float, seed: int = 0) -> int:
@@ -159,8 +160,8 @@ def main(argv=None) -> None:
     t = time.perf_counter()
     nbytes = make_jpegs(folder, a.images, a.min_mp, a.max_mp)
     print(f"{a.images} JPEGs, {a.min_mp:g}-{a.max_mp:g} MP, {nbytes / 1e6:.0f} MB, made in "
-          f"{time.perf_counter() - t:.1f} s; CPU: {cpu_model()}, {len(os.sched_getaffinity(0))} usable", flush=True)
-    res = {"machine": {"cpu": cpu_model(), "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+          f"{time.perf_counter() - t:.1f} s; CPU: {cpu_model()}, {local_cpus()} usable", flush=True)
+    res = {"machine": {"cpu": cpu_model(), "cpus": local_cpus(), "python": platform.python_version(),
                        "flags": _cpu_flags()},
            "images": a.images, "mp": [a.min_mp, a.max_mp], "latency_ms": a.latency_ms, "batch": a.batch,
            "in_flight_mb": a.in_flight_mb, "runs": {}}

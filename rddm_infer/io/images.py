@@ -25,7 +25,7 @@ import numpy as np
 from .atomic import write_bytes_atomic
 from ..errors import ImageError
 from .formats import check_quality, encode_params, is_lossy  # noqa: F401 (re-exported)
-from .headers import read_header
+from .headers import Header, read_header
 from .storage import Uri, location, read_bytes, write_bytes
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
@@ -136,7 +136,7 @@ def check_float_range(pix: np.ndarray, where: str) -> None:
                          f"clip them (that would lose data): scale the image to [0, 1] first")
 
 
-def _check_header(path: Path, raw: bytes, max_pixels: int | None):
+def _check_header(path: Path, raw: bytes, max_pixels: int | None) -> Header | None:
     head = read_header(raw)
     if head is None:
         return None

@@ -34,12 +34,11 @@ from .memory import MAX_IN_FLIGHT_IMAGES, MEMORY_SHARE, available_memory
 from .units import BatchQueue, Work
 
 
-
-def machine_cpus() -> int:
+def local_cpus() -> int:
     """The CPUs this process may run on (a container's or taskset's limit, not the host's count)."""
     try:
         return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
+    except (AttributeError, OSError):  # not on Linux
         return os.cpu_count() or 1
 
 
@@ -62,7 +61,7 @@ class Flow:
         """``io_workers`` None/"auto": one per CPU this process may use. Limits not given: ``batch`` +
         MAX_IN_FLIGHT_IMAGES images, and MEMORY_SHARE of the memory available now."""
         if io_workers in (None, "auto"):
-            io_workers = machine_cpus()
+            io_workers = local_cpus()
         if isinstance(io_workers, bool) or not isinstance(io_workers, int) or io_workers < 0:
             raise RDDMError(f"--io-workers {io_workers}: must be auto or an integer >= 0 (0: one image at a time)")
         if max_images is not None and max_images < batch:
@@ -71,6 +70,9 @@ class Flow:
         if max_mb is not None and not max_mb > 0:
             raise RDDMError(f"--in-flight-mb {max_mb}: must be > 0")
         if io_workers == 0:  # sequential: the images of one batch, read before the engine runs them
+            if max_mb is not None:  # one thread cannot wait for memory that only it would free
+                raise RDDMError(f"--in-flight-mb {max_mb:g} bounds the overlapped path: with --io-workers 0 at most "
+                                f"--in-flight images (default --batch) are held; drop one of the two")
             return cls(0, max_images or batch, None)
         if max_mb is None:
             avail, _ = available_memory()
@@ -194,7 +196,6 @@ def run_overlapped(restorer, jobs: list[Job], flow: Flow, *, skip_existing: bool
         return bool(reading) and budget.waiting >= min(len(reading), n_read)
 
     batches = BatchQueue(arrays, on_tile)
-    owner: dict[int, tuple[int, Job]] = {}  # id(work) -> (index, job)
     done: dict[int, Result] = {}
     reading: set[int] = set()
     submitted = in_flight = emitted = 0
@@ -226,16 +227,15 @@ def run_overlapped(restorer, jobs: list[Job], flow: Flow, *, skip_existing: bool
                     raise payload
                 if kind == "work":
                     reading.discard(i)
-                    owner[id(payload)] = (i, jobs[i])
                     batches.add(payload, i)
                 elif kind in ("result", "read-result"):
                     done[i] = payload
                     in_flight -= 1
-                    reading.discard(i)
+                    if kind == "read-result":
+                        reading.discard(i)
             if can_run():
-                for work in batches.run():
-                    i, job = owner.pop(id(work))
-                    writers.submit(write, i, job, work)
+                for i, work in batches.run():
+                    writers.submit(write, i, jobs[i], work)
     except KeyboardInterrupt:
         # Ctrl-C: nothing new starts, writes under way finish (each is atomic), and what they wrote is reported
         # (in input order) before the interrupt goes on, so "N restored" counts the files that exist.

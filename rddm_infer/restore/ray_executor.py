@@ -47,6 +47,7 @@ from ..io.storage import from_fields, location, modified, to_fields
 from .jobs import Job, Result, Summary, is_done, prepare_jobs, write_metrics_csv
 from .local import Restorer
 from .memory import copies_per_node
+from .overlapped import local_cpus
 
 RESULT_COLUMNS = ("index", "status", "error", "seconds", "psnr", "ssim", "psnr_in", "mode", "backend")
 CONNECT_TIMEOUT = 30.0  # seconds: --ray-connect-timeout's default
@@ -154,14 +155,6 @@ def check_sizes(workers=None, cpus_per_worker=None, gpus_per_worker=None, connec
             raise RDDMError(f"{flag} must be {'>= 0' if zero else '> 0'}, got {value:g}")
     if workers is not None and workers != int(workers):
         raise RDDMError(f"--workers must be a whole number, got {workers:g}")
-
-
-def local_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, as taskset or a container sets it)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def size_pool(total_cpus: float, total_gpus: float = 0.0, *, workers: int | None = None,

@@ -103,12 +103,6 @@ class Work:
         """Drop the parts and units (which point back here): what is left is the decoded image and the result."""
         self.parts, self.units = [], []
 
-    def working_bytes(self) -> int:
-        """Memory this image holds while in flight: its pixels, its network inputs and their noise, outputs."""
-        per_part = sum(p.x.nbytes + p.noise.eps.nbytes + sum(z.nbytes for z in p.noise.steps if z is not None)
-                       + p.x.nbytes for p in self.parts)  # the output (or tile blend) is about the input's size
-        return int(self.img.pixels.nbytes + per_part)
-
 
 class BatchQueue:
     """Works with units left to run, by input index. ``run`` makes one engine call: the oldest work's next unit, and
@@ -142,9 +136,9 @@ class BatchQueue:
                   for u in self.pending[i] if u.key == key]
         return picked[:self.restorer.batch]
 
-    def run(self) -> list[Work]:
-        """One engine call; returns the works it finished (or failed: an engine error fails every image in the call,
-        and their other units leave the queue)."""
+    def run(self) -> list[tuple[int, Work]]:
+        """One engine call; returns the works it finished, with their indices (or failed: an engine error fails every
+        image in the call, and their other units leave the queue)."""
         picked = self._next_call()
         units = [u for _, u in picked]
         taken = {id(u) for u in units}
@@ -158,7 +152,7 @@ class BatchQueue:
             for i, w in works.items():
                 w.error, w.left = e, 0
                 self._remove(i)
-            return list(works.values())
+            return list(works.items())
         share = (time.perf_counter() - t) / len(units)
         for u, y in zip(units, ys):
             u.put(y)
@@ -169,7 +163,7 @@ class BatchQueue:
                 self.on_tile(len(w.units) - w.left, len(w.units))
             if w.done:
                 self._remove(i)
-        return [w for w in works.values() if w.done]
+        return [(i, w) for i, w in works.items() if w.done]
 
     def _remove(self, i: int) -> None:
         del self.works[i], self.pending[i]

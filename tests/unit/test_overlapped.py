@@ -140,6 +140,6 @@ def test_flow_settings_are_checked_and_stated():
     assert f.describe() == "overlapped: 2 reader(s), 1 writer(s), at most 18 images or 100 MB in flight"
     assert Flow.resolve("auto", batch=1).io_workers >= 1
     for bad in (dict(io_workers=-1), dict(io_workers=1.5), dict(io_workers=2, max_images=0),
-                dict(io_workers=2, max_mb=0)):
+                dict(io_workers=2, max_mb=0), dict(io_workers=0, max_mb=100)):  # the last: not honoured, so refused
         with pytest.raises(RDDMError, match="--io-workers|--in-flight"):
             Flow.resolve(batch=1, **bad)
