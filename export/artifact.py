@@ -109,11 +109,13 @@ def artifact_meta(loaded: "LoadedModel", kind: str, steps: int, eta: float, prec
     plan = SamplingPlan.create(loaded.diffusion, steps, eta)  # validates K and applies the η rule
     info = dict(loaded.info)
     recommended = info.pop("recommended_steps", None)  # measured on the network: every graph that takes steps keeps it
+    correlated = info.pop("correlated_noise_mode", None)  # measured on the network: every graph keeps it
     return ArtifactMeta(graph=kind, unet=loaded.unet.to_dict(), diffusion=loaded.diffusion.to_dict(), steps=steps,
                         eta=plan.eta, precision=precision, size_multiple=loaded.unet.size_multiple,
                         source=Path(loaded.source).name,  # the file's name only: no build-machine paths ship
                         extra={**info, **extra},
                         recommended_steps=None if graph_kind(kind).bakes_plan else recommended,
+                        correlated_noise_mode=correlated,
                         attention=_attention(loaded))
 
 

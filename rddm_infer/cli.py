@@ -26,6 +26,7 @@ from .errors import RDDMError
 from .io.formats import QUALITY_HELP, check_quality, is_lossy
 from .restore.memory import MAX_IN_FLIGHT_IMAGES, MEMORY_SHARE
 from .restore.tiling import DEFAULT_OVERLAP, DEFAULT_TILE
+from .restore.mode import correlated_mode
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fast image restoration with Residual Denoising Diffusion Models.")
@@ -159,7 +160,7 @@ def restore(
         raise RDDMError(f"{gt}: ground-truth folder not found")
     check_suffix(suffix)
     check_quality(quality)
-    _check_inputs(inputs, recursive, output, json_out)  # before the model loads: a typo costs no load
+    inputs = _check_inputs(inputs, recursive, output, json_out)  # before the model loads: a typo costs no load
     _quiet_onnxruntime()
     options = dict(options, seed=seed, tile=tile, overlap=tile_overlap, batch=batch, self_ensemble=self_ensemble,
                    pixel_shuffle=_auto_or_int(pixel_shuffle, "--pixel-shuffle", "1: off, 2: camera photos"),
@@ -173,7 +174,7 @@ def restore(
             err.print(f"backend: [bold]{escape(restorer.engine)}[/bold] ({escape(restorer.choice.reason)}); "
                       f"{restorer.meta.graph} graph, {_steps_note(options['steps'], restorer.meta, restorer.plan.k)}"
                       f"{' in two passes (experiment 0 sampler)' if restorer.plan.config.two_pass else ''}"
-                      f"{_pixel_shuffle_note(restorer.pixel_shuffle)}{_ensemble_note(restorer.self_ensemble)}")
+                      f"{_pixel_shuffle_note(restorer)}{_ensemble_note(restorer.self_ensemble)}")
             if restorer.memory_note:
                 err.print(escape(restorer.memory_note))
             err.print(f"files: {escape(restorer.flow.describe())}")
@@ -217,18 +218,21 @@ def _auto_or_int(value: str, flag: str, hint: str):
         raise RDDMError(f"{flag} {value!r}: must be auto or an integer ({hint})") from None
 
 
-def _check_inputs(inputs, recursive: bool, output, json_out: bool) -> None:
+def _check_inputs(inputs, recursive: bool, output, json_out: bool):
     """Nothing to restore (every input missing, an empty folder, a glob that matches nothing): the run's failures,
-    said before the model is loaded rather than after (exit 1, as for any run whose images all failed)."""
-    from .restore.jobs import Result, Summary, collect_inputs
+    said before the model is loaded rather than after (exit 1, as for any run whose images all failed). Returns the
+    listing, which the run then uses instead of listing the inputs again."""
+    from .restore.jobs import Result, Summary, list_inputs
 
-    jobs = collect_inputs(inputs, recursive, exclude=output)
+    listing = list_inputs(inputs, recursive, exclude=output)
+    jobs = listing.jobs
     if jobs and all(j.error for j in jobs):
         summary = Summary([Result(j, "failed", j.error) for j in jobs])
         for r in summary.results:
             _report_failure(r)
         print(json.dumps(summary.to_dict(), indent=2)) if json_out else out.print(summary.line())
         raise typer.Exit(1)
+    return listing
 
 
 def _psnr_change(m: dict) -> str:
@@ -252,9 +256,11 @@ def _remove_stale_run_files(output, metrics: bool, report: bool, quiet: bool) ->
                   f"they would describe other pixels)")
 
 
-def _pixel_shuffle_note(s) -> str:
+def _pixel_shuffle_note(restorer) -> str:
+    s = restorer.pixel_shuffle
     if s == "auto":
-        return "; per image: pixel-shuffle 2 and 1 step where its noise is correlated (camera photos), else whole"
+        return (f"; per image: {restorer.correlated_mode.describe_how()} where its noise is correlated (camera "
+                f"photos), else whole")
     nth = {2: "2nd", 3: "3rd"}.get(s, f"{s}th")
     return f"; pixel-shuffle {s}: the {s * s} sub-images of every {nth} pixel restored separately" if s > 1 else ""
 
@@ -382,6 +388,9 @@ def info(model: str = typer.Argument(..., help="ONNX model, TensorRT engine or c
             ("graph", meta.graph), ("steps", meta.steps), ("eta", meta.eta), ("times", list(plan.times)),
             ("recommended", f"{stored.recommended_steps} (measured; the default)" if stored.recommended_steps
              else "not measured"),
+            ("correlated noise", f"{stored.correlated_noise_mode} (measured: "
+             f"{correlated_mode(stored.correlated_noise_mode).describe_how()})" if stored.correlated_noise_mode
+             else f"not measured ({correlated_mode(None).describe_how()}, the default)"),
             ("precision", meta.precision), ("size multiple", meta.size_multiple), ("channels", meta.channels),
             ("channel order", meta.channel_order), ("input range", list(meta.input_range)),
             ("diffusion", json.dumps(meta.config.summary())), ("unet", json.dumps(meta.unet)), ("source", meta.source),

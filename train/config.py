@@ -100,6 +100,10 @@ class RealSection:
     # scenes never trained on: the validation set, every pair of them (>= 3 scenes, >= 10 pairs; val.count not applied)
     held_out: list = field(default_factory=list)
     ratio: float = 0.25  # share of training samples cut from the real training pairs; the rest are synthetic
+    # share of samples that carry a training pair's real noise (noisy - clean of one crop) on a clean photo's crop
+    # (data.clean): the cameras' own grain on content the model has not seen with it, so it learns the grain and
+    # not the few scenes (see rddm_train.real_pairs.NoiseTransplant); taken from the synthetic share
+    transplant: float = 0.0
     real_only: bool = False  # ratio = 1 (no synthetic share) is refused unless this is true: the pairs are few
     gap_count: int = 10  # training pairs (centre crops) also scored at each validation: the train/held-out gap
 
@@ -216,6 +220,10 @@ def _real_checks(cfg: "TrainConfig") -> list[tuple[bool, str]]:
     checks = [(r.ratio < 1 or r.real_only,
                "real.ratio = 1 leaves no synthetic share, and the real pairs are few enough to memorise: keep it "
                "below 1, or set real.real_only = true to train on them alone"),
+              (r.transplant == 0 or r.ratio + r.transplant < 1,
+               f"real.ratio + real.transplant = {r.ratio + r.transplant:g} leaves no synthetic share: keep the sum "
+               f"below 1"),
+              (r.transplant == 0 or bool(r.pairs), "real.transplant moves real pairs' noise: give real.pairs"),
               (v.patience == 0 or bool(v.clean or v.input or r.pairs),
                "val.patience stops on the validation PSNR: give a validation set (real.pairs, --val or --val-input)")]
     if not r.pairs:
@@ -253,7 +261,9 @@ RANGES = {
     "data.bits": (lambda v: 0 <= v <= 16, "0 (float inputs) or 1-16"),
     "val.count": _AT_LEAST_1, "val.crop": _AT_LEAST_1, "val.every": _AT_LEAST_1, "val.steps": _AT_LEAST_1,
     "val.seed": _AT_LEAST_0, "val.patience": (lambda v: v >= 0, ">= 0 (0: no early stopping)"),
-    "real.ratio": (lambda v: 0 <= v <= 1, "in [0, 1] (the share of real samples)"), "real.gap_count": _AT_LEAST_0,
+    "real.ratio": (lambda v: 0 <= v <= 1, "in [0, 1] (the share of real samples)"),
+    "real.transplant": (lambda v: 0 <= v < 1, "in [0, 1) (the share of samples with transplanted real noise)"),
+    "real.gap_count": _AT_LEAST_0,
     "optim.lr": _POSITIVE, "optim.grad_accum": _AT_LEAST_1, "optim.grad_clip": (lambda v: v >= 0, ">= 0 (0: off)"),
     "optim.betas": (lambda v: len(v) == 2 and all(_is_number(x) and 0 <= x < 1 for x in v), "two numbers in [0, 1)"),
     "optim.ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"), "optim.ema_every": _AT_LEAST_1,

@@ -16,10 +16,16 @@ Real crops are cut at the same place from noisy and clean, with the same flip an
 the square): no resizing, scaling or interpolation, so the noise stays the camera's own. No synthetic degradation is
 applied to them.
 
-Mixing: sample ``i`` is real when ``floor((i + 1) * ratio) > floor(i * ratio)``, i.e. exactly ``floor(n * ratio)`` of
-the first ``n`` samples, spread evenly (each batch holds ``ratio × batch`` ± 1 real crops), a function of ``i`` alone
-like every sample (the same stream with any number of workers, and after a resume). Which pair a sample comes from is
-written to ``train_log.jsonl`` (:meth:`MixedSet.sources`).
+Transplanted noise (``real.transplant``): a training pair's noise, ``noisy - clean`` of one aligned crop (with its
+symmetry), added to a clean photo's crop of ``data.clean``. The grain is the camera's own, with its correlation
+between neighbours and channels; the content is new, so the model learns the grain rather than the few scenes'
+pixels. The noise keeps the level it had at the pair's own brightness, not the photo's (the one thing it loses).
+
+Mixing: sample ``i`` carries real noise when ``floor((i + 1) * s) > floor(i * s)``, ``s = ratio + transplant``, i.e.
+exactly ``floor(n * s)`` of the first ``n`` samples, spread evenly (each batch holds ``s × batch`` ± 1), and the
+``j``-th of those is a real pair's crop when ``floor((j + 1) * ratio / s)`` steps up, else transplanted noise: a
+function of ``i`` alone like every sample (the same stream with any number of workers, and after a resume). Which
+pair a sample's noise comes from is written to ``train_log.jsonl`` (:meth:`MixedSet.sources`).
 
 At each validation a fixed subset of the *training* pairs (``real.gap_count``, spread over the training scenes) is
 restored too; ``val_log`` then carries ``train_psnr`` / ``train_psnr_input`` and ``gap``, the gain over the input on
@@ -30,25 +36,18 @@ one that grows from there while the held-out score stalls is memorisation.
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
+
+import numpy as np
 
 from torch.utils.data import Dataset
 
 from .config import TrainConfig
-from .data import DataError, ImageBank, TrainSet, check_pair_sizes, list_images, pair_files, read_all, stack_crops
+from .data import (DataError, ImageBank, TrainSet, check_pair_sizes, list_images, pair_files, read_all, stack_crops,
+                   to_chw)
+from .scenes import scene_of, subject_of
 
 MIN_HELD_OUT_PAIRS = 10  # and config.MIN_HELD_OUT_SCENES scenes
-
-
-def scene_of(name: str | Path) -> str:
-    """A pair's scene: its file name without the extension and the trailing ``_N``."""
-    return re.sub(r"_\d+$", "", Path(name).stem)
-
-
-def subject_of(scene: str) -> str:
-    """What a scene shows: its last ``_`` field (``Sony_4-5_125_6400_waterhouse`` -> ``waterhouse``)."""
-    return scene.rstrip("_").rsplit("_", 1)[-1]
 
 
 class RealPairs:
@@ -117,33 +116,68 @@ def _spread(scenes: list[str], keep: list[int], count: int) -> list[int]:
     return sorted(order[:count])
 
 
-class MixedSet(Dataset):
-    """Sample ``i``: a real crop when ``floor((i + 1) * ratio)`` steps up, else the synthetic set's sample ``i``."""
+class NoiseTransplant(Dataset):
+    """Sample ``i``: a clean photo crop plus the real noise of the pair crop ``pairs`` cuts for ``i``; target the photo."""
 
-    def __init__(self, real: TrainSet, synthetic: TrainSet | None, ratio: float):
-        if synthetic is None and ratio < 1:
+    PHOTO_SEED = 7919  # the photo crops' stream, apart from the pair crops' (both functions of (seed, i))
+
+    def __init__(self, pairs: TrainSet, photos: ImageBank, flip: bool):
+        self.pairs = pairs
+        self.photos = TrainSet(photos, pairs.crop, pairs.seed + self.PHOTO_SEED, inputs=photos, flip=flip,
+                               rotate=flip)
+
+    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        noisy, clean = self.pairs.sample(i)
+        _, photo = self.photos.sample(i)
+        # 8-bit values on both sides: the sum is rounded back onto the 8-bit grid float arithmetic may leave
+        return np.rint(np.clip(photo + (noisy - clean), 0, 1) * 255).astype(np.float32) / 255, photo
+
+    def __getitem__(self, i: int):
+        inp, gt = self.sample(int(i))
+        return to_chw(inp), to_chw(gt)
+
+
+class MixedSet(Dataset):
+    """Sample ``i``: a real pair's crop, transplanted real noise or the synthetic set's sample ``i`` (module doc)."""
+
+    def __init__(self, real: TrainSet, synthetic: TrainSet | None, ratio: float, transplant: float = 0.0):
+        if synthetic is None and ratio + transplant < 1:
             raise DataError("a real:synthetic mixture below real.ratio = 1 needs synthetic data (--data)")
         self.real, self.synthetic, self.ratio, self.seed = real, synthetic, ratio, real.seed
+        self.noisy_share = ratio + transplant
+        self.transplanted = NoiseTransplant(real, synthetic.gt, real.flip) if transplant > 0 else None
 
     def __len__(self) -> int:
         return 2 ** 62
 
+    def kind(self, i: int) -> str:
+        """``real`` (a pair's crop), ``transplant`` (its noise on a photo) or ``synthetic``."""
+        s = self.noisy_share
+        if not math.floor((i + 1) * s) > math.floor(i * s):
+            return "synthetic"
+        j, share = math.floor(i * s), self.ratio / s
+        return "real" if math.floor((j + 1) * share) > math.floor(j * share) else "transplant"
+
     def is_real(self, i: int) -> bool:
-        return math.floor((i + 1) * self.ratio) > math.floor(i * self.ratio)
+        return self.kind(i) == "real"
 
     def source(self, i: int) -> str:
-        """``synthetic``, or the file name of the noisy image sample ``i`` is cut from."""
-        return Path(self.real.inputs.names[self.real.image_of(i)]).name if self.is_real(i) else "synthetic"
+        """``synthetic``, or the file name of the noisy image sample ``i``'s noise is cut from."""
+        return "synthetic" if self.kind(i) == "synthetic" else Path(self.real.inputs.names[self.real.image_of(i)]).name
 
     def sources(self, start: int, stop: int) -> dict:
-        """Where samples ``start`` to ``stop - 1`` came from: {pair file: [sample indices]}, the rest synthetic."""
-        real: dict[str, list[int]] = {}
+        """Where samples ``start`` to ``stop - 1`` came from: {pair file: [sample indices]} for real crops (and for
+        transplanted noise, under ``transplant``), the rest synthetic."""
+        found: dict[str, dict[str, list[int]]] = {"real": {}, "transplant": {}}
         for i in range(start, stop):
-            if self.is_real(i):
-                real.setdefault(self.source(i), []).append(i)
-        n_real = sum(map(len, real.values()))
-        return {"samples": [start, stop], "synthetic": stop - start - n_real, "real": real}
+            kind = self.kind(i)
+            if kind != "synthetic":
+                found[kind].setdefault(self.source(i), []).append(i)
+        n_noisy = sum(len(v) for d in found.values() for v in d.values())
+        rows = {"samples": [start, stop], "synthetic": stop - start - n_noisy, "real": found["real"]}
+        return {**rows, "transplant": found["transplant"]} if self.transplanted is not None else rows
 
     def __getitem__(self, i):
         i = int(i)
-        return (self.real if self.is_real(i) else self.synthetic)[i]
+        kind = self.kind(i)
+        return (self.real if kind == "real" else self.transplanted if kind == "transplant" else self.synthetic)[i]

@@ -54,6 +54,10 @@ def _set_rng_state(gen: torch.Generator, s: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+# Stream keys added after checkpoints were written without them: the value those checkpoints trained with.
+STREAM_BEFORE_ITS_KEYS = {"real_transplant": 0.0}
+
+
 class Checkpoint:
     """Saves and restores one run's training state; refuses files that are corrupt or from another config."""
 
@@ -68,7 +72,8 @@ class Checkpoint:
         """What decides which samples a resumed run draws (a change is allowed, and said when resuming)."""
         c = self.cfg
         stream = {"batch_size": c.run.batch_size, "grad_accum": c.optim.grad_accum, "seed": c.run.seed}
-        return {**stream, "real_ratio": c.real.ratio} if c.real.pairs else stream  # absent without real pairs
+        real = {"real_ratio": c.real.ratio, "real_transplant": c.real.transplant}
+        return {**stream, **real} if c.real.pairs else stream  # absent without real pairs
 
     def remove_partial_writes(self) -> None:
         """Delete the temporary files of a run killed mid-checkpoint."""
@@ -103,7 +108,8 @@ class Checkpoint:
         if not isinstance(s, dict) or s.get("format") != STATE_FORMAT:
             raise CheckpointError(f"{path}: not an rddm-train state (format {s.get('format') if isinstance(s, dict) else None!r})")
         self._check_architecture(path, s)
-        notes = [f"{k} {s.get(k)} -> {v}" for k, v in self.stream().items() if s.get(k) != v]
+        saved = {k: s.get(k, STREAM_BEFORE_ITS_KEYS.get(k)) for k in self.stream()}
+        notes = [f"{k} {saved[k]} -> {v}" for k, v in self.stream().items() if saved[k] != v]
         try:
             net.load_state_dict(s["model"])
             ema_model.load_state_dict(s["ema"])

@@ -180,7 +180,8 @@ class Trainer:
         if self.real_pairs is None:
             return training_set(self.cfg)
         synthetic = training_set(self.cfg) if r.ratio < 1 else None
-        return MixedSet(self.real_pairs.train_set(d.crop, self.cfg.run.seed, d.flip), synthetic, r.ratio)
+        return MixedSet(self.real_pairs.train_set(d.crop, self.cfg.run.seed, d.flip), synthetic, r.ratio,
+                        r.transplant)
 
     def validation_data(self):
         """The held-out real pairs when the config names real pairs, else its val.clean / val.input set."""
@@ -229,7 +230,8 @@ class Trainer:
         self._open_run(resume, log)
         val = self.validation_data()
         if self.real_pairs is not None:
-            log(f"{self.real_pairs.describe()}; {cfg.real.ratio:g} of the training samples real")
+            log(f"{self.real_pairs.describe()}; {cfg.real.ratio:g} of the training samples real"
+                + (f", {cfg.real.transplant:g} real noise on photos" if cfg.real.transplant else ""))
         summary = {"start_step": self.iteration, "steps": r.steps}  # keys read by rddm-train and users' scripts
         if self.iteration >= r.steps:
             log(f"{self.out}: already at step {self.iteration} of {r.steps}; nothing to do")

@@ -164,7 +164,8 @@ class TorchRunner(Runner):
         super().__init__(ArtifactMeta(graph="unet", unet=loaded.unet.to_dict(), diffusion=loaded.diffusion.to_dict(),
                                       size_multiple=loaded.unet.size_multiple, precision=precision,
                                       source=loaded.source,
-                                      recommended_steps=loaded.info.get("recommended_steps")))
+                                      recommended_steps=loaded.info.get("recommended_steps"),
+                                      correlated_noise_mode=loaded.info.get("correlated_noise_mode")))
         self._compile, self._compiled = compile, False
         self.precision = precision
         net = loaded.net

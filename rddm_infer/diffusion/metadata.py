@@ -99,6 +99,9 @@ class ArtifactMeta:
     # unet/step: the fewest steps within 0.05 dB of the best, measured (benchmarks.eval_denoise --steps);
     # the run-time default when set. None: not measured (older artifacts), ``steps`` is the default.
     recommended_steps: int | None = None
+    # How this network restores correlated (camera) noise best, measured on real pairs (benchmarks.noise_mode
+    # --write-mode): a label of rddm_infer.restore.mode.MODES. None: not measured; the runtime's default applies.
+    correlated_noise_mode: str | None = None
     # Every attention layer, measured at export (ATTENTION_FIELDS): what the memory estimate of a tile reads
     # (rddm_infer.restore.memory). None: an older artifact; the estimate then derives it from ``unet``.
     attention: list | None = None
@@ -109,6 +112,8 @@ class ArtifactMeta:
         if self.recommended_steps is not None and not (isinstance(self.recommended_steps, int)
                                                        and self.recommended_steps >= 1):
             raise CheckpointError(f"recommended_steps must be a positive integer, got {self.recommended_steps!r}")
+        if self.correlated_noise_mode is not None and not isinstance(self.correlated_noise_mode, str):
+            raise CheckpointError(f"correlated_noise_mode must be a mode's name, got {self.correlated_noise_mode!r}")
         self.input_range = tuple(self.input_range)
 
     @property

@@ -296,6 +296,10 @@ def load_checkpoint(path: str | os.PathLike, *, objective: str | None = None, su
         if rec is not None and not (isinstance(rec, int) and not isinstance(rec, bool) and rec >= 1):
             raise CheckpointError(f"{path}: recommended_steps must be a positive integer, got {rec!r}")
         info["recommended_steps"] = rec  # measured on this network; export and the torch backend keep it
+        mode = meta.get("correlated_noise_mode")
+        if mode is not None and not isinstance(mode, str):
+            raise CheckpointError(f"{path}: correlated_noise_mode must be a mode's name, got {mode!r}")
+        info["correlated_noise_mode"] = mode  # measured on this network, kept like recommended_steps
     else:
         obj = _torch_load(path)
         sd, info = _unwrap_reference(obj, use_ema)
@@ -373,7 +377,8 @@ def save_checkpoint(path: str | os.PathLike, net: torch.nn.Module, unet: UNetCon
 
 
 def stamp_checkpoint(path: str | os.PathLike, **info) -> Path:
-    """Add measured facts (``recommended_steps``) to one of our checkpoints; the weights are kept bit for bit."""
+    """Add measured facts (``recommended_steps``, ``correlated_noise_mode``) to one of our checkpoints; the weights
+    are kept bit for bit."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: only rddm-train's .safetensors checkpoints can be stamped")

@@ -35,7 +35,7 @@ from ..diffusion.schedule import COEF_NAMES
 from ..errors import ImageError, OptionError, RDDMError
 from ..io.images import Image, check_float_range, from_model, to_model
 from .memory import fit_tile
-from .mode import AUTO, Mode, choose_mode
+from .mode import AUTO, Mode, choose_mode, correlated_mode
 from .noise_estimate import estimate_noise
 from .tiling import (DEFAULT_OVERLAP, DEFAULT_TILE, ENSEMBLE_SIZES, ENSEMBLE_VIEWS, MAX_PIXEL_SHUFFLE, from_view,
                      pad_to_multiple, shuffle_index, shuffle_merge, shuffle_split, to_view)
@@ -85,6 +85,8 @@ class ImageRestorer:
                                           multiple=self.multiple)
         self.tile, self.overlap, self.batch = tile, overlap, batch
         self.pixel_shuffle = AUTO if pixel_shuffle == AUTO else int(pixel_shuffle)
+        # how this network restores correlated (camera) noise, as measured and stamped into it (or the default)
+        self.correlated_mode = correlated_mode(self.meta.correlated_noise_mode, where=str(self.meta.source or "model"))
         self.self_ensemble = int(self_ensemble)
 
     @property
@@ -118,7 +120,7 @@ class ImageRestorer:
         noise estimate calls for; ``steps`` given always wins, and so does a step count baked into the graph."""
         if self.pixel_shuffle != AUTO:
             return Mode("given", self.pixel_shuffle, None)
-        mode = choose_mode(estimate_noise(img.pixels))
+        mode = choose_mode(estimate_noise(img.pixels), self.correlated_mode)
         if self.steps_given or self.meta.kind.bakes_plan:
             mode = replace(mode, steps=None)
         return mode

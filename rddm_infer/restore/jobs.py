@@ -13,7 +13,7 @@ import glob
 import io
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -120,13 +120,41 @@ def _glob_root(pattern: str) -> Path:
     return Path(*parts[:k]) if k else Path(".")
 
 
+@dataclass(frozen=True)
+class Listing(Sequence):
+    """Inputs already listed (the CLI checks them before the model loads): :func:`collect_inputs` hands out copies of
+    these jobs instead of listing again, so a large folder or bucket is listed once and the run restores exactly
+    the files that were checked. Iterated, it is the inputs as given."""
+    inputs: tuple
+    recursive: bool
+    exclude: str | None
+    jobs: tuple[Job, ...]
+
+    def __getitem__(self, i):
+        return self.inputs[i]
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+def list_inputs(inputs: Sequence[str | os.PathLike], recursive: bool = False,
+                exclude: str | os.PathLike | None = None) -> Listing:
+    """:func:`collect_inputs`, kept for the run (see :class:`Listing`)."""
+    jobs = collect_inputs(inputs, recursive, exclude)
+    return Listing(tuple(inputs), recursive, None if exclude is None else str(exclude), tuple(jobs))
+
+
 def collect_inputs(inputs: Sequence[str | os.PathLike], recursive: bool = False,
                    exclude: str | os.PathLike | None = None) -> list[Job]:
     """Files, folders (sorted; image extensions only) and globs -> jobs, in order, without repeats.
 
     Files that folders and globs find under ``exclude`` (the output folder) are left out, so
-    restoring ``in/`` into ``in/out`` never picks up its own earlier outputs.
+    restoring ``in/`` into ``in/out`` never picks up its own earlier outputs. A :class:`Listing` made with the same
+    ``recursive`` and ``exclude`` is not listed again.
     """
+    if isinstance(inputs, Listing) and (inputs.recursive, inputs.exclude) == (
+            recursive, None if exclude is None else str(exclude)):
+        return [replace(j) for j in inputs.jobs]
     jobs: list[Job] = []
     seen: set[Path] = set()
     skip = location(exclude).resolve() if exclude is not None else None

@@ -57,8 +57,9 @@ class Restorer:
     # The array core's settings, read through (the report and the CLI describe a run with them).
     runner, choice, sampler, plan, meta, engine, seed = map(
         _read_through, ("runner", "choice", "sampler", "plan", "meta", "engine", "seed"))
-    tile, overlap, batch, pixel_shuffle, self_ensemble, memory_note = map(
-        _read_through, ("tile", "overlap", "batch", "pixel_shuffle", "self_ensemble", "memory_note"))
+    tile, overlap, batch, pixel_shuffle, self_ensemble, memory_note, correlated_mode = map(
+        _read_through, ("tile", "overlap", "batch", "pixel_shuffle", "self_ensemble", "memory_note",
+                        "correlated_mode"))
 
     @property
     def backend(self) -> str:

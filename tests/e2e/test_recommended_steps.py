@@ -103,6 +103,38 @@ def test_eval_measures_pixel_shuffle_and_self_ensemble(sets, tmp_path):
     assert ens[0]["self_ensemble"] == 2 and ens[0]["psnr"] != rows[0]["psnr"]  # the views really were averaged
 
 
+def test_eval_held_out_scenes_per_image_mode_and_nlm_at_its_best_h(sets, tmp_path, capsys):
+    """--held-out keeps the pairs of a training config's held-out scenes; --pixel-shuffle auto is restore's default
+    (each row says the mode chosen); --nlm-h scores non-local means at each h and names the best one."""
+    pairs = tmp_path / "pairs"
+    for sub in ("noisy", "clean"):
+        (pairs / sub).mkdir(parents=True)
+    img = cv2.imread(str(sets / "pairs/clean/p0.png"))
+    for k, name in enumerate(["CamA_5_fruit_1.png", "CamA_5_fruit_2.png", "CamB_8_ball_1.png"]):
+        cv2.imwrite(str(pairs / "clean" / name), img)
+        cv2.imwrite(str(pairs / "noisy" / name), eval_denoise.add_noise(img, 12, seed=k))
+    cfg = tmp_path / "split.toml"
+    cfg.write_text('[real]\nheld_out = ["CamA_5_fruit"]\n')
+    out = tmp_path / "eval.json"
+    eval_denoise.main(["--model", str(models.onnx_model("step")), "--pairs", str(pairs / "noisy"),
+                       str(pairs / "clean"), "--held-out", str(cfg), "--pixel-shuffle", "auto", "1",
+                       "--nlm-h", "4", "40", "--threads", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert [(r["method"], r.get("pixel_shuffle"), r.get("h")) for r in rows] == [
+        ("model", "auto", None), ("model", 1, None), ("nlm", None, 4), ("nlm", None, 40)]
+    assert all(r["data"] == "pairs/noisy held-out" and [x["image"] for x in r["per_image"]] ==
+               ["CamA_5_fruit_1.png", "CamA_5_fruit_2.png"] for r in rows)  # the ball scene is not held out
+    assert all(x["mode"].startswith(("whole", "pixel-shuffle")) for x in rows[0]["per_image"])
+    assert "mode" not in rows[1]["per_image"][0]
+    assert rows[2]["psnr"] != rows[3]["psnr"]
+    best = max(rows[2:], key=lambda r: r["psnr"])
+    assert f"best non-local means h = {best['h']:g}, PSNR {best['psnr']:.2f} dB" in capsys.readouterr().out
+    cfg.write_text('[real]\nheld_out = ["CamC_1_desk"]\n')
+    with pytest.raises(SystemExit, match="no pair of scene CamC_1_desk"):
+        eval_denoise.main(["--pairs", str(pairs / "noisy"), str(pairs / "clean"), "--held-out", str(cfg),
+                           "--nlm-h", "4", "--only-anchors"])
+
+
 def test_stamping_refuses_fused_graphs_and_foreign_files(tmp_path):
     fused = tmp_path / "f.onnx"
     shutil.copy(models.onnx_model("fused"), fused)
@@ -138,6 +170,27 @@ def test_restore_uses_the_recommended_steps_by_default_and_says_so(sets, tmp_pat
     assert r.returncode == 0 and "recommended: 2 (measured; the default)" in r.stdout and "steps: 5" in r.stdout
     r = _cli("info", models.onnx_model("step"))
     assert "recommended: not measured" in r.stdout
+
+
+def test_noise_mode_stamps_the_models_correlated_noise_mode_and_restore_and_info_use_it(sets, tmp_path):
+    from benchmarks import noise_mode
+
+    model = tmp_path / "m.onnx"
+    shutil.copy(models.onnx_model("step"), model)
+    out = tmp_path / "modes.json"
+    noise_mode.main(["--model", str(model), "--pairs", str(sets / "pairs/noisy"), str(sets / "pairs/clean"),
+                     "--out", str(out), "--write-mode", str(model)])
+    measured = json.loads(out.read_text())["summary"]["real pairs"]["gain_db"]
+    stamped = _props(model)["correlated_noise_mode"]
+    assert stamped == noise_mode.best_real_mode(measured) and stamped in measured
+    eval_denoise.stamp_facts(model, correlated_noise_mode="whole-1")  # as a model trained on real pairs measures
+    r = _cli("restore", sets / "pairs/noisy", "-o", tmp_path / "out", "--model", model)
+    assert r.returncode == 0 and "per image: whole, 1 step where its noise is correlated" in r.stderr, r.stderr
+    r = _cli("info", model)
+    assert "correlated noise: whole-1 (measured: whole, 1 step)" in r.stdout, r.stdout
+    assert "correlated noise: not measured (pixel-shuffle 2, 1 step" in _cli("info", models.onnx_model("step")).stdout
+    assert noise_mode.best_real_mode({"whole": 1.83, "whole-1": 1.80, "camera-2": 1.7, "camera": 1.6}) == "whole-1"
+    assert noise_mode.best_real_mode({"whole": 1.83, "whole-1": 1.70, "camera-2": 1.9, "camera": 1.6}) == "camera-2"
 
 
 def test_eval_refuses_missing_folders_in_one_line(tmp_path, capsys):

@@ -4,7 +4,8 @@ import cv2
 import numpy as np
 import pytest
 
-from rddm_infer.restore.mode import CAMERA_CORRELATION, choose_mode
+from rddm_infer.errors import CheckpointError
+from rddm_infer.restore.mode import CAMERA_CORRELATION, MODES, choose_mode, correlated_mode, rule_text
 from rddm_infer.restore.noise_estimate import estimate_noise
 
 RNG = np.random.default_rng(0)
@@ -42,6 +43,17 @@ def test_correlated_noise_reads_as_correlated_and_white_as_white(sigma):
     assert corr.correlation > CAMERA_CORRELATION > white.correlation + 0.3
     assert (choose_mode(corr).pixel_shuffle, choose_mode(white).pixel_shuffle) == (2, 1)
     assert "correlated" in choose_mode(corr).why and f"{corr.correlation:.2f}" in choose_mode(corr).why
+
+
+def test_a_models_measured_correlated_noise_mode_replaces_the_default_for_correlated_noise_only():
+    white, corr = estimate_noise(_white(_scene(), 12)), estimate_noise(_correlated(_scene(), 12))
+    own = correlated_mode("whole-1", "m.onnx")  # e.g. a model trained on real camera pairs
+    mode = choose_mode(corr, own)
+    assert (mode.pixel_shuffle, mode.steps, mode.label) == (1, 1, "whole-1") and "correlated" in mode.why
+    assert choose_mode(white, own).label == "whole" and choose_mode(white, own).steps is None
+    assert correlated_mode(None) == MODES["camera"] and "whole, 1 step" in rule_text(own)
+    with pytest.raises(CheckpointError, match="m.onnx: correlated_noise_mode 'sideways' is not one of"):
+        correlated_mode("sideways", "m.onnx")
 
 
 def test_a_clean_flat_image_reads_as_noiseless_and_layouts_agree():

@@ -8,7 +8,7 @@ from rddm_infer.backends import select
 from rddm_infer.errors import CheckpointError, ImageError, RDDMError
 from rddm_infer.io.images import Image
 from rddm_infer.metrics import psnr, ssim
-from rddm_infer.restore.jobs import collect_inputs, plan_outputs
+from rddm_infer.restore.jobs import collect_inputs, list_inputs, plan_outputs
 from rddm_infer.restore.local import Restorer
 
 RNG = np.random.default_rng(0)
@@ -146,6 +146,22 @@ def test_inputs_and_output_names(tmp_path):
     same = collect_inputs([d / "b.png"])
     plan_outputs(same, d)
     assert "would overwrite an input" in same[0].error
+
+
+def test_a_listing_is_used_as_listed_and_planning_leaves_it_untouched(tmp_path):
+    """The CLI lists the inputs once (its early check); the run restores exactly those files."""
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.png").write_bytes(b"x")
+    listing = list_inputs([d], exclude=tmp_path / "out")
+    assert list(listing) == [d] and len(listing) == 1  # iterated: the inputs as given
+    (d / "b.png").write_bytes(b"x")  # arrives after the check
+    jobs = collect_inputs(listing, exclude=tmp_path / "out")
+    assert [j.src.name for j in jobs] == ["a.png"]
+    plan_outputs(jobs, tmp_path / "out")
+    assert jobs[0].dst == tmp_path / "out" / "a.png" and listing.jobs[0].dst is None  # copies were planned
+    assert [j.src.name for j in collect_inputs(listing, recursive=True, exclude=tmp_path / "out")] == ["a.png", "b.png"]
+    assert [j.src.name for j in collect_inputs(listing)] == ["a.png", "b.png"]  # another exclude: listed again
 
 
 def test_psnr_and_ssim_values():

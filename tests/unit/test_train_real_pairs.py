@@ -15,7 +15,8 @@ from helpers.train import pair_pattern, tiny_config, write_photos, write_real_pa
 from rddm_train import config
 from rddm_train.config import ConfigError
 from rddm_train.data import DataError, ImageBank, list_images
-from rddm_train.real_pairs import MixedSet, RealPairs, scene_of
+from rddm_train.real_pairs import MixedSet, RealPairs
+from rddm_train.scenes import scene_of
 from rddm_train.trainer import Trainer
 from rddm_train.validation import scores
 
@@ -174,6 +175,39 @@ def test_the_ratio_is_honoured_in_every_batch_and_sources_name_what_was_cut(tmp_
     assert rows["synthetic"] == 112 and sum(map(len, rows["real"].values())) == 48
 
 
+def test_transplanted_noise_is_a_training_pairs_own_noise_on_a_clean_photo(tmp_path, photos, pairs):
+    cfg = real_config(tmp_path / "run", photos, pairs, "real.ratio=0.2", "real.transplant=0.3")
+    ds = Trainer(cfg).dataset()
+    kinds = [ds.kind(i) for i in range(4000)]
+    assert (kinds.count("real"), kinds.count("transplant")) == (800, 1200)  # floor(n × share) each
+    assert {sum(k != "synthetic" for k in kinds[b:b + 16]) for b in range(0, 4000, 16)} == {8}  # 0.5 × 16
+    bank = ImageBank.load(list_images(photos))
+    photo_windows = {np.ascontiguousarray(v).tobytes() for k in range(len(bank)) for y in range(9)
+                     for x in range(17) for v in _symmetries(bank[k][y:y + 32, x:x + 32])}
+    pattern = pair_pattern(40, 48)
+    noise_windows = [v for y in range(9) for x in range(17) for v in _symmetries(pattern[y:y + 32, x:x + 32])]
+    train = {Path(f).name for f in Trainer(cfg).real_pairs.noisy.names}
+    checked = 0
+    for i in [i for i in range(200) if kinds[i] == "transplant"][:24]:
+        inp, gt = (u8(t) for t in ds[i])
+        assert gt.astype(np.uint8).tobytes() in photo_windows, i  # the target is a clean photo's crop, as it was
+        assert ds.source(i) in train, i  # noise of training pairs only, never of a held-out scene
+        kept = (inp > 0) & (inp < 255)  # where the sum was not clipped, the noise is a real pair's, unresampled
+        assert kept.mean() > 0.5 and any(np.array_equal((inp - gt)[kept], w[kept]) for w in noise_windows), i
+        checked += 1
+    assert checked == 24
+    rows = ds.sources(0, 160)
+    assert (rows["synthetic"], sum(map(len, rows["real"].values())), sum(map(len, rows["transplant"].values()))) \
+        == (80, 32, 48)
+    assert not Trainer(real_config(tmp_path / "plain", photos, pairs)).dataset().sources(0, 16).get("transplant")
+    with pytest.raises(ConfigError, match="no synthetic share"):
+        real_config(tmp_path / "all", photos, pairs, "real.ratio=0.5", "real.transplant=0.5")
+
+
+def _symmetries(crop: np.ndarray) -> list[np.ndarray]:
+    return [np.rot90(c, r) for c in (crop, crop[:, ::-1]) for r in range(4)]
+
+
 def _rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -230,7 +264,8 @@ def test_early_stopping_on_the_held_out_pairs(tmp_path, photos, pairs):
 
 @pytest.mark.slow  # about 8 s on 2 cores
 def test_a_run_on_real_pairs_resumes_bit_identically(tmp_path, photos, pairs):
-    extra = ["optim.grad_accum=2", "run.checkpoint_every=3", "optim.lr=1e-3", "real.ratio=0.5", "val.every=4"]
+    extra = ["optim.grad_accum=2", "run.checkpoint_every=3", "optim.lr=1e-3", "real.transplant=0.25", "real.ratio=0.5",
+             "val.every=4"]
     Trainer(real_config(tmp_path / "whole", photos, pairs, *extra, "run.steps=6")).fit()
     Trainer(real_config(tmp_path / "split", photos, pairs, *extra, "run.steps=3")).fit()
     Trainer(real_config(tmp_path / "split", photos, pairs, *extra, "run.steps=6")).fit(resume=True)
@@ -240,12 +275,13 @@ def test_a_run_on_real_pairs_resumes_bit_identically(tmp_path, photos, pairs):
     logged = [[(r["step"], r["loss"], r["sources"]) for r in _rows(tmp_path / d / "train_log.jsonl")]
               for d in ("whole", "split")]
     assert logged[0] == logged[1] and len(logged[0]) == 6
+    assert sum(len(v) for r in logged[0] for v in r[2]["transplant"].values()) > 0  # transplanted noise trained on
     split_vals = [r for r in _rows(tmp_path / "split" / "val_log.jsonl") if r["step"] != 3]  # the first piece's end
     assert _rows(tmp_path / "whole" / "val_log.jsonl") == split_vals and len(split_vals) == 2
     lines = []  # another ratio draws other samples: allowed, and said
-    changed = Trainer(real_config(tmp_path / "split", photos, pairs, *extra[:-2], "real.ratio=0.75", "run.steps=6"))
+    changed = Trainer(real_config(tmp_path / "split", photos, pairs, *extra[:-2], "real.ratio=0.6", "run.steps=6"))
     changed.fit(resume=True, log=lines.append)
-    assert changed.resume_notes == ["real_ratio 0.5 -> 0.75"] and "real_ratio 0.5 -> 0.75" in lines[0]
+    assert changed.resume_notes == ["real_ratio 0.5 -> 0.6"] and "real_ratio 0.5 -> 0.6" in lines[0]
 
 
 def test_the_packaged_real_pairs_config_names_a_valid_split():
