@@ -174,7 +174,7 @@ def restore(
             err.print(f"backend: [bold]{escape(restorer.engine)}[/bold] ({escape(restorer.choice.reason)}); "
                       f"{restorer.meta.graph} graph, {_steps_note(options['steps'], restorer.meta, restorer.plan.k)}"
                       f"{' in two passes (experiment 0 sampler)' if restorer.plan.config.two_pass else ''}"
-                      f"{_pixel_shuffle_note(restorer)}{_ensemble_note(restorer.self_ensemble)}")
+                      f"{_pixel_shuffle_note(restorer.pixel_shuffle, restorer.correlated_mode)}{_ensemble_note(restorer.self_ensemble)}")
             if restorer.memory_note:
                 err.print(escape(restorer.memory_note))
             err.print(f"files: {escape(restorer.flow.describe())}")
@@ -256,11 +256,10 @@ def _remove_stale_run_files(output, metrics: bool, report: bool, quiet: bool) ->
                   f"they would describe other pixels)")
 
 
-def _pixel_shuffle_note(restorer) -> str:
-    s = restorer.pixel_shuffle
+def _pixel_shuffle_note(s, correlated=None) -> str:
     if s == "auto":
-        return (f"; per image: {restorer.correlated_mode.describe_how()} where its noise is correlated (camera "
-                f"photos), else whole")
+        how = (correlated or correlated_mode(None)).describe_how()
+        return f"; per image: {how} where its noise is correlated (camera photos), else whole"
     nth = {2: "2nd", 3: "3rd"}.get(s, f"{s}th")
     return f"; pixel-shuffle {s}: the {s * s} sub-images of every {nth} pixel restored separately" if s > 1 else ""
 
