@@ -74,8 +74,8 @@ def main(argv=None) -> None:
         ap.error("--write-mode measures on real pairs: give --pairs")
     r_mode = None
     if a.reanalyse:
-        r_mode = correlated_mode(json.loads(a.out.read_text()).get("correlated_noise_mode"))
         old = json.loads(a.out.read_text())
+        r_mode = correlated_mode(old.get("correlated_noise_mode"))
         measured = {(r["data"], r["image"]): r for r in old["per_image"]}
         rows = []
         for data, name, noisy, _ in _cases(a):

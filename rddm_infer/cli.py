@@ -174,7 +174,8 @@ def restore(
             err.print(f"backend: [bold]{escape(restorer.engine)}[/bold] ({escape(restorer.choice.reason)}); "
                       f"{restorer.meta.graph} graph, {_steps_note(options['steps'], restorer.meta, restorer.plan.k)}"
                       f"{' in two passes (experiment 0 sampler)' if restorer.plan.config.two_pass else ''}"
-                      f"{_pixel_shuffle_note(restorer.pixel_shuffle, restorer.correlated_mode)}{_ensemble_note(restorer.self_ensemble)}")
+                      f"{_pixel_shuffle_note(restorer.pixel_shuffle, restorer.correlated_mode)}"
+                      f"{_ensemble_note(restorer.self_ensemble)}")
             if restorer.memory_note:
                 err.print(escape(restorer.memory_note))
             err.print(f"files: {escape(restorer.flow.describe())}")
@@ -383,13 +384,13 @@ def info(model: str = typer.Argument(..., help="ONNX model, TensorRT engine or c
     stored = read_artifact_meta(path, **options)
     meta = stored.with_sampling(**sampling)
     plan = meta.plan(meta.steps)
+    how = correlated_mode(stored.correlated_noise_mode, str(path)).describe_how()
     rows = [("file", f"{path} ({path.stat().st_size / 1e6:.2f} MB)"), ("format", meta.format),
             ("graph", meta.graph), ("steps", meta.steps), ("eta", meta.eta), ("times", list(plan.times)),
             ("recommended", f"{stored.recommended_steps} (measured; the default)" if stored.recommended_steps
              else "not measured"),
-            ("correlated noise", f"{stored.correlated_noise_mode} (measured: "
-             f"{correlated_mode(stored.correlated_noise_mode).describe_how()})" if stored.correlated_noise_mode
-             else f"not measured ({correlated_mode(None).describe_how()}, the default)"),
+            ("correlated noise", f"{stored.correlated_noise_mode} (measured: {how})" if stored.correlated_noise_mode
+             else f"not measured ({how}, the default)"),
             ("precision", meta.precision), ("size multiple", meta.size_multiple), ("channels", meta.channels),
             ("channel order", meta.channel_order), ("input range", list(meta.input_range)),
             ("diffusion", json.dumps(meta.config.summary())), ("unet", json.dumps(meta.unet)), ("source", meta.source),

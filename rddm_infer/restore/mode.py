@@ -53,7 +53,7 @@ def _steps(k: int) -> str:
 
 # The candidates benchmarks/noise_mode.py measures for each image (the rule below picks among them).
 MODES = {m.label: m for m in (Mode("whole", 1, None), Mode("whole-1", 1, 1), Mode("camera-2", 2, None),
-                              Mode("camera", 2, 1))}
+                              Mode("camera", 2, CAMERA_STEPS))}
 
 
 def correlated_mode(label: str | None, where: str = "model") -> Mode:
