@@ -72,7 +72,6 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     if a.write_mode and not a.pairs:
         ap.error("--write-mode measures on real pairs: give --pairs")
-    r_mode = None
     if a.reanalyse:
         old = json.loads(a.out.read_text())
         r_mode = correlated_mode(old.get("correlated_noise_mode"))
@@ -81,8 +80,17 @@ def main(argv=None) -> None:
         for data, name, noisy, _ in _cases(a):
             est = estimate_noise(noisy)
             rows.append({**measured[(data, name)], **est.to_dict(), "auto": choose_mode(est, r_mode).label})
-        _summarise(rows, a.out, old["machine"], old["engine"], r_mode)
-        return
+        summary = _summarise(rows, a.out, old["machine"], old["engine"], r_mode)
+    else:
+        summary = _measure(a)
+    if a.write_mode:
+        best = best_real_mode(summary["real pairs"]["gain_db"])
+        stamp_facts(a.write_mode, correlated_noise_mode=best)
+        print(f"{a.write_mode}: correlated_noise_mode = {best} written ({MODES[best].describe_how()})")
+
+
+def _measure(a) -> dict:
+    """Restore every case in every mode, print a line per image, write and return the summary."""
     rows = []
     opts = {"threads": a.threads} if a.threads else {}
     with Restorer(a.model, "onnxruntime", **opts) as r:
@@ -101,11 +109,7 @@ def main(argv=None) -> None:
             print(f"{data:22s} {name[:28]:28s} σ̂ {est.sigma:5.2f} ρ̂ {est.correlation:6.3f} -> {row['auto']:8s} "
                   + " ".join(f"{m}: {row[m] - row['psnr_in']:+6.2f}" for m in MODES), flush=True)
         engine = r.engine
-    summary = _summarise(rows, a.out, platform.processor() or platform.machine(), engine, r_mode)
-    if a.write_mode:
-        best = best_real_mode(summary["real pairs"]["gain_db"])
-        stamp_facts(a.write_mode, correlated_noise_mode=best)
-        print(f"{a.write_mode}: correlated_noise_mode = {best} written ({MODES[best].describe_how()})")
+    return _summarise(rows, a.out, platform.processor() or platform.machine(), engine, r_mode)
 
 
 def best_real_mode(gain_db: dict, tolerance: float = 0.05) -> str:

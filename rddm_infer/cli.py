@@ -47,13 +47,15 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 BACKEND_HELP = backend_help()
-PIXEL_SHUFFLE_HELP = ("auto: chosen per image from its own noise: 2 (and 1 step) where the noise is spatially "
-                      "correlated, as in camera photos, which the model would keep as texture; else 1 (the whole "
-                      "image). s: restore the s² sub-images of every s-th pixel separately for every image; 1: off.")
+PIXEL_SHUFFLE_HELP = ("auto: chosen per image from its own noise: where it is spatially correlated, as in camera "
+                      "photos, the model's measured mode for such noise (the built-in model: whole, 1 step; a model "
+                      "without one: 2 and 1 step, as a model trained on white noise keeps correlated noise as "
+                      "texture); else 1 (the whole image). s: restore the s² sub-images of every s-th pixel "
+                      "separately for every image; 1: off.")
 RAY_PANEL, FILES_PANEL, FLOW_PANEL = "Ray cluster", "Output files", "Throughput"
 SELF_ENSEMBLE_HELP = ("Restore each image in 2, 4 or 8 flipped / transposed views and average them: a little "
-                      "more quality for 2-8x the time (real camera pairs with --pixel-shuffle 2: +0.06 / +0.13 dB "
-                      "at 2 / 4). 1: off.")
+                      "more quality for 2-8x the time (held-out real camera pairs, built-in model: +0.07 / +0.11 / "
+                      "+0.15 dB at 2 / 4 / 8). 1: off.")
 
 def _error(msg: str) -> None:
     err.print(f"[red]error:[/red] {escape(msg)}")
@@ -135,8 +137,8 @@ def restore(
     Exit status: 0 all restored or skipped; 1 some images failed; 2 a usage, model or connection error;
     3 the Ray cluster was lost mid-run (rerun with --skip-existing to continue); 130 interrupted.
 
-    By default each image is restored in the mode its own noise calls for (camera photos: pixel-shuffle 2, 1 step;
-    white noise and clean images: whole, the model's steps), said per image; --pixel-shuffle and --steps fix it.
+    By default each image is restored in the mode its own noise calls for (camera photos: the model's
+    measured mode for correlated noise, see `rddm-infer info`; white noise and clean images: whole, the model's steps), said per image; --pixel-shuffle and --steps fix it.
 
     Examples:
 

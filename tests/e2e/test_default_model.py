@@ -24,6 +24,8 @@ def test_default_model_is_small_and_describes_itself():
     meta = read_artifact_meta(DEFAULT_MODEL)
     assert meta.graph == "step" and meta.steps == 5 and meta.precision == "fp32"
     assert meta.recommended_steps == 2  # measured (weights/README.md, "Steps"): restore's default
+    assert meta.correlated_noise_mode == "whole-1"  # measured on held-out real pairs (weights/README.md, stage 14)
+    assert read_artifact_meta(weights / "default.safetensors").correlated_noise_mode == "whole-1"
     assert meta.diffusion["objective"] == "pred_res" and meta.unet["dim"] == 16
     assert (weights / "default.safetensors").is_file()  # the checkpoint it was exported from
 

@@ -183,6 +183,11 @@ def test_noise_mode_stamps_the_models_correlated_noise_mode_and_restore_and_info
     measured = json.loads(out.read_text())["summary"]["real pairs"]["gain_db"]
     stamped = _props(model)["correlated_noise_mode"]
     assert stamped == noise_mode.best_real_mode(measured) and stamped in measured
+    second = tmp_path / "m2.onnx"  # --reanalyse stamps from the measured file, restoring nothing
+    shutil.copy(models.onnx_model("step"), second)
+    noise_mode.main(["--model", str(second), "--pairs", str(sets / "pairs/noisy"), str(sets / "pairs/clean"),
+                     "--out", str(out), "--reanalyse", "--write-mode", str(second)])
+    assert _props(second)["correlated_noise_mode"] == stamped
     eval_denoise.stamp_facts(model, correlated_noise_mode="whole-1")  # as a model trained on real pairs measures
     r = _cli("restore", sets / "pairs/noisy", "-o", tmp_path / "out", "--model", model)
     assert r.returncode == 0 and "per image: whole, 1 step where its noise is correlated" in r.stderr, r.stderr
