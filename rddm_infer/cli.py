@@ -137,8 +137,9 @@ def restore(
     Exit status: 0 all restored or skipped; 1 some images failed; 2 a usage, model or connection error;
     3 the Ray cluster was lost mid-run (rerun with --skip-existing to continue); 130 interrupted.
 
-    By default each image is restored in the mode its own noise calls for (camera photos: the model's
-    measured mode for correlated noise, see `rddm-infer info`; white noise and clean images: whole, the model's steps), said per image; --pixel-shuffle and --steps fix it.
+    By default each image is restored in the mode its own noise calls for (camera photos: the model's measured
+    mode for correlated noise, see `rddm-infer info`; white noise and clean images: whole, the model's steps),
+    said per image; --pixel-shuffle and --steps fix it.
 
     Examples:
 
